@@ -1,0 +1,1 @@
+mod common; #[test] fn t(){}

@@ -1,0 +1,105 @@
+//! Bundles: the format, reading and verifying it, writing it, and recognising the foreign
+//! inputs (`docker save` archives, oci-archives, OCI layouts, `dir:` trees) that are taken
+//! as implicit bundles.
+
+pub mod foreign;
+pub mod format;
+pub mod read;
+pub mod write;
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// A bundle or input was refused: it is malformed, lies about its content, or is not what
+/// was required. The message names the file and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", path.display())]
+pub struct Rejected {
+    /// The file (or entry's container) at fault.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl Rejected {
+    /// A rejection of `path` because `message`.
+    pub fn new(path: &Path, message: impl Into<String>) -> Self {
+        Rejected {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}
+
+/// What a path given to `import` or `verify` turned out to hold.
+#[derive(Debug)]
+pub enum Input {
+    /// A bundle directory (`bundle.json` beside an OCI layout).
+    BundleDir(PathBuf),
+    /// A tar bundle: a file or a block device, plain, gzip or zstd.
+    BundleStream(PathBuf),
+    /// Something else longshore can import, as an implicit bundle.
+    Foreign(foreign::Foreign),
+    /// A directory holding several of the above, each imported on its own.
+    Collection(PathBuf, Vec<PathBuf>),
+}
+
+/// How deep a directory is searched for the inputs it holds.
+pub const COLLECTION_DEPTH: usize = 3;
+
+/// Looks at the content of `path` (never its name) and says what it holds.
+pub fn detect(path: &Path) -> Result<Input> {
+    let md = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if md.is_dir() {
+        if path.join(format::BUNDLE_JSON).exists() {
+            return Ok(Input::BundleDir(path.to_path_buf()));
+        }
+        return match foreign::detect_dir(path) {
+            Ok(f) => Ok(Input::Foreign(f)),
+            Err(e) if e.downcast_ref::<foreign::NotForeign>().is_some() => {
+                let items = foreign::scan_collection(path, COLLECTION_DEPTH)?;
+                if items.is_empty() {
+                    return Err(Rejected::new(path, "holds no bundle, image archive or image layout").into());
+                }
+                Ok(Input::Collection(path.to_path_buf(), items))
+            }
+            Err(e) => Err(e),
+        };
+    }
+    let mut head = vec![0u8; 512];
+    let n = read_head(path, &mut head)?;
+    head.truncate(n);
+    if read::sniff(&head).is_none() {
+        return Err(Rejected::new(path, "is neither a bundle nor an image archive longshore knows (expected a directory or a tar, tar.gz or tar.zst stream)").into());
+    }
+    match read::read_meta_stream(path) {
+        Ok(_) => Ok(Input::BundleStream(path.to_path_buf())),
+        Err(e) if e.downcast_ref::<Rejected>().is_some() => {
+            foreign::detect_archive(path).map(Input::Foreign).map_err(|fe| {
+                if fe.downcast_ref::<foreign::NotForeign>().is_some() {
+                    e
+                } else {
+                    fe
+                }
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn read_head(path: &Path, buf: &mut [u8]) -> Result<usize> {
+    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+    Ok(n)
+}

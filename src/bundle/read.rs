@@ -1,0 +1,702 @@
+//! Reading and verifying bundles: a directory in place, or a tar stream in one pass that
+//! extracts into a staging directory and checks every digest on the way.
+//!
+//! Nothing a bundle says is trusted until the chain holds: `bundle.json` (whose sha256 is
+//! the bundle's digest) names `index.json` by digest, `index.json` names each manifest,
+//! each manifest names its config and layers, and every blob's content must hash to its
+//! name. Files outside that chain are refused, so every byte that is kept is accounted for.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Context, Result};
+
+use super::format::*;
+use super::Rejected;
+use crate::digest::{hash_reader, Digest, Hasher, HASH_BUFFER};
+
+/// A bundle whose digest chain has been checked end to end.
+#[derive(Debug)]
+pub struct Verified {
+    /// The bundle's digest (sha256 of `bundle.json`).
+    pub digest: Digest,
+    /// Its metadata.
+    pub meta: BundleMeta,
+    /// The directory holding the verified OCI layout.
+    pub layout: PathBuf,
+    /// Total bytes of the blobs that were hashed.
+    pub bytes_verified: u64,
+}
+
+/// How a bundle's bytes arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// A plain tar stream.
+    None,
+    /// gzip.
+    Gzip,
+    /// zstd.
+    Zstd,
+}
+
+/// Looks at the first bytes of a file to tell a (compressed) tar stream apart.
+/// `None` means the content is not a tar stream this reader understands.
+pub fn sniff(head: &[u8]) -> Option<Compression> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        Some(Compression::Gzip)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Some(Compression::Zstd)
+    } else if head.len() >= 262 && &head[257..262] == b"ustar" {
+        Some(Compression::None)
+    } else {
+        None
+    }
+}
+
+/// Opens `path` (a file or a block device) as a decompressed tar stream.
+pub fn open_stream(path: &Path) -> Result<(Compression, Box<dyn Read + Send>)> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut r = BufReader::with_capacity(HASH_BUFFER, f);
+    let head = r
+        .fill_buf()
+        .with_context(|| format!("reading {}", path.display()))?;
+    let Some(kind) = sniff(head) else {
+        return Err(Rejected::new(path, "is not a tar stream (plain, gzip or zstd)").into());
+    };
+    let stream: Box<dyn Read + Send> = match kind {
+        Compression::None => Box::new(r),
+        Compression::Gzip => Box::new(BufReader::with_capacity(
+            HASH_BUFFER,
+            flate2::bufread::MultiGzDecoder::new(r),
+        )),
+        Compression::Zstd => Box::new(BufReader::with_capacity(
+            HASH_BUFFER,
+            zstd::stream::read::Decoder::with_buffer(r)
+                .with_context(|| format!("starting zstd decoder for {}", path.display()))?,
+        )),
+    };
+    Ok((kind, stream))
+}
+
+/// Reads just `bundle.json` of a bundle directory: its digest and metadata.
+pub fn read_meta_dir(dir: &Path) -> Result<(Digest, BundleMeta)> {
+    let path = dir.join(BUNDLE_JSON);
+    let bytes = read_limited(&path, MAX_BUNDLE_JSON)?;
+    parse_meta(&path, &bytes)
+}
+
+/// Reads just the first entry of a tar bundle, which must be `bundle.json`.
+pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
+    let (_, stream) = open_stream(path)?;
+    let mut archive = tar::Archive::new(stream);
+    let mut entries = archive
+        .entries()
+        .with_context(|| format!("reading tar stream {}", path.display()))?;
+    loop {
+        let Some(entry) = entries.next() else {
+            return Err(Rejected::new(path, "is an empty tar stream").into());
+        };
+        let entry = entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        let name = entry_name(path, &entry)?;
+        match name.as_str() {
+            "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => continue,
+            BUNDLE_JSON => {
+                let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
+                return parse_meta(&path.join(BUNDLE_JSON), &bytes);
+            }
+            _ => {
+                return Err(Rejected::new(
+                    path,
+                    format!("has {name:?} as its first entry; a bundle starts with bundle.json"),
+                )
+                .into())
+            }
+        }
+    }
+}
+
+fn parse_meta(path: &Path, bytes: &[u8]) -> Result<(Digest, BundleMeta)> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Version {
+        schema_version: u32,
+    }
+    let v: Version = serde_json::from_slice(bytes)
+        .map_err(|e| Rejected::new(path, format!("is not valid bundle metadata: {e}")))?;
+    if v.schema_version != SCHEMA_VERSION {
+        return Err(Rejected::new(
+            path,
+            format!(
+                "has schemaVersion {}; this longshore reads version {SCHEMA_VERSION}",
+                v.schema_version
+            ),
+        )
+        .into());
+    }
+    let meta: BundleMeta = serde_json::from_slice(bytes)
+        .map_err(|e| Rejected::new(path, format!("is not valid bundle metadata: {e}")))?;
+    check_meta(path, &meta)?;
+    Ok((Digest::of(bytes), meta))
+}
+
+/// Checks `bundle.json` for consistency with itself, before anything it names is read.
+fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
+    let bad = |msg: String| -> anyhow::Error { Rejected::new(path, msg).into() };
+    if meta.name.is_empty() {
+        return Err(bad("has an empty name".into()));
+    }
+    if meta.images.is_empty() {
+        return Err(bad("lists no images".into()));
+    }
+    let mut refs = HashSet::new();
+    let mut names = HashSet::new();
+    for img in &meta.images {
+        match split_reference(&img.reference) {
+            Some((repo, RefTail::Tag(tag))) if repo == img.repository && img.tags.first() == Some(&tag) => {}
+            Some((repo, RefTail::Digest(d))) if repo == img.repository && d == img.digest && img.tags.is_empty() => {}
+            _ => {
+                return Err(bad(format!(
+                    "image {:?}: reference must be repository:first-tag, or repository@digest for an untagged image",
+                    img.reference
+                )))
+            }
+        }
+        if let Some(t) = img.tags.iter().find(|t| !valid_tag(t)) {
+            return Err(bad(format!("image {:?}: invalid tag {t:?}", img.reference)));
+        }
+        if !refs.insert(img.reference.as_str()) {
+            return Err(bad(format!("lists image {:?} twice", img.reference)));
+        }
+        names.insert(img.digest_name());
+        if img.media_type != OCI_MANIFEST && img.media_type != DOCKER_MANIFEST {
+            return Err(bad(format!(
+                "image {:?}: unsupported manifest media type {:?}",
+                img.reference, img.media_type
+            )));
+        }
+    }
+    let mut set_names = HashSet::new();
+    for set in &meta.sets {
+        if !valid_set_name(&set.name) {
+            return Err(bad(format!("set {:?}: invalid name (use letters, digits, '.', '_' and '-')", set.name)));
+        }
+        if !set_names.insert(set.name.as_str()) {
+            return Err(bad(format!("declares set {:?} twice", set.name)));
+        }
+        if let Some(missing) = set.images.iter().find(|r| !names.contains(*r)) {
+            return Err(bad(format!(
+                "set {:?} lists {missing:?}, which is not one of the bundle's images",
+                set.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `n` may name an image set (it becomes part of file and object paths).
+pub fn valid_set_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && !n.starts_with(['.', '-'])
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Verifies a bundle directory in place.
+///
+/// `expected` is the digest the caller requires; `on_meta` runs once `bundle.json` is read
+/// and before any blob is, so a space check can refuse early.
+pub fn verify_dir(
+    dir: &Path,
+    expected: Option<Digest>,
+    on_meta: &mut dyn FnMut(&Digest, &BundleMeta) -> Result<()>,
+) -> Result<Verified> {
+    let (digest, meta) = read_meta_dir(dir)?;
+    check_expected(&dir.join(BUNDLE_JSON), &digest, expected)?;
+    on_meta(&digest, &meta)?;
+    check_oci_layout(&dir.join("oci-layout"), &read_limited(&dir.join("oci-layout"), 4096)?)?;
+    let index_path = dir.join("index.json");
+    let index = read_limited(&index_path, MAX_DOCUMENT)?;
+
+    let blob_dir = dir.join("blobs/sha256");
+    let mut files = Vec::new();
+    for entry in fs::read_dir(&blob_dir).with_context(|| format!("reading {}", blob_dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", blob_dir.display()))?;
+        let path = entry.path();
+        let name = entry.file_name();
+        let digest = name
+            .to_str()
+            .and_then(|n| Digest::from_hex(n).ok())
+            .ok_or_else(|| Rejected::new(&path, "is not named by a sha256 digest"))?;
+        let md = fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        if !md.file_type().is_file() {
+            return Err(Rejected::new(&path, "is not a regular file").into());
+        }
+        files.push((digest, md.len(), path));
+    }
+    let blobs = hash_files(files)?;
+    let bytes_verified = blobs.values().sum();
+    let mut manifests = HashMap::new();
+    for img in &meta.images {
+        if blobs.contains_key(&img.digest) && !manifests.contains_key(&img.digest) {
+            let p = blob_dir.join(img.digest.hex());
+            let bytes = read_limited(&p, MAX_DOCUMENT)?;
+            // Hash again what is parsed, so the bytes used are the bytes checked.
+            if Digest::of(&bytes) != img.digest {
+                return Err(Rejected::new(&p, "changed while the bundle was being verified").into());
+            }
+            manifests.insert(img.digest, bytes);
+        }
+    }
+    check_chain(dir, &meta, &index_path, &index, &blobs, &manifests)?;
+    Ok(Verified {
+        digest,
+        meta,
+        layout: dir.to_path_buf(),
+        bytes_verified,
+    })
+}
+
+/// Hashes blob files on all cores, largest first, and checks each against its name.
+fn hash_files(mut files: Vec<(Digest, u64, PathBuf)>) -> Result<HashMap<Digest, u64>> {
+    files.sort_by(|a, b| b.1.cmp(&a.1));
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(files.len().max(1)) {
+            s.spawn(|| {
+                let mut buf = vec![0u8; HASH_BUFFER];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((want, _, path)) = files.get(i) else { return };
+                    let res = File::open(path)
+                        .and_then(|f| hash_reader(f, &mut buf))
+                        .with_context(|| format!("reading {}", path.display()))
+                        .and_then(|(got, _)| {
+                            if got == *want {
+                                Ok(())
+                            } else {
+                                Err(Rejected::new(path, format!("has content with digest {got}, not the {want} its name says")).into())
+                            }
+                        });
+                    if let Err(e) = res {
+                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        next.store(files.len(), Ordering::Relaxed);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(files.into_iter().map(|(d, len, _)| (d, len)).collect())
+}
+
+/// Verifies a tar bundle in one pass. With `staging` (a directory that must not exist yet,
+/// removed again on failure) it extracts the bundle there; without, it only checks, keeping
+/// no more than the manifests in memory.
+pub fn verify_stream(
+    path: &Path,
+    staging: Option<&Path>,
+    expected: Option<Digest>,
+    on_meta: &mut dyn FnMut(&Digest, &BundleMeta) -> Result<()>,
+) -> Result<Verified> {
+    let Some(staging) = staging else {
+        return extract_verified(path, None, expected, on_meta);
+    };
+    fs::create_dir(staging).with_context(|| format!("creating staging directory {}", staging.display()))?;
+    let res = extract_verified(path, Some(staging), expected, on_meta);
+    if res.is_err() {
+        if let Err(e) = fs::remove_dir_all(staging) {
+            tracing::warn!("removing staging directory {}: {e}", staging.display());
+        }
+    }
+    res
+}
+
+fn extract_verified(
+    path: &Path,
+    staging: Option<&Path>,
+    expected: Option<Digest>,
+    on_meta: &mut dyn FnMut(&Digest, &BundleMeta) -> Result<()>,
+) -> Result<Verified> {
+    let (_, stream) = open_stream(path)?;
+    let mut archive = tar::Archive::new(stream);
+    let entries = archive
+        .entries()
+        .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+    if let Some(staging) = staging {
+        fs::create_dir_all(staging.join("blobs/sha256"))
+            .with_context(|| format!("creating {}", staging.display()))?;
+    }
+    let mut manifests: HashMap<Digest, Vec<u8>> = HashMap::new();
+
+    let mut meta: Option<(Digest, BundleMeta)> = None;
+    let mut index: Option<Vec<u8>> = None;
+    let mut layout_seen = false;
+    let mut blobs: HashMap<Digest, u64> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut buf = vec![0u8; HASH_BUFFER];
+
+    for entry in entries {
+        let entry = entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        let name = entry_name(path, &entry)?;
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            if !matches!(name.as_str(), "" | "blobs" | "blobs/sha256") {
+                return Err(Rejected::new(path, format!("has unexpected directory entry {name:?}")).into());
+            }
+            continue;
+        }
+        if !seen.insert(name.clone()) {
+            return Err(Rejected::new(path, format!("has entry {name:?} twice")).into());
+        }
+        if meta.is_none() && name != BUNDLE_JSON {
+            return Err(Rejected::new(
+                path,
+                format!("has {name:?} before bundle.json; a bundle starts with bundle.json"),
+            )
+            .into());
+        }
+        match name.as_str() {
+            BUNDLE_JSON => {
+                let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
+                let (digest, m) = parse_meta(&path.join(BUNDLE_JSON), &bytes)?;
+                check_expected(&path.join(BUNDLE_JSON), &digest, expected)?;
+                on_meta(&digest, &m)?;
+                write_staged(staging, BUNDLE_JSON, &bytes)?;
+                meta = Some((digest, m));
+            }
+            "oci-layout" => {
+                let bytes = read_entry_limited(path, &name, entry, 4096)?;
+                check_oci_layout(&path.join("oci-layout"), &bytes)?;
+                write_staged(staging, "oci-layout", &bytes)?;
+                layout_seen = true;
+            }
+            "index.json" => {
+                let bytes = read_entry_limited(path, &name, entry, MAX_DOCUMENT)?;
+                write_staged(staging, "index.json", &bytes)?;
+                index = Some(bytes);
+            }
+            _ => {
+                let Some(hex_name) = name.strip_prefix("blobs/sha256/") else {
+                    return Err(Rejected::new(path, format!("has unexpected entry {name:?}")).into());
+                };
+                let want = Digest::from_hex(hex_name).map_err(|_| {
+                    Rejected::new(path, format!("has entry {name:?}, which is not named by a sha256 digest"))
+                })?;
+                let declared = entry.size();
+                let is_manifest = meta.as_ref().is_some_and(|(_, m)| m.images.iter().any(|i| i.digest == want));
+                let mut kept = Vec::new();
+                let (got, len) = if is_manifest {
+                    kept = read_entry_limited(path, &name, entry, MAX_DOCUMENT)?;
+                    write_staged(staging, &name, &kept)?;
+                    (Digest::of(&kept), kept.len() as u64)
+                } else {
+                    let dest = staging.map(|s| s.join(&name));
+                    copy_hashed(path, &name, entry, dest.as_deref(), &mut buf)?
+                };
+                if len != declared {
+                    return Err(Rejected::new(
+                        path,
+                        format!("is truncated: entry {name:?} ends after {len} of {declared} bytes"),
+                    )
+                    .into());
+                }
+                if got != want {
+                    return Err(Rejected::new(
+                        path,
+                        format!("entry {name:?} has content with digest {got}, not the {want} its name says"),
+                    )
+                    .into());
+                }
+                blobs.insert(got, len);
+                if is_manifest {
+                    manifests.insert(got, kept);
+                }
+            }
+        }
+    }
+    let Some((digest, meta)) = meta else {
+        return Err(Rejected::new(path, "holds no bundle.json").into());
+    };
+    if !layout_seen {
+        return Err(Rejected::new(path, "holds no oci-layout file").into());
+    }
+    let Some(index) = index else {
+        return Err(Rejected::new(path, "holds no index.json").into());
+    };
+    check_chain(path, &meta, &path.join("index.json"), &index, &blobs, &manifests)?;
+    Ok(Verified {
+        digest,
+        meta,
+        layout: staging.unwrap_or(path).to_path_buf(),
+        bytes_verified: blobs.values().sum(),
+    })
+}
+
+/// The normalised path of a tar entry, after refusing every kind of entry and path that
+/// could place something outside the staging directory or that a bundle never holds.
+fn entry_name<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> Result<String> {
+    let raw = entry.path_bytes();
+    let shown = String::from_utf8_lossy(&raw).into_owned();
+    use tar::EntryType as T;
+    let kind = entry.header().entry_type();
+    let what = match kind {
+        T::Regular | T::Continuous | T::Directory => None,
+        T::Symlink => Some("a symbolic link"),
+        T::Link => Some("a hard link"),
+        T::Char => Some("a character device"),
+        T::Block => Some("a block device"),
+        T::Fifo => Some("a FIFO"),
+        T::GNUSparse => Some("a sparse file"),
+        _ => Some("of an unsupported type"),
+    };
+    if let Some(what) = what {
+        return Err(Rejected::new(path, format!("has entry {shown:?}, which is {what}; bundles hold only regular files and directories")).into());
+    }
+    let text = std::str::from_utf8(&raw)
+        .map_err(|_| Rejected::new(path, format!("has entry {shown:?}, whose name is not UTF-8")))?;
+    if text.starts_with('/') {
+        return Err(Rejected::new(path, format!("has entry {shown:?} with an absolute path")).into());
+    }
+    let mut parts = Vec::new();
+    for c in text.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                return Err(Rejected::new(path, format!("has entry {shown:?}, whose path contains \"..\"")).into())
+            }
+            c => parts.push(c),
+        }
+    }
+    Ok(parts.join("/"))
+}
+
+fn read_entry_limited<R: Read>(path: &Path, name: &str, entry: tar::Entry<'_, R>, limit: u64) -> Result<Vec<u8>> {
+    let declared = entry.size();
+    let mut bytes = Vec::new();
+    entry
+        .take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Rejected::new(path, format!("entry {name:?} cannot be read: {e}")))?;
+    if bytes.len() as u64 > limit {
+        return Err(Rejected::new(path, format!("entry {name:?} is larger than {limit} bytes")).into());
+    }
+    if bytes.len() as u64 != declared {
+        return Err(Rejected::new(
+            path,
+            format!("is truncated: entry {name:?} ends after {} of {declared} bytes", bytes.len()),
+        )
+        .into());
+    }
+    Ok(bytes)
+}
+
+fn copy_hashed(path: &Path, name: &str, mut entry: impl Read, dest: Option<&Path>, buf: &mut [u8]) -> Result<(Digest, u64)> {
+    let mut out = match dest {
+        Some(dest) => Some(
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dest)
+                .with_context(|| format!("creating {}", dest.display()))?,
+        ),
+        None => None,
+    };
+    let mut h = Hasher::new();
+    loop {
+        let n = match entry.read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Rejected::new(path, format!("entry {name:?} cannot be read: {e}")).into()),
+        };
+        h.update(&buf[..n]);
+        if let (Some(out), Some(dest)) = (out.as_mut(), dest) {
+            out.write_all(&buf[..n])
+                .with_context(|| format!("writing {}", dest.display()))?;
+        }
+    }
+    Ok(h.finish())
+}
+
+fn write_staged(staging: Option<&Path>, name: &str, bytes: &[u8]) -> Result<()> {
+    match staging {
+        Some(s) => write_new(&s.join(name), bytes),
+        None => Ok(()),
+    }
+}
+
+fn write_new(dest: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dest)
+        .with_context(|| format!("creating {}", dest.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", dest.display()))
+}
+
+fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    let md = fs::symlink_metadata(path).map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            anyhow::Error::from(Rejected::new(path, "is missing"))
+        } else {
+            anyhow!(e).context(format!("reading {}", path.display()))
+        }
+    })?;
+    if !md.file_type().is_file() {
+        return Err(Rejected::new(path, "is not a regular file").into());
+    }
+    if md.len() > limit {
+        return Err(Rejected::new(path, format!("is larger than {limit} bytes")).into());
+    }
+    fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn check_expected(path: &Path, got: &Digest, expected: Option<Digest>) -> Result<()> {
+    match expected {
+        Some(want) if want != *got => Err(Rejected::new(
+            path,
+            format!("has digest {got}, but {want} was required"),
+        )
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn check_oci_layout(path: &Path, bytes: &[u8]) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct OciLayout {
+        image_layout_version: String,
+    }
+    let l: OciLayout = serde_json::from_slice(bytes)
+        .map_err(|e| Rejected::new(path, format!("is not a valid oci-layout file: {e}")))?;
+    if l.image_layout_version != "1.0.0" {
+        return Err(Rejected::new(path, format!("has unsupported imageLayoutVersion {:?}", l.image_layout_version)).into());
+    }
+    Ok(())
+}
+
+/// Checks that `bundle.json`, `index.json`, the manifests and the verified blobs agree.
+/// `blobs` maps each blob whose content matched its name to its size.
+fn check_chain(
+    layout: &Path,
+    meta: &BundleMeta,
+    index_path: &Path,
+    index_bytes: &[u8],
+    blobs: &HashMap<Digest, u64>,
+    manifests: &HashMap<Digest, Vec<u8>>,
+) -> Result<()> {
+    let bundle_json = layout.join(BUNDLE_JSON);
+    let got = Digest::of(index_bytes);
+    if got != meta.index.digest || index_bytes.len() as u64 != meta.index.size {
+        return Err(Rejected::new(
+            index_path,
+            format!(
+                "has digest {got} and size {}, but bundle.json says {} and {}",
+                index_bytes.len(),
+                meta.index.digest,
+                meta.index.size
+            ),
+        )
+        .into());
+    }
+    let index: Index = serde_json::from_slice(index_bytes)
+        .map_err(|e| Rejected::new(index_path, format!("is not a valid OCI index: {e}")))?;
+    if index.manifests.len() != meta.images.len() {
+        return Err(Rejected::new(
+            &bundle_json,
+            format!(
+                "lists {} images, but index.json has {}",
+                meta.images.len(),
+                index.manifests.len()
+            ),
+        )
+        .into());
+    }
+    let mut referenced: HashSet<Digest> = HashSet::new();
+    for (img, desc) in meta.images.iter().zip(&index.manifests) {
+        let ref_name = desc.annotations.get(REF_NAME).map(String::as_str).unwrap_or("");
+        if ref_name != img.reference || desc.digest != img.digest || desc.media_type != img.media_type {
+            return Err(Rejected::new(
+                &bundle_json,
+                format!(
+                    "image {:?} ({}) does not match index.json's entry {ref_name:?} ({})",
+                    img.reference, img.digest, desc.digest
+                ),
+            )
+            .into());
+        }
+        let what = |d: &Digest| format!("image {:?}: blob {d}", img.reference);
+        let blob_size = |d: &Digest, want: u64| -> Result<()> {
+            match blobs.get(d) {
+                None => Err(Rejected::new(layout, format!("{} is missing from the bundle", what(d))).into()),
+                Some(&len) if len != want => Err(Rejected::new(
+                    layout,
+                    format!("{} has {len} bytes, but {want} are declared", what(d)),
+                )
+                .into()),
+                Some(_) => Ok(()),
+            }
+        };
+        blob_size(&desc.digest, desc.size)?;
+        let manifest_path = layout.join("blobs/sha256").join(desc.digest.hex());
+        let manifest_bytes = manifests
+            .get(&desc.digest)
+            .ok_or_else(|| Rejected::new(layout, format!("{} is missing from the bundle", what(&desc.digest))))?;
+        let manifest: Manifest = serde_json::from_slice(manifest_bytes)
+            .map_err(|e| Rejected::new(&manifest_path, format!("is not a valid image manifest: {e}")))?;
+        if manifest.schema_version != 2 {
+            return Err(Rejected::new(&manifest_path, "is not a schema 2 image manifest").into());
+        }
+        if manifest.media_type.as_deref().is_some_and(|m| m != img.media_type) {
+            return Err(Rejected::new(&manifest_path, format!("has media type {:?}, but index.json says {:?}", manifest.media_type, img.media_type)).into());
+        }
+        blob_size(&manifest.config.digest, manifest.config.size)?;
+        let declared_layers: Vec<(Digest, u64)> = img.layers.iter().map(|l| (l.digest, l.size)).collect();
+        let real_layers: Vec<(Digest, u64)> = manifest.layers.iter().map(|l| (l.digest, l.size)).collect();
+        if img.config.digest != manifest.config.digest || img.config.size != manifest.config.size || declared_layers != real_layers {
+            return Err(Rejected::new(
+                &bundle_json,
+                format!("image {:?}: config and layers do not match its manifest {}", img.reference, img.digest),
+            )
+            .into());
+        }
+        let mut total = desc.size + manifest.config.size;
+        for (d, size) in &real_layers {
+            blob_size(d, *size)?;
+            total += size;
+            referenced.insert(*d);
+        }
+        if total != img.size {
+            return Err(Rejected::new(
+                &bundle_json,
+                format!("image {:?}: size is {} bytes, but bundle.json says {}", img.reference, total, img.size),
+            )
+            .into());
+        }
+        referenced.insert(desc.digest);
+        referenced.insert(manifest.config.digest);
+    }
+    let unreferenced: BTreeMap<String, ()> = blobs
+        .keys()
+        .filter(|d| !referenced.contains(d))
+        .map(|d| (d.to_string(), ()))
+        .collect();
+    if let Some(d) = unreferenced.keys().next() {
+        return Err(Rejected::new(
+            layout,
+            format!("holds blob {d}, which no image references ({} unreferenced in all)", unreferenced.len()),
+        )
+        .into());
+    }
+    Ok(())
+}

@@ -1,0 +1,444 @@
+//! The `longshore` command line.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::bundle::write::{self, CreateOptions, SourceArg};
+use crate::bundle::Rejected;
+use crate::config::{human_size, Settings};
+use crate::digest::Digest;
+use crate::engine::{self, Engine, ImportOptions};
+use crate::paths::HostPaths;
+use crate::proxy::Proxy;
+use crate::state::{BundleState, State};
+use crate::store::{NoSpace, Store, Wanted};
+
+/// The version of `status --json` output; bumped only on incompatible changes.
+pub const STATUS_API_VERSION: &str = "longshore.io/v1";
+
+/// Exit code for input that was refused (malformed, lying, or not what was required).
+pub const EXIT_REJECTED: u8 = 3;
+/// Exit code for an import that does not fit in the free space.
+pub const EXIT_NO_SPACE: u8 = 4;
+
+/// Brings container images onto CRI-O nodes from bundles, verified, without a registry.
+#[derive(Debug, Parser)]
+#[command(name = "longshore", version, about, long_about = None)]
+pub struct Cli {
+    /// Take every host path (configuration, state, the image store, CRI-O's drop-ins)
+    /// under DIR; for tests and demos, never needed on a node.
+    #[arg(long, global = true, value_name = "DIR", env = "LONGSHORE_SYSROOT")]
+    pub sysroot: Option<PathBuf>,
+    /// Log more (debug level).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify a bundle (or image archive or layout) and copy its images into the store.
+    Import(ImportArgs),
+    /// Check a bundle without importing it.
+    Verify(VerifyArgs),
+    /// Import a bundle that was held with `import --hold`.
+    Apply {
+        /// The bundle's name or digest.
+        bundle: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show bundles, image sets and images, and whether the store holds them.
+    Status {
+        /// Print JSON (a stable interface; see docs/status-json.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make bundles.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// A bundle directory, a tar bundle (.tar, .tar.gz, .tar.zst or a device), an image
+    /// archive or layout, or a directory holding several.
+    path: PathBuf,
+    /// Refuse the bundle unless its digest is this one.
+    #[arg(long, value_name = "sha256:…")]
+    digest: Option<Digest>,
+    /// Verify and stage only; copy into the store on `longshore apply`.
+    #[arg(long)]
+    hold: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// What to check (as for import).
+    path: PathBuf,
+    /// Refuse the bundle unless its digest is this one.
+    #[arg(long, value_name = "sha256:…")]
+    digest: Option<Digest>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum BundleCommand {
+    /// Make a bundle from images in any source skopeo reads.
+    Create(CreateArgs),
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    /// Where to write it: a directory, or a tar stream when the name ends in .tar, .tar.gz
+    /// or .tar.zst.
+    #[arg(short, long, value_name = "OUT")]
+    output: PathBuf,
+    /// The bundle's name (default: from OUT).
+    #[arg(long)]
+    name: Option<String>,
+    /// The bundle's version.
+    #[arg(long)]
+    version: Option<String>,
+    /// The name of the image set holding every image (default: the bundle's name).
+    #[arg(long = "set", value_name = "NAME")]
+    set: Option<String>,
+    /// Do not ask for the images to be pinned in CRI-O.
+    #[arg(long)]
+    no_pin: bool,
+    /// Images: oci:DIR:REF, oci-archive:FILE[:REF], docker-archive:FILE, dir:DIR,
+    /// containers-storage:REF, docker://REF; append =REGISTRY/REPO:TAG to name one.
+    #[arg(required = true, value_name = "SOURCE")]
+    sources: Vec<SourceArg>,
+}
+
+/// Parses the command line and runs it.
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let sysroot = cli.sysroot.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let paths = HostPaths::new(&sysroot);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(dispatch(cli.command, paths))
+}
+
+async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
+    let settings = Settings::load(&paths)?;
+    match cmd {
+        Command::Import(a) => {
+            let mut engine = Engine::open(paths, settings)?;
+            let opts = ImportOptions { expected: a.digest, hold: a.hold };
+            let reports = engine.import(&a.path, &opts).await?;
+            if a.json {
+                print_json(&reports)?;
+            } else {
+                for r in &reports {
+                    println!("{}", r.summary());
+                }
+            }
+        }
+        Command::Verify(a) => {
+            let reports = engine::verify(&a.path, a.digest, &settings).await?;
+            if a.json {
+                print_json(&reports)?;
+            } else {
+                for r in &reports {
+                    println!(
+                        "{}: bundle {} ({}) is intact: {} images, {} verified",
+                        r.path.display(),
+                        r.name,
+                        r.digest,
+                        r.images,
+                        human_size(r.bytes_verified)
+                    );
+                }
+            }
+        }
+        Command::Apply { bundle, json } => {
+            let mut engine = Engine::open(paths, settings)?;
+            let r = engine.apply(&bundle).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("{}", r.summary());
+            }
+        }
+        Command::Status { json } => {
+            let status = status(&paths, &settings).await?;
+            if json {
+                print_json(&status)?;
+            } else {
+                print_status(&status);
+            }
+        }
+        Command::Bundle(BundleCommand::Create(a)) => {
+            let name = match a.name {
+                Some(n) => n,
+                None => crate::bundle::foreign::implicit_name(&a.output),
+            };
+            let opts = CreateOptions {
+                set: a.set.unwrap_or_else(|| name.clone()),
+                name,
+                version: a.version,
+                pinned: !a.no_pin,
+            };
+            let (digest, meta) = write::create(&a.output, &a.sources, &opts, &settings.skopeo).await?;
+            println!(
+                "wrote bundle {} ({} images) to {}\ndigest {digest}",
+                meta.name,
+                meta.images.len(),
+                a.output.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The exit code for an error: refused input and lack of space have their own.
+pub fn exit_code_for(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.downcast_ref::<Rejected>().is_some()) {
+        EXIT_REJECTED
+    } else if e.chain().any(|c| c.downcast_ref::<NoSpace>().is_some()) {
+        EXIT_NO_SPACE
+    } else {
+        1
+    }
+}
+
+fn print_json<T: Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v).context("serialising output")?);
+    Ok(())
+}
+
+/// `status --json`: a stable interface, documented in docs/status-json.md.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Always [`STATUS_API_VERSION`].
+    pub api_version: &'static str,
+    /// The store, as skopeo addresses it.
+    pub store: String,
+    /// Bundles.
+    pub bundles: Vec<BundleStatus>,
+    /// Image sets.
+    pub sets: Vec<SetStatus>,
+    /// Images.
+    pub images: Vec<ImageStatus>,
+}
+
+/// A bundle in `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleStatus {
+    /// Name.
+    pub name: String,
+    /// Version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Digest.
+    pub digest: Digest,
+    /// `held` or `imported`.
+    pub state: BundleState,
+    /// What kind of input it came from.
+    pub kind: crate::state::SourceKind,
+    /// Where it was read from.
+    pub source: PathBuf,
+    /// Number of images.
+    pub images: usize,
+    /// When it reached its state, RFC 3339.
+    pub updated: String,
+}
+
+/// An image set in `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetStatus {
+    /// Name.
+    pub name: String,
+    /// The bundle that declared it.
+    pub bundle: String,
+    /// Whether it asks to be pinned.
+    pub pinned: bool,
+    /// Digest references of its images.
+    pub images: Vec<String>,
+    /// Of those, the ones the store lacks.
+    pub missing: Vec<String>,
+}
+
+/// An image in `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// `repository@digest`.
+    pub reference: String,
+    /// Every name it is stored under.
+    pub names: Vec<String>,
+    /// `present`, `missing` or `held`.
+    pub state: &'static str,
+    /// Bundles that carry it.
+    pub bundles: Vec<String>,
+    /// Bytes as carried in its bundle.
+    pub size: u64,
+}
+
+async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
+    let state = State::load(&paths.state_dir)?;
+    let store = Store::new(paths, settings);
+    let mut images: Vec<ImageStatus> = Vec::new();
+    let proxy = if state.bundles.values().any(|b| b.state == BundleState::Imported) {
+        Some(Proxy::start(&settings.skopeo).await?)
+    } else {
+        None
+    };
+    for b in state.bundles.values() {
+        for i in &b.images {
+            let reference = format!("{}@{}", i.repository, i.digest);
+            if let Some(existing) = images.iter_mut().find(|s| s.reference == reference) {
+                existing.bundles.push(b.name.clone());
+                continue;
+            }
+            let st = match (&proxy, b.state) {
+                (Some(p), BundleState::Imported) => {
+                    let w = Wanted { repository: &i.repository, digest: i.digest, tags: &i.tags };
+                    if store.holds(p, &w).await? { "present" } else { "missing" }
+                }
+                _ => "held",
+            };
+            images.push(ImageStatus {
+                reference,
+                names: i.names.clone(),
+                state: st,
+                bundles: vec![b.name.clone()],
+                size: i.size,
+            });
+        }
+    }
+    if let Some(p) = proxy {
+        p.finish().await.ok();
+    }
+    let mut sets = Vec::new();
+    for b in state.bundles.values() {
+        for s in &b.sets {
+            let missing = s
+                .images
+                .iter()
+                .filter(|r| !images.iter().any(|i| &i.reference == *r && i.state == "present"))
+                .cloned()
+                .collect();
+            sets.push(SetStatus {
+                name: s.name.clone(),
+                bundle: b.name.clone(),
+                pinned: s.pinned,
+                images: s.images.clone(),
+                missing,
+            });
+        }
+    }
+    let mut bundles: Vec<BundleStatus> = state
+        .bundles
+        .values()
+        .map(|b| BundleStatus {
+            name: b.name.clone(),
+            version: b.version.clone(),
+            digest: b.digest,
+            state: b.state,
+            kind: b.kind,
+            source: b.source.clone(),
+            images: b.images.len(),
+            updated: write::rfc3339(b.updated),
+        })
+        .collect();
+    bundles.sort_by(|a, b| a.name.cmp(&b.name).then(a.digest.cmp(&b.digest)));
+    sets.sort_by(|a, b| a.name.cmp(&b.name));
+    images.sort_by(|a, b| a.reference.cmp(&b.reference));
+    Ok(Status {
+        api_version: STATUS_API_VERSION,
+        store: store.reference(""),
+        bundles,
+        sets,
+        images,
+    })
+}
+
+fn print_status(s: &Status) {
+    if s.bundles.is_empty() {
+        println!("No bundles imported yet. Store: {}", s.store);
+        return;
+    }
+    println!("BUNDLES");
+    for b in &s.bundles {
+        let state = match b.state {
+            BundleState::Held => "held",
+            BundleState::Imported => "imported",
+        };
+        println!(
+            "  {:<28} {:<9} {:>4} images  {}  {}",
+            match &b.version {
+                Some(v) => format!("{} {v}", b.name),
+                None => b.name.clone(),
+            },
+            state,
+            b.images,
+            short(&b.digest),
+            b.updated
+        );
+    }
+    println!("SETS");
+    for set in &s.sets {
+        let ready = if set.missing.is_empty() {
+            "complete".to_string()
+        } else {
+            format!("{} of {} missing", set.missing.len(), set.images.len())
+        };
+        println!(
+            "  {:<28} {:<9} {:>4} images  {}",
+            set.name,
+            if set.pinned { "pinned" } else { "unpinned" },
+            set.images.len(),
+            ready
+        );
+    }
+    println!("IMAGES");
+    for i in &s.images {
+        println!("  {:<8} {:>10}  {}", i.state, human_size(i.size), i.names.join(", "));
+    }
+}
+
+fn short(d: &Digest) -> String {
+    format!("sha256:{}", &d.hex()[..12])
+}
+
+fn init_logging(verbose: bool) {
+    use tracing_subscriber::prelude::*;
+    let level = if verbose { "debug" } else { "info" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LONGSHORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("longshore={level},warn")));
+    // Under systemd, logs go to the journal with their fields; elsewhere to stderr.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        if let Ok(layer) = tracing_journald::layer() {
+            tracing_subscriber::registry().with(filter).with(layer).init();
+            return;
+        }
+    }
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .without_time();
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+}

@@ -1,0 +1,351 @@
+//! Configuration: TOML fragments from `config.d/` directories, merged into typed settings.
+//!
+//! Fragments are read from `/usr/lib/longshore/config.d`, `/run/longshore/config.d` and
+//! `/etc/longshore/config.d`, in that order of precedence: a file in a later directory
+//! replaces the file of the same name in an earlier one, and a symlink to `/dev/null`
+//! masks it. The surviving files are applied in lexical order of their names, each value
+//! overriding the one before. Every value is checked where it is read, so an error names
+//! the file, the key and the line.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer};
+
+use crate::paths::HostPaths;
+
+/// One fragment as written: every key optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Fragment {
+    store: Option<StoreFragment>,
+    skopeo: Option<SkopeoFragment>,
+    import: Option<ImportFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ImportFragment {
+    #[serde(default, deserialize_with = "copy_jobs")]
+    jobs: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreFragment {
+    driver: Option<Driver>,
+    #[serde(default, deserialize_with = "absolute_path")]
+    root: Option<PathBuf>,
+    #[serde(default, deserialize_with = "absolute_path")]
+    run_root: Option<PathBuf>,
+    #[serde(default, deserialize_with = "byte_size")]
+    min_free_space: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SkopeoFragment {
+    command: Option<String>,
+}
+
+/// The storage driver of the store longshore writes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    /// overlay, what CRI-O uses on RHEL CoreOS.
+    Overlay,
+    /// vfs, for filesystems that cannot host overlay.
+    Vfs,
+}
+
+impl Driver {
+    /// The name containers-storage knows the driver by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Overlay => "overlay",
+            Driver::Vfs => "vfs",
+        }
+    }
+}
+
+/// Where images are written.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Storage driver.
+    pub driver: Driver,
+    /// Graph root, as on the node (before `--sysroot` is applied).
+    pub root: PathBuf,
+    /// Run root, as on the node.
+    pub run_root: PathBuf,
+    /// Free space that must remain on the store's filesystem after an import.
+    pub min_free_space: u64,
+}
+
+/// The merged, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The store images are imported into.
+    pub store: StoreSettings,
+    /// The skopeo program used for copies and the image proxy.
+    pub skopeo: String,
+    /// How many images are copied into the store at once.
+    pub import_jobs: usize,
+    /// The fragment files that were applied, in order.
+    pub sources: Vec<PathBuf>,
+}
+
+/// Default number of concurrent copies: two keep both stages of a copy (fetching and
+/// unpacking) busy without the store's lock becoming the queue.
+pub const DEFAULT_IMPORT_JOBS: usize = 2;
+
+/// Default free-space floor: 1 GiB stays free for the node after an import.
+pub const DEFAULT_MIN_FREE_SPACE: u64 = 1 << 30;
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            store: StoreSettings {
+                driver: Driver::Overlay,
+                root: PathBuf::from("/var/lib/containers/storage"),
+                run_root: PathBuf::from("/run/containers/storage"),
+                min_free_space: DEFAULT_MIN_FREE_SPACE,
+            },
+            skopeo: "skopeo".to_string(),
+            import_jobs: DEFAULT_IMPORT_JOBS,
+            sources: Vec::new(),
+        }
+    }
+}
+
+impl Settings {
+    /// Reads and merges every fragment under the host's config directories.
+    pub fn load(paths: &HostPaths) -> Result<Settings> {
+        let dirs: Vec<PathBuf> = paths.config_dirs.iter().map(|d| d.join("config.d")).collect();
+        let files = fragment_files(&dirs, "toml")?;
+        let mut settings = Settings::default();
+        for file in files {
+            let text = fs::read_to_string(&file)
+                .with_context(|| format!("reading configuration file {}", file.display()))?;
+            let fragment: Fragment = toml::from_str(&text)
+                .with_context(|| format!("configuration file {}", file.display()))?;
+            settings.apply(fragment);
+            settings.sources.push(file);
+        }
+        Ok(settings)
+    }
+
+    fn apply(&mut self, f: Fragment) {
+        if let Some(s) = f.store {
+            set(&mut self.store.driver, s.driver);
+            set(&mut self.store.root, s.root);
+            set(&mut self.store.run_root, s.run_root);
+            set(&mut self.store.min_free_space, s.min_free_space);
+        }
+        if let Some(s) = f.skopeo {
+            set(&mut self.skopeo, s.command);
+        }
+        if let Some(i) = f.import {
+            set(&mut self.import_jobs, i.jobs);
+        }
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+/// The `*.EXT` files of drop-in directories `dirs` (lowest precedence first), after
+/// overriding by name and masking, in lexical order of their names.
+pub fn fragment_files(dirs: &[PathBuf], ext: &str) -> Result<Vec<PathBuf>> {
+    let mut by_name: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for dir in dirs {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || !name.ends_with(&format!(".{ext}")) {
+                continue;
+            }
+            by_name.insert(name.to_string(), entry.path());
+        }
+    }
+    Ok(by_name
+        .into_values()
+        .filter(|p| !is_masked(p))
+        .collect())
+}
+
+fn is_masked(p: &Path) -> bool {
+    fs::read_link(p).is_ok_and(|t| t == Path::new("/dev/null"))
+}
+
+fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::Error> {
+    let p = PathBuf::deserialize(d)?;
+    if !p.is_absolute() {
+        return Err(serde::de::Error::custom(format!(
+            "{} is not an absolute path",
+            p.display()
+        )));
+    }
+    Ok(Some(p))
+}
+
+fn copy_jobs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=16).contains(&n) {
+        return Err(serde::de::Error::custom(format!("{n} is out of range; expected 1 to 16")));
+    }
+    Ok(Some(n as usize))
+}
+
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Int(n) if n >= 0 => Ok(Some(n as u64)),
+        Raw::Int(n) => Err(serde::de::Error::custom(format!(
+            "{n} is negative; expected a size in bytes"
+        ))),
+        Raw::Text(s) => parse_size(&s).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses a size such as `512MiB`, `2 GiB`, `1GB` or `1048576`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("invalid size {s:?}: expected a number and a unit such as 2GiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "TiB" | "T" => 1 << 40,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => bail!("invalid size {s:?}: unknown unit {other:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB)"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("invalid size {s:?}: too large"))
+}
+
+/// Formats a byte count for people: `1.5 GiB`.
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn node() -> (tempfile::TempDir, HostPaths) {
+        let t = tempfile::tempdir().unwrap();
+        let p = HostPaths::new(t.path());
+        (t, p)
+    }
+
+    fn write(p: &Path, text: &str) {
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    #[test]
+    fn defaults_without_files() {
+        let (_t, p) = node();
+        let s = Settings::load(&p).unwrap();
+        assert_eq!(s.store.root, Path::new("/var/lib/containers/storage"));
+        assert_eq!(s.store.min_free_space, DEFAULT_MIN_FREE_SPACE);
+        assert!(s.sources.is_empty());
+    }
+
+    #[test]
+    fn later_dir_replaces_same_name_and_lexical_order_applies() {
+        let (_t, p) = node();
+        write(&p.config_dirs[0].join("config.d/10-a.toml"), "[store]\nmin_free_space = \"1MiB\"\ndriver = \"vfs\"\n");
+        write(&p.config_dirs[2].join("config.d/10-a.toml"), "[store]\nmin_free_space = \"2MiB\"\n");
+        write(&p.config_dirs[1].join("config.d/20-b.toml"), "[store]\nroot = \"/srv/storage\"\n");
+        let s = Settings::load(&p).unwrap();
+        // /etc's 10-a.toml replaced /usr/lib's whole file: driver falls back to the default.
+        assert_eq!(s.store.min_free_space, 2 << 20);
+        assert_eq!(s.store.driver, Driver::Overlay);
+        assert_eq!(s.store.root, Path::new("/srv/storage"));
+        assert_eq!(s.sources.len(), 2);
+    }
+
+    #[test]
+    fn dev_null_symlink_masks() {
+        let (_t, p) = node();
+        write(&p.config_dirs[0].join("config.d/10-a.toml"), "[store]\ndriver = \"vfs\"\n");
+        fs::create_dir_all(p.config_dirs[2].join("config.d")).unwrap();
+        symlink("/dev/null", p.config_dirs[2].join("config.d/10-a.toml")).unwrap();
+        let s = Settings::load(&p).unwrap();
+        assert_eq!(s.store.driver, Driver::Overlay);
+    }
+
+    #[test]
+    fn unknown_key_names_file_key_and_line() {
+        let (_t, p) = node();
+        let f = p.config_dirs[2].join("config.d/30-typo.toml");
+        write(&f, "# comment\n[store]\nmin_free = 5\n");
+        let msg = format!("{:#}", Settings::load(&p).unwrap_err());
+        assert!(msg.contains("30-typo.toml"), "{msg}");
+        assert!(msg.contains("min_free"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for (text, needle) in [
+            ("[store]\nmin_free_space = \"12 parsecs\"\n", "unknown unit"),
+            ("[store]\nmin_free_space = -1\n", "negative"),
+            ("[store]\nroot = \"relative/dir\"\n", "not an absolute path"),
+            ("[store]\ndriver = \"btrfs\"\n", "btrfs"),
+            ("[nope]\n", "nope"),
+        ] {
+            let (_t, p) = node();
+            write(&p.config_dirs[2].join("config.d/50-bad.toml"), text);
+            let msg = format!("{:#}", Settings::load(&p).unwrap_err());
+            assert!(msg.contains("50-bad.toml") && msg.contains(needle), "{text}: {msg}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("3GB").unwrap(), 3_000_000_000);
+        assert!(parse_size("GiB").is_err());
+        assert_eq!(human_size(1536 << 20), "1.5 GiB");
+        assert_eq!(human_size(12), "12 B");
+    }
+}

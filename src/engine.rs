@@ -1,0 +1,848 @@
+//! The import path that ties the parts together: detect → read metadata → see what the
+//! store holds → check space → verify → stage or copy → record.
+//!
+//! A bundle moves through these states (recorded in [`crate::state`]):
+//!
+//! ```text
+//!   (new) --verify ok, --hold--> Held --apply--> Imported
+//!   (new) --verify ok----------------------->   Imported
+//!   (new) --anything fails--> (new): nothing is recorded, staging is removed
+//! ```
+//!
+//! Nothing enters the store before the whole bundle has been verified.
+
+use std::collections::{HashSet, VecDeque};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::bundle::foreign::Foreign;
+use crate::bundle::format::{BundleMeta, ImageMeta};
+use crate::bundle::read::{self, Verified};
+use crate::bundle::{self, Input, Rejected};
+use crate::config::{human_size, Settings};
+use crate::digest::Digest;
+use crate::paths::HostPaths;
+use crate::proxy::Proxy;
+use crate::state::{
+    now, BundleRecord, BundleState, ImageRecord, SetRecord, SourceKind, State, StateLock,
+};
+use crate::store::{check_space, SpaceNeed, Store, Wanted};
+
+/// Options of `import`.
+#[derive(Debug, Clone, Default)]
+pub struct ImportOptions {
+    /// The bundle digest the caller requires.
+    pub expected: Option<Digest>,
+    /// Verify and stage only; copy on `apply`.
+    pub hold: bool,
+}
+
+/// What an import did, for people and for `--json`.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportReport {
+    /// The bundle's digest.
+    pub digest: Digest,
+    /// Its name.
+    pub name: String,
+    /// Its images.
+    pub images: usize,
+    /// Images copied into the store now.
+    pub copied: usize,
+    /// Images the store already held.
+    pub present: usize,
+    /// Bytes hashed during verification.
+    pub bytes_verified: u64,
+    /// The state it ended in.
+    pub state: BundleState,
+}
+
+impl ImportReport {
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        match (self.state, self.copied) {
+            (BundleState::Held, _) => format!(
+                "bundle {} ({}) verified and held: {} images staged; run `longshore apply {}` to import",
+                self.name, self.digest, self.images, self.name
+            ),
+            (BundleState::Imported, 0) => format!(
+                "bundle {} ({}): all {} images already in the store, nothing copied",
+                self.name, self.digest, self.images
+            ),
+            (BundleState::Imported, n) => format!(
+                "bundle {} ({}) imported: {n} images copied, {} already present",
+                self.name, self.digest, self.present
+            ),
+        }
+    }
+}
+
+/// The engine: settings, the store, and the state it owns while the lock is held.
+pub struct Engine {
+    /// Host paths.
+    pub paths: HostPaths,
+    /// Settings.
+    pub settings: Settings,
+    /// The store written to.
+    pub store: Store,
+    state: State,
+    _lock: StateLock,
+}
+
+/// A bundle's images as the engine handles them, whatever the input was.
+struct Plan {
+    digest: Digest,
+    name: String,
+    version: Option<String>,
+    kind: SourceKind,
+    images: Vec<PlannedImage>,
+    sets: Vec<SetRecord>,
+}
+
+struct PlannedImage {
+    /// Where skopeo reads it from, once verified.
+    source: String,
+    repository: String,
+    tags: Vec<String>,
+    digest: Digest,
+    size: u64,
+    /// (digest, bytes it takes in the store) of each layer.
+    layers: Vec<(Digest, u64)>,
+    /// Manifest and config bytes.
+    overhead: u64,
+    /// The config blob (bundles only: foreign inputs are read by skopeo directly).
+    config: Option<Digest>,
+}
+
+impl PlannedImage {
+    fn wanted(&self) -> Wanted<'_> {
+        Wanted {
+            repository: &self.repository,
+            digest: self.digest,
+            tags: &self.tags,
+        }
+    }
+
+    fn record(&self) -> ImageRecord {
+        let mut names = vec![format!("{}@{}", self.repository, self.digest)];
+        names.extend(self.tags.iter().map(|t| format!("{}:{t}", self.repository)));
+        ImageRecord {
+            repository: self.repository.clone(),
+            digest: self.digest,
+            tags: self.tags.clone(),
+            names,
+            size: self.size,
+        }
+    }
+}
+
+impl Engine {
+    /// Loads settings and state and takes the lock.
+    pub fn open(paths: HostPaths, settings: Settings) -> Result<Engine> {
+        let lock = StateLock::acquire(&paths.state_dir)?;
+        let state = State::load(&paths.state_dir)?;
+        let store = Store::new(&paths, &settings);
+        Ok(Engine {
+            paths,
+            settings,
+            store,
+            state,
+            _lock: lock,
+        })
+    }
+
+    /// The recorded state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Imports whatever `path` holds; a directory of several inputs imports each.
+    pub async fn import(&mut self, path: &Path, opts: &ImportOptions) -> Result<Vec<ImportReport>> {
+        match bundle::detect(path)? {
+            Input::Collection(dir, items) => {
+                if opts.expected.is_some() && items.len() != 1 {
+                    bail!(
+                        "{} holds {} inputs; --digest names a single bundle",
+                        dir.display(),
+                        items.len()
+                    );
+                }
+                let mut reports = Vec::new();
+                for item in items {
+                    tracing::info!("importing {}", item.display());
+                    let input = bundle::detect(&item)?;
+                    reports.push(self.import_one(input, opts).await?);
+                }
+                Ok(reports)
+            }
+            input => Ok(vec![self.import_one(input, opts).await?]),
+        }
+    }
+
+    async fn import_one(&mut self, input: Input, opts: &ImportOptions) -> Result<ImportReport> {
+        match input {
+            Input::BundleDir(dir) => self.import_bundle(&dir, false, opts).await,
+            Input::BundleStream(p) => self.import_bundle(&p, true, opts).await,
+            Input::Foreign(f) => self.import_foreign(f, opts).await,
+            Input::Collection(dir, _) => bail!("{}: nested collections are not imported", dir.display()),
+        }
+    }
+
+    async fn import_bundle(&mut self, path: &Path, stream: bool, opts: &ImportOptions) -> Result<ImportReport> {
+        let (digest, meta) = if stream {
+            read::read_meta_stream(path)?
+        } else {
+            read::read_meta_dir(path)?
+        };
+        check_expected(path, &digest, opts.expected)?;
+        let proxy = Proxy::start(&self.settings.skopeo).await?;
+        let mut plan = plan_from_meta(digest, &meta, if stream { SourceKind::BundleTar } else { SourceKind::BundleDir });
+        let present = self.presence(&proxy, &plan).await;
+        proxy.finish().await.ok();
+        let present = present?;
+        if !opts.hold && present.iter().all(|p| *p) {
+            return self.finish_import(path, &plan, &present, 0, None);
+        }
+
+        let staging_needed = stream || opts.hold;
+        let mut needs = vec![self.store_need(&plan, &present)];
+        if staging_needed {
+            needs.push(SpaceNeed { path: self.paths.staging_dir(), bytes: unique_bundle_bytes(&meta) });
+        }
+        check_space(&needs, self.settings.store.min_free_space, path)?;
+
+        let tmp = self.temp_staging(&digest)?;
+        let verified = match (stream, opts.hold) {
+            (true, _) => read::verify_stream(path, Some(&tmp), opts.expected, &mut |_, _| Ok(())),
+            (false, false) => read::verify_dir(path, opts.expected, &mut |_, _| Ok(())),
+            (false, true) => stage_dir(path, &tmp, opts.expected),
+        };
+        let verified = verified.inspect_err(|_| {
+            let _ = fs::remove_dir_all(&tmp);
+        })?;
+        ensure_same(&verified, &digest, path)?;
+        tracing::info!(
+            bundle = %meta.name, digest = %digest,
+            "verified {} images, {} hashed", meta.images.len(), human_size(verified.bytes_verified)
+        );
+
+        let layout = if staging_needed {
+            let final_dir = self.paths.staging_dir().join(digest.hex());
+            replace_dir(&tmp, &final_dir)?;
+            final_dir
+        } else {
+            verified.layout.clone()
+        };
+        if opts.hold {
+            return self.record_held(path, &plan, layout, verified.bytes_verified);
+        }
+        let copied = self.copy_from_layout(&mut plan, &present, &layout);
+        let report = copied.and_then(|n| self.finish_import(path, &plan, &present, n, Some(verified.bytes_verified)));
+        if staging_needed {
+            remove_staging(&layout);
+        }
+        report
+    }
+
+    async fn import_foreign(&mut self, f: Foreign, opts: &ImportOptions) -> Result<ImportReport> {
+        let proxy = Proxy::start(&self.settings.skopeo).await?;
+        let res = self.import_foreign_with(&proxy, f, opts).await;
+        proxy.finish().await.ok();
+        res
+    }
+
+    async fn import_foreign_with(&mut self, proxy: &Proxy, f: Foreign, opts: &ImportOptions) -> Result<ImportReport> {
+        let mut images = Vec::new();
+        let mut opened = Vec::new();
+        for fi in &f.images {
+            let img = proxy.open(&fi.source).await.map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
+            let layers: Vec<(Digest, u64)> = img.manifest.layers.iter().map(|l| (l.digest, l.size)).collect();
+            images.push(PlannedImage {
+                source: fi.source.clone(),
+                repository: fi.repository.clone(),
+                tags: fi.tags.clone(),
+                digest: img.digest,
+                size: img.manifest.config.size + layers.iter().map(|l| l.1).sum::<u64>(),
+                // Layer sizes here are as stored; unpacked they may be larger, so count
+                // them twice, as OpenShift's rule does where the true size is unknown.
+                layers: layers.iter().map(|(d, s)| (*d, s.saturating_mul(2))).collect(),
+                overhead: img.manifest.config.size,
+                config: None,
+            });
+            opened.push(img);
+        }
+        let digest = implicit_digest(&f, &images);
+        check_expected(&f.path, &digest, opts.expected)?;
+        let plan = Plan {
+            digest,
+            name: f.name.clone(),
+            version: None,
+            kind: f.kind,
+            sets: vec![SetRecord {
+                name: f.name.clone(),
+                images: images.iter().map(|i| format!("{}@{}", i.repository, i.digest)).collect(),
+                pinned: true,
+            }],
+            images,
+        };
+        let present = self.presence(proxy, &plan).await?;
+        if !opts.hold && present.iter().all(|p| *p) {
+            for img in opened {
+                proxy.close(img).await?;
+            }
+            return self.finish_import(&f.path, &plan, &present, 0, None);
+        }
+        let mut needs = vec![self.store_need(&plan, &present)];
+        if opts.hold {
+            needs.push(SpaceNeed { path: self.paths.staging_dir(), bytes: dir_size(&f.path)? });
+        }
+        check_space(&needs, self.settings.store.min_free_space, &f.path)?;
+
+        // Verify every blob before anything is copied: the proxy and this reader both
+        // check each digest and size.
+        let mut verified = 0u64;
+        let mut seen = HashSet::new();
+        for (img, planned) in opened.iter().zip(&plan.images) {
+            let blobs = std::iter::once((img.manifest.config.digest, img.manifest.config.size))
+                .chain(img.manifest.layers.iter().map(|l| (l.digest, l.size)));
+            for (d, size) in blobs {
+                if !seen.insert(d) {
+                    continue;
+                }
+                proxy
+                    .read_blob(img, &d, size, &mut |_| Ok(()))
+                    .await
+                    .map_err(|e| Rejected::new(&f.path, format!("image {}: {e:#}", planned.repository)))?;
+                verified += size;
+            }
+        }
+        for img in opened {
+            proxy.close(img).await?;
+        }
+        tracing::info!(input = %f.path.display(), "verified {} images, {} read", plan.images.len(), human_size(verified));
+        if opts.hold {
+            let tmp = self.temp_staging(&digest)?;
+            let staged_input = tmp.join(f.path.file_name().unwrap_or(std::ffi::OsStr::new("input")));
+            fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            copy_tree(&f.path, &staged_input).inspect_err(|_| {
+                let _ = fs::remove_dir_all(&tmp);
+            })?;
+            let final_dir = self.paths.staging_dir().join(digest.hex());
+            replace_dir(&tmp, &final_dir)?;
+            return self.record_held(&f.path, &plan, final_dir, verified);
+        }
+        let n = self.copy_missing(&plan, &present)?;
+        self.finish_import(&f.path, &plan, &present, n, Some(verified))
+    }
+
+    /// Copies a held bundle's images into the store.
+    pub async fn apply(&mut self, which: &str) -> Result<ImportReport> {
+        let rec = self.find_bundle(which)?.clone();
+        if rec.state != BundleState::Held {
+            bail!("bundle {} ({}) is not held: it is {:?}", rec.name, rec.digest, rec.state);
+        }
+        let staged = rec
+            .staged
+            .clone()
+            .with_context(|| format!("bundle {} is held but has no staged copy", rec.name))?;
+        let report = match rec.kind {
+            SourceKind::BundleDir | SourceKind::BundleTar => {
+                let verified = read::verify_dir(&staged, Some(rec.digest), &mut |_, _| Ok(()))?;
+                let mut plan = plan_from_meta(verified.digest, &verified.meta, rec.kind);
+                let proxy = Proxy::start(&self.settings.skopeo).await?;
+                let present = self.presence(&proxy, &plan).await;
+                proxy.finish().await.ok();
+                let present = present?;
+                check_space(&[self.store_need(&plan, &present)], self.settings.store.min_free_space, &staged)?;
+                let n = self.copy_from_layout(&mut plan, &present, &staged)?;
+                self.finish_import(&rec.source, &plan, &present, n, Some(verified.bytes_verified))?
+            }
+            _ => {
+                let name = fs::read_dir(&staged)
+                    .with_context(|| format!("reading {}", staged.display()))?
+                    .next()
+                    .with_context(|| format!("{} is empty", staged.display()))?
+                    .with_context(|| format!("reading {}", staged.display()))?
+                    .path();
+                let Input::Foreign(f) = bundle::detect(&name)? else {
+                    bail!("{} no longer holds the input that was held", name.display());
+                };
+                let opts = ImportOptions { expected: Some(rec.digest), hold: false };
+                let mut r = self.import_foreign(f, &opts).await?;
+                // Recorded under the staged path by import_foreign; keep the original.
+                if let Some(b) = self.state.bundles.get_mut(&r.digest) {
+                    b.source = rec.source.clone();
+                }
+                self.state.save(&self.paths.state_dir)?;
+                r.state = BundleState::Imported;
+                r
+            }
+        };
+        remove_staging(&staged);
+        Ok(report)
+    }
+
+    fn find_bundle(&self, which: &str) -> Result<&BundleRecord> {
+        let matches: Vec<&BundleRecord> = self
+            .state
+            .bundles
+            .values()
+            .filter(|b| b.name == which || b.digest.to_string() == which || b.digest.hex().starts_with(which.trim_start_matches("sha256:")) && which.len() >= 12)
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok(one),
+            [] => bail!("no bundle named {which:?} is known; `longshore status` lists them"),
+            _ => bail!("{which:?} names {} bundles; give the digest", matches.len()),
+        }
+    }
+
+    async fn presence(&self, proxy: &Proxy, plan: &Plan) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(plan.images.len());
+        for img in &plan.images {
+            out.push(self.store.holds(proxy, &img.wanted()).await?);
+        }
+        Ok(out)
+    }
+
+    /// Bytes the missing images will take in the store: each layer counted once, and not
+    /// at all when an image already present has it.
+    fn store_need(&self, plan: &Plan, present: &[bool]) -> SpaceNeed {
+        let have: HashSet<Digest> = plan
+            .images
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| **p)
+            .flat_map(|(i, _)| i.layers.iter().map(|l| l.0))
+            .collect();
+        let mut counted = HashSet::new();
+        let mut bytes = 0u64;
+        for (img, _) in plan.images.iter().zip(present).filter(|(_, p)| !**p) {
+            bytes += img.overhead;
+            for (d, size) in &img.layers {
+                if !have.contains(d) && counted.insert(*d) {
+                    bytes += size;
+                }
+            }
+        }
+        SpaceNeed { path: self.store.root.clone(), bytes }
+    }
+
+    fn temp_staging(&self, digest: &Digest) -> Result<PathBuf> {
+        let dir = self.paths.staging_dir();
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Leftovers of an interrupted run are of no use: their content was never recorded.
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        Ok(dir.join(format!(".tmp-{}-{}", &digest.hex()[..12], std::process::id())))
+    }
+
+    /// Copies the missing images of a verified bundle layout.
+    ///
+    /// skopeo reads each image through a `dir:` view: a directory of symbolic links to the
+    /// manifest and blobs in the layout. The `oci:` transport of containers/image only
+    /// looks at index entries whose media type is OCI (oci_src.go in image/oci/layout),
+    /// while a bundle keeps Docker schema 2 manifests as they are so they keep their
+    /// digests; `dir:` reads both. skopeo still checks every blob's digest as it copies.
+    fn copy_from_layout(&self, plan: &mut Plan, present: &[bool], layout: &Path) -> Result<usize> {
+        let views = self.paths.staging_dir().join(format!(".views-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&views);
+        let res = (|| {
+            let blobs = layout.join("blobs/sha256");
+            let blobs = blobs.canonicalize().with_context(|| format!("resolving {}", blobs.display()))?;
+            for (i, (img, _)) in plan.images.iter_mut().zip(present).enumerate().filter(|(_, (_, p))| !**p) {
+                let view = views.join(i.to_string());
+                fs::create_dir_all(&view).with_context(|| format!("creating {}", view.display()))?;
+                fs::write(view.join("version"), "Directory Transport Version: 1.1\n")
+                    .with_context(|| format!("writing {}", view.display()))?;
+                let link = |digest: &Digest, name: &str| {
+                    std::os::unix::fs::symlink(blobs.join(digest.hex()), view.join(name))
+                        .with_context(|| format!("linking {name} in {}", view.display()))
+                };
+                link(&img.digest, "manifest.json")?;
+                let config = img.config.with_context(|| format!("{} has no config", img.repository))?;
+                link(&config, &config.hex())?;
+                for (l, _) in &img.layers {
+                    if !view.join(l.hex()).exists() {
+                        link(l, &l.hex())?;
+                    }
+                }
+                img.source = format!("dir:{}", view.display());
+            }
+            self.copy_missing(plan, present)
+        })();
+        let _ = fs::remove_dir_all(&views);
+        res
+    }
+
+    /// Copies the images the store lacks, two at a time, never two that would write the
+    /// same layer at once (the second waits and then reuses it).
+    fn copy_missing(&self, plan: &Plan, present: &[bool]) -> Result<usize> {
+        let todo: Vec<&PlannedImage> = plan
+            .images
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| !**p)
+            .map(|(i, _)| i)
+            .collect();
+        let jobs = self.settings.import_jobs.max(1);
+        let total = todo.len();
+        let sched = Mutex::new(Scheduler {
+            pending: (0..total).collect(),
+            busy: HashSet::new(),
+            done: 0,
+            failed: None,
+        });
+        let wake = Condvar::new();
+        std::thread::scope(|s| {
+            for _ in 0..jobs.min(total) {
+                s.spawn(|| loop {
+                    let i = {
+                        let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
+                        loop {
+                            if g.failed.is_some() || g.pending.is_empty() {
+                                return;
+                            }
+                            let pick = g.pending.iter().position(|&i| {
+                                todo[i].layers.iter().all(|l| !g.busy.contains(&l.0))
+                            });
+                            match pick {
+                                Some(p) => {
+                                    let i = g.pending.remove(p).unwrap_or_default();
+                                    g.busy.extend(todo[i].layers.iter().map(|l| l.0));
+                                    break i;
+                                }
+                                None => g = wake.wait(g).unwrap_or_else(|p| p.into_inner()),
+                            }
+                        }
+                    };
+                    let img = todo[i];
+                    tracing::info!(image = %img.repository, digest = %img.digest, "copying into the store");
+                    let res = self.store.copy_image(&img.source, &img.wanted());
+                    let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
+                    for l in &img.layers {
+                        g.busy.remove(&l.0);
+                    }
+                    match res {
+                        Ok(()) => {
+                            g.done += 1;
+                            tracing::info!("copied {}/{} images", g.done, total);
+                        }
+                        Err(e) => {
+                            g.failed.get_or_insert(e.context(format!("copying {}@{}", img.repository, img.digest)));
+                        }
+                    }
+                    wake.notify_all();
+                });
+            }
+        });
+        let g = sched.into_inner().unwrap_or_else(|p| p.into_inner());
+        match g.failed {
+            Some(e) => Err(e),
+            None => Ok(g.done),
+        }
+    }
+
+    fn finish_import(
+        &mut self,
+        source: &Path,
+        plan: &Plan,
+        present: &[bool],
+        copied: usize,
+        bytes_verified: Option<u64>,
+    ) -> Result<ImportReport> {
+        let already = self
+            .state
+            .bundles
+            .get(&plan.digest)
+            .is_some_and(|b| b.state == BundleState::Imported);
+        let rec = self.record(source, plan, BundleState::Imported, None);
+        self.state.bundles.insert(plan.digest, rec);
+        self.state.save(&self.paths.state_dir)?;
+        let report = ImportReport {
+            digest: plan.digest,
+            name: plan.name.clone(),
+            images: plan.images.len(),
+            copied,
+            present: present.iter().filter(|p| **p).count(),
+            bytes_verified: bytes_verified.unwrap_or(0),
+            state: BundleState::Imported,
+        };
+        if copied == 0 && already {
+            tracing::info!(bundle = %plan.name, "already imported; nothing to copy");
+        }
+        Ok(report)
+    }
+
+    fn record_held(&mut self, source: &Path, plan: &Plan, staged: PathBuf, bytes_verified: u64) -> Result<ImportReport> {
+        let rec = self.record(source, plan, BundleState::Held, Some(staged));
+        self.state.bundles.insert(plan.digest, rec);
+        self.state.save(&self.paths.state_dir)?;
+        Ok(ImportReport {
+            digest: plan.digest,
+            name: plan.name.clone(),
+            images: plan.images.len(),
+            copied: 0,
+            present: 0,
+            bytes_verified,
+            state: BundleState::Held,
+        })
+    }
+
+    fn record(&self, source: &Path, plan: &Plan, state: BundleState, staged: Option<PathBuf>) -> BundleRecord {
+        BundleRecord {
+            digest: plan.digest,
+            name: plan.name.clone(),
+            version: plan.version.clone(),
+            kind: plan.kind,
+            source: source.to_path_buf(),
+            state,
+            staged,
+            updated: now(),
+            images: plan.images.iter().map(PlannedImage::record).collect(),
+            sets: plan.sets.clone(),
+        }
+    }
+}
+
+struct Scheduler {
+    pending: VecDeque<usize>,
+    busy: HashSet<Digest>,
+    done: usize,
+    failed: Option<anyhow::Error>,
+}
+
+/// Verifies a bundle without importing it.
+pub async fn verify(path: &Path, expected: Option<Digest>, settings: &Settings) -> Result<Vec<VerifyReport>> {
+    let inputs = match bundle::detect(path)? {
+        Input::Collection(_, items) => items
+            .into_iter()
+            .map(|p| bundle::detect(&p))
+            .collect::<Result<Vec<_>>>()?,
+        one => vec![one],
+    };
+    if expected.is_some() && inputs.len() != 1 {
+        bail!("{} holds {} inputs; --digest names a single bundle", path.display(), inputs.len());
+    }
+    let mut out = Vec::new();
+    for input in inputs {
+        out.push(match input {
+            Input::BundleDir(d) => VerifyReport::from(&d, read::verify_dir(&d, expected, &mut |_, _| Ok(()))?),
+            Input::BundleStream(p) => VerifyReport::from(&p, read::verify_stream(&p, None, expected, &mut |_, _| Ok(()))?),
+            Input::Foreign(f) => {
+                let proxy = Proxy::start(&settings.skopeo).await?;
+                let r = verify_foreign(&proxy, &f, expected).await;
+                proxy.finish().await.ok();
+                r?
+            }
+            Input::Collection(d, _) => bail!("{}: nested collections are not verified", d.display()),
+        });
+    }
+    Ok(out)
+}
+
+async fn verify_foreign(proxy: &Proxy, f: &Foreign, expected: Option<Digest>) -> Result<VerifyReport> {
+    let mut images = Vec::new();
+    let mut bytes = 0;
+    let mut seen = HashSet::new();
+    for fi in &f.images {
+        let img = proxy.open(&fi.source).await.map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
+        let blobs: Vec<(Digest, u64)> = std::iter::once((img.manifest.config.digest, img.manifest.config.size))
+            .chain(img.manifest.layers.iter().map(|l| (l.digest, l.size)))
+            .collect();
+        for (d, size) in blobs {
+            if seen.insert(d) {
+                proxy
+                    .read_blob(&img, &d, size, &mut |_| Ok(()))
+                    .await
+                    .map_err(|e| Rejected::new(&f.path, format!("image {}: {e:#}", fi.repository)))?;
+                bytes += size;
+            }
+        }
+        images.push(PlannedImage {
+            source: fi.source.clone(),
+            repository: fi.repository.clone(),
+            tags: fi.tags.clone(),
+            digest: img.digest,
+            size: 0,
+            layers: vec![],
+            overhead: 0,
+            config: None,
+        });
+        proxy.close(img).await?;
+    }
+    let digest = implicit_digest(f, &images);
+    check_expected(&f.path, &digest, expected)?;
+    Ok(VerifyReport {
+        path: f.path.clone(),
+        digest,
+        name: f.name.clone(),
+        images: images.len(),
+        bytes_verified: bytes,
+    })
+}
+
+/// What `verify` found.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyReport {
+    /// The input.
+    pub path: PathBuf,
+    /// Its digest.
+    pub digest: Digest,
+    /// Its name.
+    pub name: String,
+    /// Number of images.
+    pub images: usize,
+    /// Bytes hashed.
+    pub bytes_verified: u64,
+}
+
+impl VerifyReport {
+    fn from(path: &Path, v: Verified) -> VerifyReport {
+        VerifyReport {
+            path: path.to_path_buf(),
+            digest: v.digest,
+            name: v.meta.name,
+            images: v.meta.images.len(),
+            bytes_verified: v.bytes_verified,
+        }
+    }
+}
+
+fn plan_from_meta(digest: Digest, meta: &BundleMeta, kind: SourceKind) -> Plan {
+    Plan {
+        digest,
+        name: meta.name.clone(),
+        version: meta.version.clone(),
+        kind,
+        images: meta.images.iter().map(planned_from_meta).collect(),
+        sets: meta
+            .sets
+            .iter()
+            .map(|s| SetRecord { name: s.name.clone(), images: s.images.clone(), pinned: s.pinned })
+            .collect(),
+    }
+}
+
+fn planned_from_meta(i: &ImageMeta) -> PlannedImage {
+    PlannedImage {
+        // The layout is prefixed once it is known to be verified.
+        source: i.reference.clone(),
+        repository: i.repository.clone(),
+        tags: i.tags.clone(),
+        digest: i.digest,
+        size: i.size,
+        layers: i
+            .layers
+            .iter()
+            .map(|l| (l.digest, l.uncompressed_size.unwrap_or(l.size.saturating_mul(2))))
+            .collect(),
+        overhead: i.size - i.layers.iter().map(|l| l.size).sum::<u64>(),
+        config: Some(i.config.digest),
+    }
+}
+
+/// Bytes of a bundle's blobs, each counted once: what staging it takes.
+fn unique_bundle_bytes(meta: &BundleMeta) -> u64 {
+    let mut seen = HashSet::new();
+    let mut total = meta.index.size;
+    for i in &meta.images {
+        for (d, s) in [(i.digest, i.size - i.config.size - i.layers.iter().map(|l| l.size).sum::<u64>()), (i.config.digest, i.config.size)]
+            .into_iter()
+            .chain(i.layers.iter().map(|l| (l.digest, l.size)))
+        {
+            if seen.insert(d) {
+                total += s;
+            }
+        }
+    }
+    total
+}
+
+/// The identity of a foreign input: the digest of what it holds, so the same images
+/// under the same names are the same implicit bundle wherever they come from.
+fn implicit_digest(f: &Foreign, images: &[PlannedImage]) -> Digest {
+    let doc = serde_json::json!({
+        "kind": f.kind,
+        "name": f.name,
+        "images": images.iter().map(|i| serde_json::json!({
+            "repository": i.repository,
+            "tags": i.tags,
+            "digest": i.digest.to_string(),
+        })).collect::<Vec<_>>(),
+    });
+    Digest::of(doc.to_string().as_bytes())
+}
+
+fn check_expected(path: &Path, got: &Digest, expected: Option<Digest>) -> Result<()> {
+    match expected {
+        Some(want) if want != *got => {
+            Err(Rejected::new(path, format!("has digest {got}, but {want} was required")).into())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn ensure_same(v: &Verified, digest: &Digest, path: &Path) -> Result<()> {
+    if v.digest != *digest {
+        return Err(Rejected::new(path, format!("changed while it was read: bundle.json now has digest {}", v.digest)).into());
+    }
+    Ok(())
+}
+
+/// Copies a bundle directory into `tmp` and verifies the copy, so what is held is exactly
+/// what was checked.
+fn stage_dir(src: &Path, tmp: &Path, expected: Option<Digest>) -> Result<Verified> {
+    copy_tree(src, tmp)?;
+    read::verify_dir(tmp, expected, &mut |_, _| Ok(()))
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+    let md = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
+    if md.is_dir() {
+        fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+        for e in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+            let e = e.with_context(|| format!("reading {}", src.display()))?;
+            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+        }
+    } else if md.is_file() {
+        fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+    } else {
+        return Err(Rejected::new(src, "is neither a regular file nor a directory").into());
+    }
+    Ok(())
+}
+
+fn dir_size(p: &Path) -> Result<u64> {
+    let md = fs::symlink_metadata(p).with_context(|| format!("reading {}", p.display()))?;
+    if !md.is_dir() {
+        return Ok(md.len());
+    }
+    let mut total = 0;
+    for e in fs::read_dir(p).with_context(|| format!("reading {}", p.display()))? {
+        total += dir_size(&e.with_context(|| format!("reading {}", p.display()))?.path())?;
+    }
+    Ok(total)
+}
+
+fn replace_dir(tmp: &Path, final_dir: &Path) -> Result<()> {
+    if final_dir.exists() {
+        fs::remove_dir_all(final_dir).with_context(|| format!("removing {}", final_dir.display()))?;
+    }
+    fs::rename(tmp, final_dir).with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))
+}
+
+fn remove_staging(dir: &Path) {
+    if let Err(e) = fs::remove_dir_all(dir) {
+        tracing::warn!("removing staging directory {}: {e}", dir.display());
+    }
+}

@@ -1,0 +1,17 @@
+//! longshore brings container images onto CRI-O nodes without a registry.
+//!
+//! A bundle (an OCI image layout with a `bundle.json` that commits to it) is read from a
+//! directory, a tar stream or removable media, verified digest by digest, and copied into
+//! the node's containers-storage with `skopeo copy`. The modules below each own one part
+//! of that path; `cli` ties them to the `longshore` command.
+
+pub mod bundle;
+pub mod cli;
+pub mod config;
+pub mod digest;
+pub mod engine;
+pub mod paths;
+pub mod process;
+pub mod proxy;
+pub mod state;
+pub mod store;

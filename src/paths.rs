@@ -1,0 +1,71 @@
+//! Every host path longshore touches, taken under `--sysroot` when one is given.
+//!
+//! A node never passes `--sysroot`; tests and the demo do, so that a whole node's worth of
+//! configuration, state and container storage lives in one directory.
+
+use std::path::{Path, PathBuf};
+
+/// The host paths, resolved once at start.
+#[derive(Debug, Clone)]
+pub struct HostPaths {
+    /// The directory every path below lives under (`/` on a node).
+    pub sysroot: PathBuf,
+    /// Configuration fragment directories, lowest precedence first.
+    pub config_dirs: [PathBuf; 3],
+    /// Persistent state: records, staging, the lock.
+    pub state_dir: PathBuf,
+    /// Runtime state: media mount points.
+    pub run_dir: PathBuf,
+    /// CRI-O's drop-in directory.
+    pub crio_conf_dir: PathBuf,
+}
+
+impl HostPaths {
+    /// Paths under `sysroot` (`/` for the host itself).
+    pub fn new(sysroot: &Path) -> Self {
+        let at = |p: &str| under(sysroot, p);
+        HostPaths {
+            sysroot: sysroot.to_path_buf(),
+            config_dirs: [
+                at("/usr/lib/longshore"),
+                at("/run/longshore"),
+                at("/etc/longshore"),
+            ],
+            state_dir: at("/var/lib/longshore"),
+            run_dir: at("/run/longshore"),
+            crio_conf_dir: at("/etc/crio/crio.conf.d"),
+        }
+    }
+
+    /// `path` (absolute, as on a node) taken under the sysroot.
+    pub fn host(&self, path: &Path) -> PathBuf {
+        under(&self.sysroot, &path.to_string_lossy())
+    }
+
+    /// Where bundles are staged while they are read or held.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.state_dir.join("staging")
+    }
+}
+
+fn under(root: &Path, absolute: &str) -> PathBuf {
+    root.join(absolute.trim_start_matches('/'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn everything_under_sysroot() {
+        let p = HostPaths::new(Path::new("/tmp/node"));
+        assert_eq!(p.state_dir, Path::new("/tmp/node/var/lib/longshore"));
+        assert_eq!(p.config_dirs[2], Path::new("/tmp/node/etc/longshore"));
+        assert_eq!(
+            p.host(Path::new("/var/lib/containers/storage")),
+            Path::new("/tmp/node/var/lib/containers/storage")
+        );
+        let host = HostPaths::new(Path::new("/"));
+        assert_eq!(host.crio_conf_dir, Path::new("/etc/crio/crio.conf.d"));
+    }
+}

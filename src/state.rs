@@ -1,0 +1,260 @@
+//! Persistent state in `/var/lib/longshore`: what was imported and held, written
+//! atomically, and the lock that keeps to one writer at a time.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use fs2::FileExt;
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+
+/// Version of the state file's schema.
+const STATE_VERSION: u32 = 1;
+
+/// Holds the state directory's lock for as long as it lives.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl StateLock {
+    /// Takes the lock of `state_dir`, waiting (and saying so) while another longshore
+    /// holds it.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock> {
+        fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let path = state_dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        if file.try_lock_exclusive().is_err() {
+            tracing::info!("waiting for another longshore to finish (lock {})", path.display());
+            file.lock_exclusive()
+                .with_context(|| format!("locking {}", path.display()))?;
+        }
+        Ok(StateLock { _file: file })
+    }
+}
+
+/// Where a bundle stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum BundleState {
+    /// Verified and staged; its images are copied on `longshore apply`.
+    Held,
+    /// Every image is in the store.
+    Imported,
+}
+
+/// What kind of input a bundle came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// A bundle directory.
+    BundleDir,
+    /// A tar bundle (file or device).
+    BundleTar,
+    /// `docker save` / `podman save` archive.
+    DockerArchive,
+    /// An oci-archive file.
+    OciArchive,
+    /// An OCI layout without bundle.json.
+    OciLayout,
+    /// A `dir:` tree.
+    Dir,
+}
+
+/// One image of a recorded bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageRecord {
+    /// Repository.
+    pub repository: String,
+    /// Manifest digest.
+    pub digest: Digest,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Every name it is stored under.
+    pub names: Vec<String>,
+    /// Bytes as stored in the bundle.
+    pub size: u64,
+}
+
+/// An image set as recorded from a bundle.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SetRecord {
+    /// Name.
+    pub name: String,
+    /// Digest references of its images.
+    pub images: Vec<String>,
+    /// Whether it is to be pinned.
+    pub pinned: bool,
+}
+
+/// A bundle longshore has seen through.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleRecord {
+    /// The bundle's digest.
+    pub digest: Digest,
+    /// Its name.
+    pub name: String,
+    /// Its version, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// What it came from.
+    pub kind: SourceKind,
+    /// The path it was read from.
+    pub source: PathBuf,
+    /// Where it stands.
+    pub state: BundleState,
+    /// The verified copy a held bundle is applied from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<PathBuf>,
+    /// When it reached its state (seconds since the epoch).
+    pub updated: u64,
+    /// Its images.
+    pub images: Vec<ImageRecord>,
+    /// Its image sets.
+    pub sets: Vec<SetRecord>,
+}
+
+/// The state file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct State {
+    /// Schema version.
+    pub version: u32,
+    /// Bundles by digest.
+    pub bundles: BTreeMap<Digest, BundleRecord>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            version: STATE_VERSION,
+            bundles: BTreeMap::new(),
+        }
+    }
+}
+
+impl State {
+    /// The state file of `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("state.json")
+    }
+
+    /// Loads the state, empty when there is none yet.
+    pub fn load(state_dir: &Path) -> Result<State> {
+        let path = Self::path(state_dir);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let s: State = serde_json::from_slice(&bytes)
+                    .with_context(|| format!("parsing state file {}", path.display()))?;
+                anyhow::ensure!(
+                    s.version == STATE_VERSION,
+                    "state file {} has version {}; this longshore reads version {STATE_VERSION}",
+                    path.display(),
+                    s.version
+                );
+                Ok(s)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(e).with_context(|| format!("reading state file {}", path.display())),
+        }
+    }
+
+    /// Writes the state atomically.
+    pub fn save(&self, state_dir: &Path) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(self).context("serialising state")?;
+        bytes.push(b'\n');
+        write_atomic(&Self::path(state_dir), &bytes)
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash at any point leaves either the old file or
+/// the new one: write a temporary file beside it, fsync it, rename it over, fsync the
+/// directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no parent directory", path.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let res = (|| -> Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing directory {}", dir.display()))
+    })();
+    if res.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// Seconds since the epoch, now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_no_temp_left() {
+        let t = tempfile::tempdir().unwrap();
+        let mut s = State::default();
+        let d = Digest::of(b"bundle");
+        s.bundles.insert(
+            d,
+            BundleRecord {
+                digest: d,
+                name: "b".into(),
+                version: None,
+                kind: SourceKind::BundleDir,
+                source: "/x".into(),
+                state: BundleState::Imported,
+                staged: None,
+                updated: 1,
+                images: vec![],
+                sets: vec![],
+            },
+        );
+        s.save(t.path()).unwrap();
+        s.save(t.path()).unwrap();
+        assert_eq!(State::load(t.path()).unwrap(), s);
+        let names: Vec<_> = fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let t = tempfile::tempdir().unwrap();
+        let _held = StateLock::acquire(t.path()).unwrap();
+        let f = File::open(t.path().join("lock")).unwrap();
+        assert!(f.try_lock_exclusive().is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! A node in a temp dir: a sysroot with its own config, state and containers-storage,
+//! the `longshore` binary run against it, and what the store then holds.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Whether the tools a test needs are here. Outside CI a missing tool skips the test
+/// with a message; under `CI=true` it fails it.
+pub fn require(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+        })
+        .collect();
+    let root = nix::unistd::geteuid().is_root();
+    if missing.is_empty() && root {
+        return true;
+    }
+    let why = if root {
+        format!("missing tools: {}", missing.join(", "))
+    } else {
+        "needs root (overlay storage)".to_string()
+    };
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("test prerequisite missing under CI: {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+    false
+}
+
+/// A sysroot with its own store.
+pub struct Node {
+    pub tmp: tempfile::TempDir,
+    pub sysroot: PathBuf,
+}
+
+impl Node {
+    pub fn new() -> Node {
+        let tmp = tempfile::Builder::new().prefix("longshore-node").tempdir().expect("temp dir");
+        let sysroot = tmp.path().join("root");
+        fs::create_dir_all(&sysroot).expect("sysroot");
+        Node { tmp, sysroot }
+    }
+
+    /// A scratch directory for inputs, outside the sysroot.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.tmp.path().join(name);
+        p
+    }
+
+    /// Runs `longshore --sysroot … ARGS`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_longshore"))
+            .arg("--sysroot")
+            .arg(&self.sysroot)
+            .args(args)
+            .env_remove("LONGSHORE_LOG")
+            .output()
+            .expect("running longshore")
+    }
+
+    /// Runs longshore and insists that it succeeded; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "longshore {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs longshore and insists that it failed with `code`; returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        let out = self.run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "longshore {args:?}: expected exit {code}\nstdout: {}\nstderr: {stderr}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        stderr
+    }
+
+    pub fn store_root(&self) -> PathBuf {
+        self.sysroot.join("var/lib/containers/storage")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.sysroot.join("var/lib/longshore")
+    }
+
+    /// The containers-storage reference of `name` in this node's store.
+    pub fn store_ref(&self, name: &str) -> String {
+        format!(
+            "containers-storage:[overlay@{}+{}]{}",
+            self.store_root().display(),
+            self.sysroot.join("run/containers/storage").display(),
+            name
+        )
+    }
+
+    /// The manifest digest `skopeo inspect` reports for `name` in the store, or `None`
+    /// when the store does not hold it.
+    pub fn inspect_digest(&self, name: &str) -> Option<String> {
+        let out = Command::new("skopeo")
+            .args(["inspect", &self.store_ref(name)])
+            .output()
+            .expect("running skopeo inspect");
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("skopeo inspect JSON");
+        v["Digest"].as_str().map(str::to_string)
+    }
+
+    /// Every name of every image in the store (empty when there is no store yet).
+    pub fn store_names(&self) -> Vec<String> {
+        let p = self.store_root().join("overlay-images/images.json");
+        let Ok(bytes) = fs::read(&p) else { return vec![] };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("images.json");
+        let mut names: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["names"].as_array().cloned().unwrap_or_default())
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Number of images in the store.
+    pub fn store_image_count(&self) -> usize {
+        let p = self.store_root().join("overlay-images/images.json");
+        let Ok(bytes) = fs::read(&p) else { return 0 };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).expect("images.json");
+        v.as_array().map_or(0, Vec::len)
+    }
+
+    /// Entries left in the staging directory (should be none after any import).
+    pub fn staging_leftovers(&self) -> Vec<String> {
+        match fs::read_dir(self.state_dir().join("staging")) {
+            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            Err(_) => vec![],
+        }
+    }
+
+    /// Writes a config fragment into /etc/longshore/config.d.
+    pub fn write_config(&self, name: &str, text: &str) -> PathBuf {
+        let dir = self.sysroot.join("etc/longshore/config.d");
+        fs::create_dir_all(&dir).expect("config dir");
+        let p = dir.join(name);
+        fs::write(&p, text).expect("config file");
+        p
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // containers-storage's overlay driver leaves its home mounted; take down every
+        // mount under this node, deepest first, before the temp dir is removed.
+        unmount_under(self.tmp.path());
+    }
+}
+
+/// Detaches every mount at or below `dir`.
+pub fn unmount_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
