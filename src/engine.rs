@@ -198,7 +198,7 @@ impl Engine {
         } else {
             read::read_meta_dir(path)?
         };
-        check_expected(path, &digest, opts.expected)?;
+        check_expected(&path.join(crate::bundle::format::BUNDLE_JSON), &digest, opts.expected)?;
         let proxy = Proxy::start(&self.settings.skopeo).await?;
         let mut plan = plan_from_meta(digest, &meta, if stream { SourceKind::BundleTar } else { SourceKind::BundleDir });
         let present = self.presence(&proxy, &plan).await;

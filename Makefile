@@ -1,0 +1,55 @@
+# longshore: build, test, demo, benchmark.
+#
+# Every target that needs system packages installs them first (Debian 12, as root), so
+# `make demo` and `make test` work on a fresh machine.
+
+CARGO ?= cargo
+PREFIX ?= /usr
+DESTDIR ?=
+
+# What the tests need: skopeo (copies, the image proxy), tar and zstd (listing and
+# making streams), util-linux (setpriv ties the proxy to longshore's life).
+TEST_PACKAGES := skopeo tar zstd util-linux ca-certificates
+# The demo shows the store with podman.
+DEMO_PACKAGES := $(TEST_PACKAGES) podman
+# The benchmark compares verification with openssl's sha256.
+BENCH_PACKAGES := $(TEST_PACKAGES) openssl
+
+.PHONY: all build test test-deps demo bench clean lint
+
+all: build
+
+build:
+	$(CARGO) build --release --locked
+
+# Installs Debian packages that are missing; does nothing when all are there.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+endef
+
+test-deps:
+	$(call apt_install,$(TEST_PACKAGES))
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --locked --all-targets -- -D warnings
+
+test: test-deps lint
+	$(CARGO) test --locked --all-targets
+
+demo:
+	$(call apt_install,$(DEMO_PACKAGES))
+	$(CARGO) build --release --locked --bin longshore --example sample-images
+	./demo/run.sh
+
+bench:
+	$(call apt_install,$(BENCH_PACKAGES))
+	$(CARGO) build --release --locked --bin longshore
+	$(CARGO) bench --locked --bench import
+
+clean:
+	$(CARGO) clean

@@ -1,1 +1,0 @@
-mod common; #[test] fn t(){}

@@ -1,0 +1,403 @@
+//! Bad input is refused with a message that names the file and the problem, and nothing
+//! reaches the store, the state or the staging directory.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::fixture;
+use common::node::{require, Node};
+
+const REJECTED: i32 = 3;
+const NO_SPACE: i32 = 4;
+
+/// A node and a good bundle directory made from two small images.
+fn good_bundle(node: &Node) -> (PathBuf, String) {
+    let layout = fixture::write_oci_layout(&node.scratch("layout"), &fixture::small_images("example.com/bad", 2)).unwrap();
+    let out = node.scratch("good");
+    let mut args = vec!["bundle".to_string(), "create".into(), "-o".into(), out.display().to_string(), "--name".into(), "good".into()];
+    args.extend(layout.images.iter().map(|i| layout.transport_ref(&i.reference)));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stdout = node.ok(&argv);
+    let digest = stdout.lines().find_map(|l| l.strip_prefix("digest ")).unwrap().to_string();
+    (out, digest)
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst.join("blobs/sha256")).unwrap();
+    for f in ["bundle.json", "index.json", "oci-layout"] {
+        fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    for e in fs::read_dir(src.join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), dst.join("blobs/sha256").join(e.file_name())).unwrap();
+    }
+}
+
+fn json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+}
+
+fn write_json(p: &Path, v: &serde_json::Value) {
+    fs::write(p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// The largest blob of a bundle directory: a layer.
+fn largest_blob(dir: &Path) -> PathBuf {
+    fs::read_dir(dir.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap()
+}
+
+/// Imports `input`, expects refusal naming `file_part` and `needle`, and checks that
+/// nothing was kept anywhere.
+fn assert_refused(node: &Node, input: &Path, extra: &[&str], file_part: &str, needle: &str) {
+    let mut args = vec!["import", input.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let err = node.fails(&args, REJECTED);
+    assert!(err.contains(file_part), "message should name {file_part:?}: {err}");
+    assert!(err.contains(needle), "message should say {needle:?}: {err}");
+    assert_eq!(node.store_image_count(), 0, "nothing may enter the store: {err}");
+    assert!(node.staging_leftovers().is_empty(), "staging not cleaned: {:?}", node.staging_leftovers());
+    let state = node.state_dir().join("state.json");
+    if state.exists() {
+        assert_eq!(json(&state)["bundles"], serde_json::json!({}), "nothing may be recorded");
+    }
+}
+
+/// Builds a tar stream entry by entry, writing names and types exactly as given, so
+/// entries a well-behaved writer refuses to make can be made.
+struct RawTar(Vec<u8>);
+
+impl RawTar {
+    fn new() -> Self {
+        RawTar(Vec::new())
+    }
+
+    fn entry(&mut self, name: &[u8], kind: tar::EntryType, data: &[u8], link: &[u8]) -> &mut Self {
+        let mut h = tar::Header::new_gnu();
+        {
+            let g = h.as_gnu_mut().unwrap();
+            g.name[..name.len()].copy_from_slice(name);
+            g.linkname[..link.len()].copy_from_slice(link);
+        }
+        h.set_entry_type(kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        if kind == tar::EntryType::Char {
+            h.set_device_major(1).unwrap();
+            h.set_device_minor(3).unwrap();
+        }
+        h.set_cksum();
+        self.0.extend_from_slice(h.as_bytes());
+        self.0.extend_from_slice(data);
+        let pad = (512 - data.len() % 512) % 512;
+        self.0.extend(std::iter::repeat(0u8).take(pad));
+        self
+    }
+
+    fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
+        self.entry(name.as_bytes(), tar::EntryType::Regular, data, b"")
+    }
+
+    /// Every file of a bundle directory, bundle.json first.
+    fn bundle(&mut self, dir: &Path) -> &mut Self {
+        for f in ["bundle.json", "oci-layout", "index.json"] {
+            self.file(f, &fs::read(dir.join(f)).unwrap());
+        }
+        let mut blobs: Vec<PathBuf> = fs::read_dir(dir.join("blobs/sha256")).unwrap().map(|e| e.unwrap().path()).collect();
+        blobs.sort();
+        for b in blobs {
+            let name = format!("blobs/sha256/{}", b.file_name().unwrap().to_string_lossy());
+            self.file(&name, &fs::read(&b).unwrap());
+        }
+        self
+    }
+
+    fn finish(&mut self, path: &Path) {
+        self.0.extend(std::iter::repeat(0u8).take(1024));
+        fs::write(path, &self.0).unwrap();
+    }
+}
+
+#[test]
+fn corrupt_blob_in_directory() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    let bad = node.scratch("corrupt");
+    copy_dir(&good, &bad);
+    let blob = largest_blob(&bad);
+    let mut bytes = fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&blob, bytes).unwrap();
+    let name = blob.file_name().unwrap().to_string_lossy().into_owned();
+    assert_refused(&node, &bad, &[], &name, "its name says");
+}
+
+#[test]
+fn corrupt_blob_and_truncation_in_tar_streams() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+
+    let bad = node.scratch("corrupt-copy");
+    copy_dir(&good, &bad);
+    let blob = largest_blob(&bad);
+    let mut bytes = fs::read(&blob).unwrap();
+    bytes[10] ^= 0x01;
+    fs::write(&blob, bytes).unwrap();
+    let tar = node.scratch("corrupt.tar");
+    RawTar::new().bundle(&bad).finish(&tar);
+    assert_refused(&node, &tar, &[], "corrupt.tar", "its name says");
+
+    // The good bundle as a tar, cut in the middle of a layer.
+    let whole = node.scratch("whole.tar");
+    RawTar::new().bundle(&good).finish(&whole);
+    let bytes = fs::read(&whole).unwrap();
+    let cut = node.scratch("cut.tar");
+    fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    assert_refused(&node, &cut, &[], "cut.tar", "truncated");
+
+    // A zstd stream cut short.
+    let zst = node.scratch("cut.tar.zst");
+    let compressed = zstd::encode_all(&bytes[..], 3).unwrap();
+    fs::write(&zst, &compressed[..compressed.len() / 2]).unwrap();
+    assert_refused(&node, &zst, &[], "cut.tar.zst", "");
+}
+
+#[test]
+fn bundle_json_that_lies() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+
+    // Wrong index digest.
+    let d = node.scratch("index-lie");
+    copy_dir(&good, &d);
+    let mut meta = json(&d.join("bundle.json"));
+    meta["index"]["digest"] = serde_json::json!(format!("sha256:{}", "0".repeat(64)));
+    write_json(&d.join("bundle.json"), &meta);
+    assert_refused(&node, &d, &[], "index.json", "but bundle.json says");
+
+    // index.json changed behind bundle.json's back.
+    let d = node.scratch("index-changed");
+    copy_dir(&good, &d);
+    let mut index = fs::read(d.join("index.json")).unwrap();
+    index.push(b'\n');
+    fs::write(d.join("index.json"), index).unwrap();
+    assert_refused(&node, &d, &[], "index.json", "but bundle.json says");
+
+    // Wrong image size.
+    let d = node.scratch("size-lie");
+    copy_dir(&good, &d);
+    let mut meta = json(&d.join("bundle.json"));
+    meta["images"][0]["size"] = serde_json::json!(meta["images"][0]["size"].as_u64().unwrap() + 1);
+    write_json(&d.join("bundle.json"), &meta);
+    assert_refused(&node, &d, &[], "bundle.json", "but bundle.json says");
+
+    // Wrong layer size.
+    let d = node.scratch("layer-size-lie");
+    copy_dir(&good, &d);
+    let mut meta = json(&d.join("bundle.json"));
+    meta["images"][1]["layers"][0]["size"] = serde_json::json!(7);
+    write_json(&d.join("bundle.json"), &meta);
+    assert_refused(&node, &d, &[], "bundle.json", "do not match its manifest");
+
+    // An image missing from bundle.json.
+    let d = node.scratch("image-missing");
+    copy_dir(&good, &d);
+    let mut meta = json(&d.join("bundle.json"));
+    meta["images"].as_array_mut().unwrap().pop();
+    meta["sets"][0]["images"].as_array_mut().unwrap().pop();
+    write_json(&d.join("bundle.json"), &meta);
+    assert_refused(&node, &d, &[], "bundle.json", "lists 1 images, but index.json has 2");
+
+    // A blob missing from the bundle.
+    let d = node.scratch("blob-missing");
+    copy_dir(&good, &d);
+    fs::remove_file(largest_blob(&d)).unwrap();
+    assert_refused(&node, &d, &[], "blob-missing", "is missing from the bundle");
+
+    // A blob no image references.
+    let d = node.scratch("extra-blob");
+    copy_dir(&good, &d);
+    let extra = b"stowaway";
+    let hex = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(extra));
+    fs::write(d.join("blobs/sha256").join(&hex), extra).unwrap();
+    assert_refused(&node, &d, &[], "extra-blob", "which no image references");
+
+    // A set naming an image the bundle does not carry.
+    let d = node.scratch("set-lie");
+    copy_dir(&good, &d);
+    let mut meta = json(&d.join("bundle.json"));
+    meta["sets"][0]["images"][0] = serde_json::json!(format!("example.com/elsewhere@sha256:{}", "1".repeat(64)));
+    write_json(&d.join("bundle.json"), &meta);
+    assert_refused(&node, &d, &[], "bundle.json", "not one of the bundle's images");
+}
+
+#[test]
+fn digest_mismatch_is_refused_before_anything_is_read() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, digest) = good_bundle(&node);
+    let other = format!("sha256:{}", "a".repeat(64));
+    assert_refused(&node, &good, &["--digest", &other], "bundle.json", &format!("but {other} was required"));
+    let tar = node.scratch("good.tar");
+    RawTar::new().bundle(&good).finish(&tar);
+    assert_refused(&node, &tar, &["--digest", &other], "bundle.json", "was required");
+    // The right digest is accepted.
+    node.ok(&["verify", tar.to_str().unwrap(), "--digest", &digest]);
+}
+
+#[test]
+fn hostile_tar_entries() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    let meta = fs::read(good.join("bundle.json")).unwrap();
+    use tar::EntryType as T;
+    let cases: Vec<(&str, Box<dyn Fn(&mut RawTar)>, &str)> = vec![
+        ("dotdot", Box::new(|t: &mut RawTar| { t.entry(b"blobs/../../escape", T::Regular, b"x", b""); }), "contains \"..\""),
+        ("absolute", Box::new(|t: &mut RawTar| { t.entry(b"/etc/cron.d/evil", T::Regular, b"x", b""); }), "absolute path"),
+        ("symlink", Box::new(|t: &mut RawTar| { t.entry(b"blobs/sha256/link", T::Symlink, b"", b"/etc/shadow"); }), "symbolic link"),
+        ("hardlink", Box::new(|t: &mut RawTar| { t.entry(b"index.json", T::Link, b"", b"../../etc/passwd"); }), "hard link"),
+        ("device", Box::new(|t: &mut RawTar| { t.entry(b"oci-layout", T::Char, b"", b""); }), "character device"),
+        ("fifo", Box::new(|t: &mut RawTar| { t.entry(b"fifo", T::Fifo, b"", b""); }), "FIFO"),
+        ("stray", Box::new(|t: &mut RawTar| { t.file("etc/passwd", b"root::0:0::/:/bin/sh\n"); }), "unexpected entry"),
+    ];
+    for (name, add, needle) in cases {
+        let path = node.scratch(&format!("{name}.tar"));
+        let mut t = RawTar::new();
+        t.file("bundle.json", &meta);
+        add(&mut t);
+        t.bundle_rest(&good);
+        t.finish(&path);
+        assert_refused(&node, &path, &[], &format!("{name}.tar"), needle);
+        assert!(!node.sysroot.join("etc/cron.d/evil").exists() && !Path::new("/etc/cron.d/evil").exists());
+    }
+
+    // The same file twice.
+    let path = node.scratch("duplicate.tar");
+    let mut t = RawTar::new();
+    t.file("bundle.json", &meta);
+    t.file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    t.bundle_rest(&good);
+    t.finish(&path);
+    assert_refused(&node, &path, &[], "duplicate.tar", "twice");
+
+    // bundle.json not first: not a bundle (and not another known archive either).
+    let path = node.scratch("late.tar");
+    let mut t = RawTar::new();
+    t.file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    t.file("bundle.json", &meta);
+    t.finish(&path);
+    assert_refused(&node, &path, &[], "late.tar", "a bundle starts with bundle.json");
+}
+
+impl RawTar {
+    /// The bundle's files other than bundle.json.
+    fn bundle_rest(&mut self, dir: &Path) -> &mut Self {
+        let mut full = RawTar::new();
+        full.bundle(dir);
+        // Skip the first entry (bundle.json): header plus padded data.
+        let len = fs::metadata(dir.join("bundle.json")).unwrap().len() as usize;
+        let skip = 512 + len.div_ceil(512) * 512;
+        self.0.extend_from_slice(&full.0[skip..]);
+        self
+    }
+}
+
+#[test]
+fn input_that_is_no_bundle() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let text = node.scratch("notes.txt");
+    fs::write(&text, "hello\n").unwrap();
+    assert_refused(&node, &text, &[], "notes.txt", "neither a bundle nor an image archive");
+
+    let empty = node.scratch("empty");
+    fs::create_dir_all(&empty).unwrap();
+    assert_refused(&node, &empty, &[], "empty", "holds no bundle");
+
+    let junk_tar = node.scratch("junk.tar");
+    RawTar::new().file("hello.txt", b"hi").finish(&junk_tar);
+    assert_refused(&node, &junk_tar, &[], "junk.tar", "a bundle starts with bundle.json");
+
+    let garbage_json = node.scratch("garbage");
+    fs::create_dir_all(&garbage_json).unwrap();
+    fs::write(garbage_json.join("bundle.json"), "{not json").unwrap();
+    assert_refused(&node, &garbage_json, &[], "bundle.json", "not valid bundle metadata");
+
+    let future = node.scratch("future");
+    fs::create_dir_all(&future).unwrap();
+    fs::write(future.join("bundle.json"), r#"{"schemaVersion": 9}"#).unwrap();
+    assert_refused(&node, &future, &[], "bundle.json", "schemaVersion 9");
+
+    let missing = node.scratch("does-not-exist");
+    let err = node.fails(&["import", missing.to_str().unwrap()], 1);
+    assert!(err.contains("does-not-exist"), "{err}");
+}
+
+#[test]
+fn space_check_refuses_with_needed_available_and_floor() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    node.write_config("50-floor.toml", "[store]\nmin_free_space = \"1000 TiB\"\n");
+    let err = node.fails(&["import", good.to_str().unwrap()], NO_SPACE);
+    for needle in ["needed", "available", "floor", "must stay free", "good"] {
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+    assert_eq!(node.store_image_count(), 0);
+}
+
+#[test]
+fn config_errors_name_file_and_key() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    node.write_config("40-typo.toml", "[store]\nmin_free_spcae = 1\n");
+    let err = node.fails(&["import", good.to_str().unwrap()], 1);
+    assert!(err.contains("40-typo.toml") && err.contains("min_free_spcae") && err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn staging_of_a_failed_stream_is_removed() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    // A stream that fails only at its last check (an unreferenced blob at the end) has
+    // been extracted almost whole; none of it may stay.
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    let path = node.scratch("late-failure.tar");
+    let mut t = RawTar::new();
+    t.bundle(&good);
+    let extra = b"late";
+    let hex = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(extra));
+    t.file(&format!("blobs/sha256/{hex}"), extra);
+    t.finish(&path);
+    assert_refused(&node, &path, &[], "late-failure.tar", "which no image references");
+}
