@@ -39,7 +39,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 test: test-deps lint
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked
 
 demo:
 	$(call apt_install,$(DEMO_PACKAGES))

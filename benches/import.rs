@@ -1,1 +1,322 @@
-fn main(){}
+//! `make bench`: import of a release-sized bundle against the same work done with a
+//! `skopeo copy` loop, measured in the same run. Prints a table; asserts nothing.
+//!
+//! Figures:
+//! - cold import of ~40 images (~1 GiB, shared base layers) vs a `skopeo copy` loop from
+//!   the same layout into an empty store;
+//! - no-op re-import vs the same loop run again over the images already present;
+//! - verification throughput vs `openssl dgst -sha256` over the same bytes;
+//! - peak RSS of longshore while importing and verifying.
+//!
+//! Page caches are dropped before each cold run when this runs as root, so both sides
+//! read the bundle from disk.
+
+#[path = "../tests/common/fixture.rs"]
+mod fixture;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LONGSHORE: &str = env!("CARGO_BIN_EXE_longshore");
+
+struct Sandbox {
+    dir: PathBuf,
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        unmount_under(&self.dir);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn unmount_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .map(str::to_string)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount").arg("-l").arg(&p).status();
+    }
+}
+
+/// Runs a command to completion, failing loudly; returns the wall time and the peak RSS
+/// of the process itself (VmHWM, sampled until it exits).
+fn measure(cmd: &mut Command) -> (Duration, u64) {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    loop {
+        if let Ok(s) = fs::read_to_string(&status_path) {
+            if let Some(kb) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb * 1024);
+            }
+        }
+        if let Some(status) = child.try_wait().expect("wait") {
+            let elapsed = start.elapsed();
+            if !status.success() {
+                let mut err = String::new();
+                use std::io::Read;
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err);
+                }
+                panic!("{cmd:?} failed: {err}");
+            }
+            return (elapsed, peak);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn time(cmd: &mut Command) -> Duration {
+    measure(cmd).0
+}
+
+fn drop_caches() -> bool {
+    let _ = Command::new("sync").status();
+    fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+}
+
+fn store(root: &Path) -> String {
+    format!(
+        "containers-storage:[overlay@{}+{}]",
+        root.join("storage").display(),
+        root.join("run").display()
+    )
+}
+
+fn skopeo_loop(bundle: &Path, refs: &[String], root: &Path) -> Duration {
+    let dest = store(root);
+    let start = Instant::now();
+    for r in refs {
+        let st = Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                &format!("oci:{}:{r}", bundle.display()),
+                &format!("{dest}{r}"),
+            ])
+            .status()
+            .expect("skopeo");
+        assert!(st.success(), "skopeo copy {r}");
+    }
+    start.elapsed()
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` support: nothing to list.
+    }
+    let images: usize = std::env::var("BENCH_IMAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let total: u64 = std::env::var("BENCH_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30);
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    let sb = Sandbox {
+        dir: base.join(format!("longshore-bench-{}", std::process::id())),
+    };
+    fs::create_dir_all(&sb.dir).expect("bench dir");
+
+    eprintln!(
+        "generating {images} images, {} of layer content ...",
+        mib(total)
+    );
+    let specs = fixture::bench_images(images, total);
+    let layout = fixture::write_oci_layout(&sb.dir.join("layout"), &specs).expect("layout");
+    let refs: Vec<String> = layout.images.iter().map(|i| i.reference.clone()).collect();
+
+    eprintln!("longshore bundle create ...");
+    let bundle = sb.dir.join("bundle");
+    let mut create = Command::new(LONGSHORE);
+    create
+        .args(["bundle", "create", "--name", "bench", "-o"])
+        .arg(&bundle);
+    for r in &refs {
+        create.arg(layout.transport_ref(r));
+    }
+    let (create_time, create_rss) = measure(&mut create);
+    let blob_bytes: u64 = fs::read_dir(bundle.join("blobs/sha256"))
+        .expect("blobs")
+        .map(|e| e.expect("entry").metadata().expect("metadata").len())
+        .sum();
+    let blob_files: Vec<PathBuf> = fs::read_dir(bundle.join("blobs/sha256"))
+        .expect("blobs")
+        .map(|e| e.expect("entry").path())
+        .collect();
+
+    // Cold: the loop into one store, longshore into another.
+    eprintln!("cold: skopeo copy loop ...");
+    let dropped = drop_caches();
+    let loop_root = sb.dir.join("loop");
+    let loop_cold = skopeo_loop(&bundle, &refs, &loop_root);
+    eprintln!("cold: longshore import ...");
+    drop_caches();
+    let node = sb.dir.join("node");
+    let (import_cold, import_rss) = measure(
+        Command::new(LONGSHORE)
+            .arg("--sysroot")
+            .arg(&node)
+            .arg("import")
+            .arg(&bundle),
+    );
+
+    // No-op: the same again over what is present.
+    eprintln!("no-op passes ...");
+    let loop_noop = skopeo_loop(&bundle, &refs, &loop_root);
+    let import_noop = time(
+        Command::new(LONGSHORE)
+            .arg("--sysroot")
+            .arg(&node)
+            .arg("import")
+            .arg(&bundle),
+    );
+
+    // Verification, warm cache, best of three each.
+    eprintln!("verification ...");
+    let best = |f: &mut dyn FnMut() -> (Duration, u64)| {
+        (0..3).map(|_| f()).min_by_key(|r| r.0).expect("runs")
+    };
+    let (verify_time, verify_rss) =
+        best(&mut || measure(Command::new(LONGSHORE).arg("verify").arg(&bundle)));
+    let (openssl_time, _) = best(&mut || {
+        measure(
+            Command::new("openssl")
+                .args(["dgst", "-sha256"])
+                .args(&blob_files),
+        )
+    });
+    let (sha256sum_time, _) = best(&mut || measure(Command::new("sha256sum").args(&blob_files)));
+
+    // A tar stream verified in one pass (decompression included), for reference.
+    let tar = sb.dir.join("bundle.tar");
+    let st = Command::new("tar")
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&bundle)
+        .args(["bundle.json", "oci-layout", "index.json", "blobs"])
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    let (verify_tar, verify_tar_rss) =
+        best(&mut || measure(Command::new(LONGSHORE).arg("verify").arg(&tar)));
+
+    let tput = |d: Duration| blob_bytes as f64 / d.as_secs_f64() / (1 << 20) as f64;
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4);
+
+    let rate = |d: Duration| format!("{:.0} MiB/s", tput(d));
+    println!();
+    println!(
+        "longshore import benchmark: {images} images, {} unique layer content, {} of blobs in the bundle",
+        mib(total),
+        mib(blob_bytes)
+    );
+    println!(
+        "page caches dropped before cold runs: {}",
+        if dropped { "yes" } else { "no (not root)" }
+    );
+    println!();
+    row("figure", "longshore", "baseline", None, "target");
+    row(
+        "cold import vs skopeo copy loop",
+        &secs(import_cold),
+        &secs(loop_cold),
+        Some(ratio(import_cold, loop_cold)),
+        "<= 1.00",
+    );
+    row(
+        "no-op re-import vs loop over present images",
+        &secs(import_noop),
+        &secs(loop_noop),
+        Some(ratio(import_noop, loop_noop)),
+        "<= 0.25, < 1 s",
+    );
+    row(
+        &format!("verify dir ({threads} threads) vs openssl dgst -sha256"),
+        &rate(verify_time),
+        &rate(openssl_time),
+        Some(tput(verify_time) / tput(openssl_time)),
+        ">= 0.80",
+    );
+    row(
+        "verify tar stream (1 pass) vs openssl",
+        &rate(verify_tar),
+        &rate(openssl_time),
+        Some(tput(verify_tar) / tput(openssl_time)),
+        "(reference)",
+    );
+    row(
+        "openssl vs coreutils sha256sum",
+        &rate(openssl_time),
+        &rate(sha256sum_time),
+        Some(tput(openssl_time) / tput(sha256sum_time)),
+        "(reference)",
+    );
+    row("peak RSS, import", &mib(import_rss), "", None, "< 64 MiB");
+    row(
+        "peak RSS, verify dir",
+        &mib(verify_rss),
+        "",
+        None,
+        "< 64 MiB",
+    );
+    row(
+        "peak RSS, verify tar",
+        &mib(verify_tar_rss),
+        "",
+        None,
+        "< 64 MiB",
+    );
+    row(
+        &format!("bundle create ({images} images via the proxy)"),
+        &secs(create_time),
+        "",
+        None,
+        "",
+    );
+    row("peak RSS, bundle create", &mib(create_rss), "", None, "");
+}
+
+fn row(figure: &str, ours: &str, base: &str, ratio: Option<f64>, target: &str) {
+    let ratio = match ratio {
+        Some(r) => format!("{r:.2}"),
+        None if figure == "figure" => "ratio".to_string(),
+        None => String::new(),
+    };
+    println!("{figure:<46} {ours:>12} {base:>12} {ratio:>7}  {target}");
+}

@@ -142,7 +142,10 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
     match cmd {
         Command::Import(a) => {
             let mut engine = Engine::open(paths, settings)?;
-            let opts = ImportOptions { expected: a.digest, hold: a.hold };
+            let opts = ImportOptions {
+                expected: a.digest,
+                hold: a.hold,
+            };
             let reports = engine.import(&a.path, &opts).await?;
             if a.json {
                 print_json(&reports)?;
@@ -197,7 +200,8 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 version: a.version,
                 pinned: !a.no_pin,
             };
-            let (digest, meta) = write::create(&a.output, &a.sources, &opts, &settings.skopeo).await?;
+            let (digest, meta) =
+                write::create(&a.output, &a.sources, &opts, &settings.skopeo).await?;
             println!(
                 "wrote bundle {} ({} images) to {}\ndigest {digest}",
                 meta.name,
@@ -221,7 +225,10 @@ pub fn exit_code_for(e: &anyhow::Error) -> u8 {
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v).context("serialising output")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).context("serialising output")?
+    );
     Ok(())
 }
 
@@ -300,7 +307,11 @@ async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
     let state = State::load(&paths.state_dir)?;
     let store = Store::new(paths, settings);
     let mut images: Vec<ImageStatus> = Vec::new();
-    let proxy = if state.bundles.values().any(|b| b.state == BundleState::Imported) {
+    let proxy = if state
+        .bundles
+        .values()
+        .any(|b| b.state == BundleState::Imported)
+    {
         Some(Proxy::start(&settings.skopeo).await?)
     } else {
         None
@@ -314,8 +325,16 @@ async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
             }
             let st = match (&proxy, b.state) {
                 (Some(p), BundleState::Imported) => {
-                    let w = Wanted { repository: &i.repository, digest: i.digest, tags: &i.tags };
-                    if store.holds(p, &w).await? { "present" } else { "missing" }
+                    let w = Wanted {
+                        repository: &i.repository,
+                        digest: i.digest,
+                        tags: &i.tags,
+                    };
+                    if store.holds(p, &w).await? {
+                        "present"
+                    } else {
+                        "missing"
+                    }
                 }
                 _ => "held",
             };
@@ -337,7 +356,11 @@ async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
             let missing = s
                 .images
                 .iter()
-                .filter(|r| !images.iter().any(|i| &i.reference == *r && i.state == "present"))
+                .filter(|r| {
+                    !images
+                        .iter()
+                        .any(|i| &i.reference == *r && i.state == "present")
+                })
                 .cloned()
                 .collect();
             sets.push(SetStatus {
@@ -415,7 +438,12 @@ fn print_status(s: &Status) {
     }
     println!("IMAGES");
     for i in &s.images {
-        println!("  {:<8} {:>10}  {}", i.state, human_size(i.size), i.names.join(", "));
+        println!(
+            "  {:<8} {:>10}  {}",
+            i.state,
+            human_size(i.size),
+            i.names.join(", ")
+        );
     }
 }
 
@@ -431,7 +459,10 @@ fn init_logging(verbose: bool) {
     // Under systemd, logs go to the journal with their fields; elsewhere to stderr.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(layer) = tracing_journald::layer() {
-            tracing_subscriber::registry().with(filter).with(layer).init();
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(layer)
+                .init();
             return;
         }
     }

@@ -122,7 +122,11 @@ impl Default for Settings {
 impl Settings {
     /// Reads and merges every fragment under the host's config directories.
     pub fn load(paths: &HostPaths) -> Result<Settings> {
-        let dirs: Vec<PathBuf> = paths.config_dirs.iter().map(|d| d.join("config.d")).collect();
+        let dirs: Vec<PathBuf> = paths
+            .config_dirs
+            .iter()
+            .map(|d| d.join("config.d"))
+            .collect();
         let files = fragment_files(&dirs, "toml")?;
         let mut settings = Settings::default();
         for file in files {
@@ -178,10 +182,7 @@ pub fn fragment_files(dirs: &[PathBuf], ext: &str) -> Result<Vec<PathBuf>> {
             by_name.insert(name.to_string(), entry.path());
         }
     }
-    Ok(by_name
-        .into_values()
-        .filter(|p| !is_masked(p))
-        .collect())
+    Ok(by_name.into_values().filter(|p| !is_masked(p)).collect())
 }
 
 fn is_masked(p: &Path) -> bool {
@@ -202,7 +203,9 @@ fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::
 fn copy_jobs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
     let n = i64::deserialize(d)?;
     if !(1..=16).contains(&n) {
-        return Err(serde::de::Error::custom(format!("{n} is out of range; expected 1 to 16")));
+        return Err(serde::de::Error::custom(format!(
+            "{n} is out of range; expected 1 to 16"
+        )));
     }
     Ok(Some(n as usize))
 }
@@ -228,9 +231,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .with_context(|| format!("invalid size {s:?}: expected a number and a unit such as 2GiB"))?;
+    let n: u64 = num.parse().with_context(|| {
+        format!("invalid size {s:?}: expected a number and a unit such as 2GiB")
+    })?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" | "K" => 1 << 10,
@@ -291,9 +294,18 @@ mod tests {
     #[test]
     fn later_dir_replaces_same_name_and_lexical_order_applies() {
         let (_t, p) = node();
-        write(&p.config_dirs[0].join("config.d/10-a.toml"), "[store]\nmin_free_space = \"1MiB\"\ndriver = \"vfs\"\n");
-        write(&p.config_dirs[2].join("config.d/10-a.toml"), "[store]\nmin_free_space = \"2MiB\"\n");
-        write(&p.config_dirs[1].join("config.d/20-b.toml"), "[store]\nroot = \"/srv/storage\"\n");
+        write(
+            &p.config_dirs[0].join("config.d/10-a.toml"),
+            "[store]\nmin_free_space = \"1MiB\"\ndriver = \"vfs\"\n",
+        );
+        write(
+            &p.config_dirs[2].join("config.d/10-a.toml"),
+            "[store]\nmin_free_space = \"2MiB\"\n",
+        );
+        write(
+            &p.config_dirs[1].join("config.d/20-b.toml"),
+            "[store]\nroot = \"/srv/storage\"\n",
+        );
         let s = Settings::load(&p).unwrap();
         // /etc's 10-a.toml replaced /usr/lib's whole file: driver falls back to the default.
         assert_eq!(s.store.min_free_space, 2 << 20);
@@ -305,7 +317,10 @@ mod tests {
     #[test]
     fn dev_null_symlink_masks() {
         let (_t, p) = node();
-        write(&p.config_dirs[0].join("config.d/10-a.toml"), "[store]\ndriver = \"vfs\"\n");
+        write(
+            &p.config_dirs[0].join("config.d/10-a.toml"),
+            "[store]\ndriver = \"vfs\"\n",
+        );
         fs::create_dir_all(p.config_dirs[2].join("config.d")).unwrap();
         symlink("/dev/null", p.config_dirs[2].join("config.d/10-a.toml")).unwrap();
         let s = Settings::load(&p).unwrap();
@@ -335,7 +350,10 @@ mod tests {
             let (_t, p) = node();
             write(&p.config_dirs[2].join("config.d/50-bad.toml"), text);
             let msg = format!("{:#}", Settings::load(&p).unwrap_err());
-            assert!(msg.contains("50-bad.toml") && msg.contains(needle), "{text}: {msg}");
+            assert!(
+                msg.contains("50-bad.toml") && msg.contains(needle),
+                "{text}: {msg}"
+            );
         }
     }
 

@@ -188,19 +188,38 @@ impl Engine {
             Input::BundleDir(dir) => self.import_bundle(&dir, false, opts).await,
             Input::BundleStream(p) => self.import_bundle(&p, true, opts).await,
             Input::Foreign(f) => self.import_foreign(f, opts).await,
-            Input::Collection(dir, _) => bail!("{}: nested collections are not imported", dir.display()),
+            Input::Collection(dir, _) => {
+                bail!("{}: nested collections are not imported", dir.display())
+            }
         }
     }
 
-    async fn import_bundle(&mut self, path: &Path, stream: bool, opts: &ImportOptions) -> Result<ImportReport> {
+    async fn import_bundle(
+        &mut self,
+        path: &Path,
+        stream: bool,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport> {
         let (digest, meta) = if stream {
             read::read_meta_stream(path)?
         } else {
             read::read_meta_dir(path)?
         };
-        check_expected(&path.join(crate::bundle::format::BUNDLE_JSON), &digest, opts.expected)?;
+        check_expected(
+            &path.join(crate::bundle::format::BUNDLE_JSON),
+            &digest,
+            opts.expected,
+        )?;
         let proxy = Proxy::start(&self.settings.skopeo).await?;
-        let mut plan = plan_from_meta(digest, &meta, if stream { SourceKind::BundleTar } else { SourceKind::BundleDir });
+        let mut plan = plan_from_meta(
+            digest,
+            &meta,
+            if stream {
+                SourceKind::BundleTar
+            } else {
+                SourceKind::BundleDir
+            },
+        );
         let present = self.presence(&proxy, &plan).await;
         proxy.finish().await.ok();
         let present = present?;
@@ -211,7 +230,10 @@ impl Engine {
         let staging_needed = stream || opts.hold;
         let mut needs = vec![self.store_need(&plan, &present)];
         if staging_needed {
-            needs.push(SpaceNeed { path: self.paths.staging_dir(), bytes: unique_bundle_bytes(&meta) });
+            needs.push(SpaceNeed {
+                path: self.paths.staging_dir(),
+                bytes: unique_bundle_bytes(&meta),
+            });
         }
         check_space(&needs, self.settings.store.min_free_space, path)?;
 
@@ -241,7 +263,9 @@ impl Engine {
             return self.record_held(path, &plan, layout, verified.bytes_verified);
         }
         let copied = self.copy_from_layout(&mut plan, &present, &layout);
-        let report = copied.and_then(|n| self.finish_import(path, &plan, &present, n, Some(verified.bytes_verified)));
+        let report = copied.and_then(|n| {
+            self.finish_import(path, &plan, &present, n, Some(verified.bytes_verified))
+        });
         if staging_needed {
             remove_staging(&layout);
         }
@@ -255,12 +279,25 @@ impl Engine {
         res
     }
 
-    async fn import_foreign_with(&mut self, proxy: &Proxy, f: Foreign, opts: &ImportOptions) -> Result<ImportReport> {
+    async fn import_foreign_with(
+        &mut self,
+        proxy: &Proxy,
+        f: Foreign,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport> {
         let mut images = Vec::new();
         let mut opened = Vec::new();
         for fi in &f.images {
-            let img = proxy.open(&fi.source).await.map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
-            let layers: Vec<(Digest, u64)> = img.manifest.layers.iter().map(|l| (l.digest, l.size)).collect();
+            let img = proxy
+                .open(&fi.source)
+                .await
+                .map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
+            let layers: Vec<(Digest, u64)> = img
+                .manifest
+                .layers
+                .iter()
+                .map(|l| (l.digest, l.size))
+                .collect();
             images.push(PlannedImage {
                 source: fi.source.clone(),
                 repository: fi.repository.clone(),
@@ -269,7 +306,10 @@ impl Engine {
                 size: img.manifest.config.size + layers.iter().map(|l| l.1).sum::<u64>(),
                 // Layer sizes here are as stored; unpacked they may be larger, so count
                 // them twice, as OpenShift's rule does where the true size is unknown.
-                layers: layers.iter().map(|(d, s)| (*d, s.saturating_mul(2))).collect(),
+                layers: layers
+                    .iter()
+                    .map(|(d, s)| (*d, s.saturating_mul(2)))
+                    .collect(),
                 overhead: img.manifest.config.size,
                 config: None,
             });
@@ -284,7 +324,10 @@ impl Engine {
             kind: f.kind,
             sets: vec![SetRecord {
                 name: f.name.clone(),
-                images: images.iter().map(|i| format!("{}@{}", i.repository, i.digest)).collect(),
+                images: images
+                    .iter()
+                    .map(|i| format!("{}@{}", i.repository, i.digest))
+                    .collect(),
                 pinned: true,
             }],
             images,
@@ -298,7 +341,10 @@ impl Engine {
         }
         let mut needs = vec![self.store_need(&plan, &present)];
         if opts.hold {
-            needs.push(SpaceNeed { path: self.paths.staging_dir(), bytes: dir_size(&f.path)? });
+            needs.push(SpaceNeed {
+                path: self.paths.staging_dir(),
+                bytes: dir_size(&f.path)?,
+            });
         }
         check_space(&needs, self.settings.store.min_free_space, &f.path)?;
 
@@ -316,7 +362,9 @@ impl Engine {
                 proxy
                     .read_blob(img, &d, size, &mut |_| Ok(()))
                     .await
-                    .map_err(|e| Rejected::new(&f.path, format!("image {}: {e:#}", planned.repository)))?;
+                    .map_err(|e| {
+                        Rejected::new(&f.path, format!("image {}: {e:#}", planned.repository))
+                    })?;
                 verified += size;
             }
         }
@@ -326,7 +374,8 @@ impl Engine {
         tracing::info!(input = %f.path.display(), "verified {} images, {} read", plan.images.len(), human_size(verified));
         if opts.hold {
             let tmp = self.temp_staging(&digest)?;
-            let staged_input = tmp.join(f.path.file_name().unwrap_or(std::ffi::OsStr::new("input")));
+            let staged_input =
+                tmp.join(f.path.file_name().unwrap_or(std::ffi::OsStr::new("input")));
             fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             copy_tree(&f.path, &staged_input).inspect_err(|_| {
                 let _ = fs::remove_dir_all(&tmp);
@@ -343,7 +392,12 @@ impl Engine {
     pub async fn apply(&mut self, which: &str) -> Result<ImportReport> {
         let rec = self.find_bundle(which)?.clone();
         if rec.state != BundleState::Held {
-            bail!("bundle {} ({}) is not held: it is {:?}", rec.name, rec.digest, rec.state);
+            bail!(
+                "bundle {} ({}) is not held: it is {:?}",
+                rec.name,
+                rec.digest,
+                rec.state
+            );
         }
         let staged = rec
             .staged
@@ -357,9 +411,19 @@ impl Engine {
                 let present = self.presence(&proxy, &plan).await;
                 proxy.finish().await.ok();
                 let present = present?;
-                check_space(&[self.store_need(&plan, &present)], self.settings.store.min_free_space, &staged)?;
+                check_space(
+                    &[self.store_need(&plan, &present)],
+                    self.settings.store.min_free_space,
+                    &staged,
+                )?;
                 let n = self.copy_from_layout(&mut plan, &present, &staged)?;
-                self.finish_import(&rec.source, &plan, &present, n, Some(verified.bytes_verified))?
+                self.finish_import(
+                    &rec.source,
+                    &plan,
+                    &present,
+                    n,
+                    Some(verified.bytes_verified),
+                )?
             }
             _ => {
                 let name = fs::read_dir(&staged)
@@ -371,7 +435,10 @@ impl Engine {
                 let Input::Foreign(f) = bundle::detect(&name)? else {
                     bail!("{} no longer holds the input that was held", name.display());
                 };
-                let opts = ImportOptions { expected: Some(rec.digest), hold: false };
+                let opts = ImportOptions {
+                    expected: Some(rec.digest),
+                    hold: false,
+                };
                 let mut r = self.import_foreign(f, &opts).await?;
                 // Recorded under the staged path by import_foreign; keep the original.
                 if let Some(b) = self.state.bundles.get_mut(&r.digest) {
@@ -391,7 +458,14 @@ impl Engine {
             .state
             .bundles
             .values()
-            .filter(|b| b.name == which || b.digest.to_string() == which || b.digest.hex().starts_with(which.trim_start_matches("sha256:")) && which.len() >= 12)
+            .filter(|b| {
+                b.name == which
+                    || b.digest.to_string() == which
+                    || b.digest
+                        .hex()
+                        .starts_with(which.trim_start_matches("sha256:"))
+                        && which.len() >= 12
+            })
             .collect();
         match matches.as_slice() {
             [one] => Ok(one),
@@ -428,7 +502,10 @@ impl Engine {
                 }
             }
         }
-        SpaceNeed { path: self.store.root.clone(), bytes }
+        SpaceNeed {
+            path: self.store.root.clone(),
+            bytes,
+        }
     }
 
     fn temp_staging(&self, digest: &Digest) -> Result<PathBuf> {
@@ -442,7 +519,11 @@ impl Engine {
                 }
             }
         }
-        Ok(dir.join(format!(".tmp-{}-{}", &digest.hex()[..12], std::process::id())))
+        Ok(dir.join(format!(
+            ".tmp-{}-{}",
+            &digest.hex()[..12],
+            std::process::id()
+        )))
     }
 
     /// Copies the missing images of a verified bundle layout.
@@ -453,14 +534,26 @@ impl Engine {
     /// while a bundle keeps Docker schema 2 manifests as they are so they keep their
     /// digests; `dir:` reads both. skopeo still checks every blob's digest as it copies.
     fn copy_from_layout(&self, plan: &mut Plan, present: &[bool], layout: &Path) -> Result<usize> {
-        let views = self.paths.staging_dir().join(format!(".views-{}", std::process::id()));
+        let views = self
+            .paths
+            .staging_dir()
+            .join(format!(".views-{}", std::process::id()));
         let _ = fs::remove_dir_all(&views);
         let res = (|| {
             let blobs = layout.join("blobs/sha256");
-            let blobs = blobs.canonicalize().with_context(|| format!("resolving {}", blobs.display()))?;
-            for (i, (img, _)) in plan.images.iter_mut().zip(present).enumerate().filter(|(_, (_, p))| !**p) {
+            let blobs = blobs
+                .canonicalize()
+                .with_context(|| format!("resolving {}", blobs.display()))?;
+            for (i, (img, _)) in plan
+                .images
+                .iter_mut()
+                .zip(present)
+                .enumerate()
+                .filter(|(_, (_, p))| !**p)
+            {
                 let view = views.join(i.to_string());
-                fs::create_dir_all(&view).with_context(|| format!("creating {}", view.display()))?;
+                fs::create_dir_all(&view)
+                    .with_context(|| format!("creating {}", view.display()))?;
                 fs::write(view.join("version"), "Directory Transport Version: 1.1\n")
                     .with_context(|| format!("writing {}", view.display()))?;
                 let link = |digest: &Digest, name: &str| {
@@ -468,7 +561,9 @@ impl Engine {
                         .with_context(|| format!("linking {name} in {}", view.display()))
                 };
                 link(&img.digest, "manifest.json")?;
-                let config = img.config.with_context(|| format!("{} has no config", img.repository))?;
+                let config = img
+                    .config
+                    .with_context(|| format!("{} has no config", img.repository))?;
                 link(&config, &config.hex())?;
                 for (l, _) in &img.layers {
                     if !view.join(l.hex()).exists() {
@@ -582,7 +677,13 @@ impl Engine {
         Ok(report)
     }
 
-    fn record_held(&mut self, source: &Path, plan: &Plan, staged: PathBuf, bytes_verified: u64) -> Result<ImportReport> {
+    fn record_held(
+        &mut self,
+        source: &Path,
+        plan: &Plan,
+        staged: PathBuf,
+        bytes_verified: u64,
+    ) -> Result<ImportReport> {
         let rec = self.record(source, plan, BundleState::Held, Some(staged));
         self.state.bundles.insert(plan.digest, rec);
         self.state.save(&self.paths.state_dir)?;
@@ -597,7 +698,13 @@ impl Engine {
         })
     }
 
-    fn record(&self, source: &Path, plan: &Plan, state: BundleState, staged: Option<PathBuf>) -> BundleRecord {
+    fn record(
+        &self,
+        source: &Path,
+        plan: &Plan,
+        state: BundleState,
+        staged: Option<PathBuf>,
+    ) -> BundleRecord {
         BundleRecord {
             digest: plan.digest,
             name: plan.name.clone(),
@@ -621,7 +728,11 @@ struct Scheduler {
 }
 
 /// Verifies a bundle without importing it.
-pub async fn verify(path: &Path, expected: Option<Digest>, settings: &Settings) -> Result<Vec<VerifyReport>> {
+pub async fn verify(
+    path: &Path,
+    expected: Option<Digest>,
+    settings: &Settings,
+) -> Result<Vec<VerifyReport>> {
     let inputs = match bundle::detect(path)? {
         Input::Collection(_, items) => items
             .into_iter()
@@ -630,40 +741,61 @@ pub async fn verify(path: &Path, expected: Option<Digest>, settings: &Settings) 
         one => vec![one],
     };
     if expected.is_some() && inputs.len() != 1 {
-        bail!("{} holds {} inputs; --digest names a single bundle", path.display(), inputs.len());
+        bail!(
+            "{} holds {} inputs; --digest names a single bundle",
+            path.display(),
+            inputs.len()
+        );
     }
     let mut out = Vec::new();
     for input in inputs {
         out.push(match input {
-            Input::BundleDir(d) => VerifyReport::from(&d, read::verify_dir(&d, expected, &mut |_, _| Ok(()))?),
-            Input::BundleStream(p) => VerifyReport::from(&p, read::verify_stream(&p, None, expected, &mut |_, _| Ok(()))?),
+            Input::BundleDir(d) => {
+                VerifyReport::from(&d, read::verify_dir(&d, expected, &mut |_, _| Ok(()))?)
+            }
+            Input::BundleStream(p) => VerifyReport::from(
+                &p,
+                read::verify_stream(&p, None, expected, &mut |_, _| Ok(()))?,
+            ),
             Input::Foreign(f) => {
                 let proxy = Proxy::start(&settings.skopeo).await?;
                 let r = verify_foreign(&proxy, &f, expected).await;
                 proxy.finish().await.ok();
                 r?
             }
-            Input::Collection(d, _) => bail!("{}: nested collections are not verified", d.display()),
+            Input::Collection(d, _) => {
+                bail!("{}: nested collections are not verified", d.display())
+            }
         });
     }
     Ok(out)
 }
 
-async fn verify_foreign(proxy: &Proxy, f: &Foreign, expected: Option<Digest>) -> Result<VerifyReport> {
+async fn verify_foreign(
+    proxy: &Proxy,
+    f: &Foreign,
+    expected: Option<Digest>,
+) -> Result<VerifyReport> {
     let mut images = Vec::new();
     let mut bytes = 0;
     let mut seen = HashSet::new();
     for fi in &f.images {
-        let img = proxy.open(&fi.source).await.map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
-        let blobs: Vec<(Digest, u64)> = std::iter::once((img.manifest.config.digest, img.manifest.config.size))
-            .chain(img.manifest.layers.iter().map(|l| (l.digest, l.size)))
-            .collect();
+        let img = proxy
+            .open(&fi.source)
+            .await
+            .map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
+        let blobs: Vec<(Digest, u64)> =
+            std::iter::once((img.manifest.config.digest, img.manifest.config.size))
+                .chain(img.manifest.layers.iter().map(|l| (l.digest, l.size)))
+                .collect();
         for (d, size) in blobs {
             if seen.insert(d) {
                 proxy
                     .read_blob(&img, &d, size, &mut |_| Ok(()))
                     .await
-                    .map_err(|e| Rejected::new(&f.path, format!("image {}: {e:#}", fi.repository)))?;
+                    .map_err(|e| {
+                        Rejected::new(&f.path, format!("image {}: {e:#}", fi.repository))
+                    })?;
                 bytes += size;
             }
         }
@@ -728,7 +860,11 @@ fn plan_from_meta(digest: Digest, meta: &BundleMeta, kind: SourceKind) -> Plan {
         sets: meta
             .sets
             .iter()
-            .map(|s| SetRecord { name: s.name.clone(), images: s.images.clone(), pinned: s.pinned })
+            .map(|s| SetRecord {
+                name: s.name.clone(),
+                images: s.images.clone(),
+                pinned: s.pinned,
+            })
             .collect(),
     }
 }
@@ -744,7 +880,12 @@ fn planned_from_meta(i: &ImageMeta) -> PlannedImage {
         layers: i
             .layers
             .iter()
-            .map(|l| (l.digest, l.uncompressed_size.unwrap_or(l.size.saturating_mul(2))))
+            .map(|l| {
+                (
+                    l.digest,
+                    l.uncompressed_size.unwrap_or(l.size.saturating_mul(2)),
+                )
+            })
             .collect(),
         overhead: i.size - i.layers.iter().map(|l| l.size).sum::<u64>(),
         config: Some(i.config.digest),
@@ -756,9 +897,15 @@ fn unique_bundle_bytes(meta: &BundleMeta) -> u64 {
     let mut seen = HashSet::new();
     let mut total = meta.index.size;
     for i in &meta.images {
-        for (d, s) in [(i.digest, i.size - i.config.size - i.layers.iter().map(|l| l.size).sum::<u64>()), (i.config.digest, i.config.size)]
-            .into_iter()
-            .chain(i.layers.iter().map(|l| (l.digest, l.size)))
+        for (d, s) in [
+            (
+                i.digest,
+                i.size - i.config.size - i.layers.iter().map(|l| l.size).sum::<u64>(),
+            ),
+            (i.config.digest, i.config.size),
+        ]
+        .into_iter()
+        .chain(i.layers.iter().map(|l| (l.digest, l.size)))
         {
             if seen.insert(d) {
                 total += s;
@@ -794,7 +941,14 @@ fn check_expected(path: &Path, got: &Digest, expected: Option<Digest>) -> Result
 
 fn ensure_same(v: &Verified, digest: &Digest, path: &Path) -> Result<()> {
     if v.digest != *digest {
-        return Err(Rejected::new(path, format!("changed while it was read: bundle.json now has digest {}", v.digest)).into());
+        return Err(Rejected::new(
+            path,
+            format!(
+                "changed while it was read: bundle.json now has digest {}",
+                v.digest
+            ),
+        )
+        .into());
     }
     Ok(())
 }
@@ -815,7 +969,8 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
             copy_tree(&e.path(), &dst.join(e.file_name()))?;
         }
     } else if md.is_file() {
-        fs::copy(src, dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        fs::copy(src, dst)
+            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
     } else {
         return Err(Rejected::new(src, "is neither a regular file nor a directory").into());
     }
@@ -829,16 +984,21 @@ fn dir_size(p: &Path) -> Result<u64> {
     }
     let mut total = 0;
     for e in fs::read_dir(p).with_context(|| format!("reading {}", p.display()))? {
-        total += dir_size(&e.with_context(|| format!("reading {}", p.display()))?.path())?;
+        total += dir_size(
+            &e.with_context(|| format!("reading {}", p.display()))?
+                .path(),
+        )?;
     }
     Ok(total)
 }
 
 fn replace_dir(tmp: &Path, final_dir: &Path) -> Result<()> {
     if final_dir.exists() {
-        fs::remove_dir_all(final_dir).with_context(|| format!("removing {}", final_dir.display()))?;
+        fs::remove_dir_all(final_dir)
+            .with_context(|| format!("removing {}", final_dir.display()))?;
     }
-    fs::rename(tmp, final_dir).with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))
+    fs::rename(tmp, final_dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))
 }
 
 fn remove_staging(dir: &Path) {

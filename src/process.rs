@@ -40,8 +40,7 @@ pub fn command_line(cmd: &Command) -> String {
 fn quote(a: &OsStr) -> String {
     let a = a.to_string_lossy();
     if !a.is_empty()
-        && a
-            .bytes()
+        && a.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./:=@+,[]".contains(&b))
     {
         a.into_owned()

@@ -52,13 +52,16 @@ impl Proxy {
             Command::new(skopeo)
         };
         config.skopeo_cmd = Some(cmd);
-        let inner = ImageProxy::new_with_config(config)
-            .await
-            .with_context(|| format!("starting the image proxy ({skopeo} experimental-image-proxy)"))?;
+        let inner = ImageProxy::new_with_config(config).await.with_context(|| {
+            format!("starting the image proxy ({skopeo} experimental-image-proxy)")
+        })?;
         let v = inner.protocol_version().clone();
         let optional_open = (v.major, v.minor, v.patch) >= (0, 2, 4);
         tracing::debug!(protocol = %v, optional_open, "image proxy started");
-        Ok(Proxy { inner, optional_open })
+        Ok(Proxy {
+            inner,
+            optional_open,
+        })
     }
 
     /// The protocol version the proxy speaks.
@@ -173,7 +176,10 @@ impl Proxy {
 
     /// Shuts the proxy down.
     pub async fn finish(self) -> Result<()> {
-        self.inner.finalize().await.context("stopping the image proxy")
+        self.inner
+            .finalize()
+            .await
+            .context("stopping the image proxy")
     }
 }
 
@@ -191,5 +197,7 @@ fn is_not_found(msg: &str) -> bool {
         "no such file or directory",
     ];
     let lower = msg.to_ascii_lowercase();
-    MARKERS.iter().any(|m| lower.contains(&m.to_ascii_lowercase()))
+    MARKERS
+        .iter()
+        .any(|m| lower.contains(&m.to_ascii_lowercase()))
 }

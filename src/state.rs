@@ -25,7 +25,8 @@ impl StateLock {
     /// Takes the lock of `state_dir`, waiting (and saying so) while another longshore
     /// holds it.
     pub fn acquire(state_dir: &Path) -> Result<StateLock> {
-        fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
         let path = state_dir.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -35,7 +36,10 @@ impl StateLock {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         if file.try_lock_exclusive().is_err() {
-            tracing::info!("waiting for another longshore to finish (lock {})", path.display());
+            tracing::info!(
+                "waiting for another longshore to finish (lock {})",
+                path.display()
+            );
             file.lock_exclusive()
                 .with_context(|| format!("locking {}", path.display()))?;
         }
@@ -190,7 +194,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let res = (|| -> Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
@@ -201,7 +209,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         f.write_all(bytes)
             .and_then(|_| f.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+        fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         File::open(dir)
             .and_then(|d| d.sync_all())
             .with_context(|| format!("syncing directory {}", dir.display()))
@@ -246,7 +255,10 @@ mod tests {
         s.save(t.path()).unwrap();
         s.save(t.path()).unwrap();
         assert_eq!(State::load(t.path()).unwrap(), s);
-        let names: Vec<_> = fs::read_dir(t.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(t.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("state.json")]);
     }
 

@@ -140,7 +140,8 @@ pub fn check_space(needs: &[SpaceNeed], floor: u64, input: &Path) -> Result<()> 
     let mut by_fs: HashMap<u64, (PathBuf, u64, u64)> = HashMap::new();
     for need in needs {
         let at = existing_ancestor(&need.path);
-        let st = nix::sys::statvfs::statvfs(&at).with_context(|| format!("checking free space on {}", at.display()))?;
+        let st = nix::sys::statvfs::statvfs(&at)
+            .with_context(|| format!("checking free space on {}", at.display()))?;
         let fsid = st.filesystem_id() as u64;
         let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
         let e = by_fs.entry(fsid).or_insert((need.path.clone(), 0, avail));

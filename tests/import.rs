@@ -13,14 +13,25 @@ use common::node::{require, Node};
 const TOOLS: &[&str] = &["skopeo"];
 
 fn layout(node: &Node, prefix: &str, n: usize) -> Layout {
-    fixture::write_oci_layout(&node.scratch("layout"), &fixture::small_images(prefix, n)).expect("fixture layout")
+    fixture::write_oci_layout(&node.scratch("layout"), &fixture::small_images(prefix, n))
+        .expect("fixture layout")
 }
 
 /// `longshore bundle create -o OUT` from every image of `layout`; returns the digest.
 fn create_bundle(node: &Node, layout: &Layout, out: &Path, extra: &[&str]) -> String {
-    let mut args: Vec<String> = vec!["bundle".into(), "create".into(), "-o".into(), out.display().to_string()];
+    let mut args: Vec<String> = vec![
+        "bundle".into(),
+        "create".into(),
+        "-o".into(),
+        out.display().to_string(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(layout.images.iter().map(|i| layout.transport_ref(&i.reference)));
+    args.extend(
+        layout
+            .images
+            .iter()
+            .map(|i| layout.transport_ref(&i.reference)),
+    );
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let stdout = node.ok(&argv);
     stdout
@@ -36,11 +47,27 @@ fn assert_imported(node: &Node, layout: &Layout) {
     for img in &layout.images {
         let (repo, _tag) = img.reference.rsplit_once(':').unwrap();
         let by_digest = format!("{repo}@{}", img.manifest_digest);
-        assert_eq!(node.inspect_digest(&img.reference).as_deref(), Some(img.manifest_digest.as_str()), "{}", img.reference);
-        assert_eq!(node.inspect_digest(&by_digest).as_deref(), Some(img.manifest_digest.as_str()), "{by_digest}");
+        assert_eq!(
+            node.inspect_digest(&img.reference).as_deref(),
+            Some(img.manifest_digest.as_str()),
+            "{}",
+            img.reference
+        );
+        assert_eq!(
+            node.inspect_digest(&by_digest).as_deref(),
+            Some(img.manifest_digest.as_str()),
+            "{by_digest}"
+        );
         let names = node.store_names();
-        assert!(names.contains(&img.reference), "{} not among {names:?}", img.reference);
-        assert!(names.contains(&by_digest), "{by_digest} not among {names:?}");
+        assert!(
+            names.contains(&img.reference),
+            "{} not among {names:?}",
+            img.reference
+        );
+        assert!(
+            names.contains(&by_digest),
+            "{by_digest} not among {names:?}"
+        );
     }
 }
 
@@ -59,21 +86,36 @@ fn bundle_directory_imports_and_reimport_copies_nothing() {
     let node = Node::new();
     let layout = layout(&node, "example.com/dir", 3);
     let bundle = node.scratch("bundle");
-    let digest = create_bundle(&node, &layout, &bundle, &["--name", "site-apps", "--version", "1.2"]);
+    let digest = create_bundle(
+        &node,
+        &layout,
+        &bundle,
+        &["--name", "site-apps", "--version", "1.2"],
+    );
 
     let first = import_json(&node, &bundle, &[]);
     assert_eq!(first[0]["digest"], digest);
     assert_eq!(first[0]["copied"], 3);
     assert_imported(&node, &layout);
-    assert!(node.staging_leftovers().is_empty(), "{:?}", node.staging_leftovers());
+    assert!(
+        node.staging_leftovers().is_empty(),
+        "{:?}",
+        node.staging_leftovers()
+    );
 
     let images_json = node.store_root().join("overlay-images/images.json");
     let before = fs::read(&images_json).unwrap();
     let before_mtime = fs::metadata(&images_json).unwrap().modified().unwrap();
     let out = node.ok(&["import", bundle.to_str().unwrap()]);
-    assert!(out.contains("all 3 images already in the store, nothing copied"), "{out}");
+    assert!(
+        out.contains("all 3 images already in the store, nothing copied"),
+        "{out}"
+    );
     assert_eq!(fs::read(&images_json).unwrap(), before);
-    assert_eq!(fs::metadata(&images_json).unwrap().modified().unwrap(), before_mtime);
+    assert_eq!(
+        fs::metadata(&images_json).unwrap().modified().unwrap(),
+        before_mtime
+    );
 
     let status = node.status();
     assert_eq!(status["apiVersion"], "longshore.io/v1");
@@ -83,7 +125,12 @@ fn bundle_directory_imports_and_reimport_copies_nothing() {
     assert_eq!(status["sets"][0]["name"], "site-apps");
     assert_eq!(status["sets"][0]["pinned"], true);
     assert_eq!(status["sets"][0]["missing"].as_array().unwrap().len(), 0);
-    let states: Vec<&str> = status["images"].as_array().unwrap().iter().map(|i| i["state"].as_str().unwrap()).collect();
+    let states: Vec<&str> = status["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["state"].as_str().unwrap())
+        .collect();
     assert_eq!(states, vec!["present"; 3]);
 }
 
@@ -100,12 +147,20 @@ fn tar_bundles_plain_gzip_and_zstd_import() {
         // bundle.json is the first entry of the stream.
         let first = Command::new("tar").arg("-tf").arg(&out).output().unwrap();
         let listing = String::from_utf8_lossy(&first.stdout);
-        assert_eq!(listing.lines().next(), Some("bundle.json"), "{ext}: {listing}");
+        assert_eq!(
+            listing.lines().next(),
+            Some("bundle.json"),
+            "{ext}: {listing}"
+        );
 
         let r = import_json(&node, &out, &["--digest", &digest]);
         assert_eq!(r[0]["copied"], 2, "{ext}");
         assert_imported(&node, &layout);
-        assert!(node.staging_leftovers().is_empty(), "{ext}: {:?}", node.staging_leftovers());
+        assert!(
+            node.staging_leftovers().is_empty(),
+            "{ext}: {:?}",
+            node.staging_leftovers()
+        );
         let again = import_json(&node, &out, &[]);
         assert_eq!(again[0]["copied"], 0, "{ext}");
     }
@@ -122,16 +177,25 @@ fn held_bundle_is_imported_on_apply() {
     let digest = create_bundle(&node, &layout, &out, &["--name", "later"]);
     let r = import_json(&node, &out, &["--hold"]);
     assert_eq!(r[0]["state"], "held");
-    assert_eq!(node.store_image_count(), 0, "a held bundle puts nothing in the store");
+    assert_eq!(
+        node.store_image_count(),
+        0,
+        "a held bundle puts nothing in the store"
+    );
     let status = node.status();
     assert_eq!(status["bundles"][0]["state"], "held");
     // The stick can go away: apply works from the staged copy.
     fs::remove_file(&out).unwrap();
-    let applied: serde_json::Value = serde_json::from_str(&node.ok(&["apply", "--json", "later"])).unwrap();
+    let applied: serde_json::Value =
+        serde_json::from_str(&node.ok(&["apply", "--json", "later"])).unwrap();
     assert_eq!(applied["copied"], 2);
     assert_eq!(applied["digest"], digest);
     assert_imported(&node, &layout);
-    assert!(node.staging_leftovers().is_empty(), "{:?}", node.staging_leftovers());
+    assert!(
+        node.staging_leftovers().is_empty(),
+        "{:?}",
+        node.staging_leftovers()
+    );
     assert_eq!(node.status()["bundles"][0]["state"], "imported");
 }
 
@@ -169,15 +233,28 @@ fn docker_archives_single_and_multi_image() {
     let r = import_json(&node, &multi, &[]);
     assert_eq!(r[0]["name"], "many");
     assert_eq!(r[0]["images"], 3);
-    assert_eq!(r[0]["copied"], 2, "the first image was already imported from one.tar");
+    assert_eq!(
+        r[0]["copied"], 2,
+        "the first image was already imported from one.tar"
+    );
     for s in &specs {
-        let digest = node.inspect_digest(&s.reference).unwrap_or_else(|| panic!("{} missing", s.reference));
+        let digest = node
+            .inspect_digest(&s.reference)
+            .unwrap_or_else(|| panic!("{} missing", s.reference));
         let repo = s.reference.rsplit_once(':').unwrap().0;
-        assert_eq!(node.inspect_digest(&format!("{repo}@{digest}")).as_deref(), Some(digest.as_str()));
+        assert_eq!(
+            node.inspect_digest(&format!("{repo}@{digest}")).as_deref(),
+            Some(digest.as_str())
+        );
     }
     // The implicit bundle carries one pinned set named after the archive.
     let status = node.status();
-    let sets: Vec<(&str, bool)> = status["sets"].as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap(), s["pinned"].as_bool().unwrap())).collect();
+    let sets: Vec<(&str, bool)> = status["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["name"].as_str().unwrap(), s["pinned"].as_bool().unwrap()))
+        .collect();
     assert_eq!(sets, vec![("many", true), ("one", true)]);
     let again = import_json(&node, &multi, &[]);
     assert_eq!(again[0]["copied"], 0);
@@ -201,26 +278,42 @@ fn oci_archive_oci_layout_and_dir_tree() {
     let archive = node2.scratch("web.oci.tar");
     let img = &layout.images[0];
     let status = Command::new("skopeo")
-        .args(["copy", "-q", &layout.transport_ref(&img.reference), &format!("oci-archive:{}:{}", archive.display(), img.reference)])
+        .args([
+            "copy",
+            "-q",
+            &layout.transport_ref(&img.reference),
+            &format!("oci-archive:{}:{}", archive.display(), img.reference),
+        ])
         .status()
         .unwrap();
     assert!(status.success());
     let r = import_json(&node2, &archive, &[]);
     assert_eq!(r[0]["copied"], 1);
-    assert_eq!(node2.inspect_digest(&img.reference).as_deref(), Some(img.manifest_digest.as_str()));
+    assert_eq!(
+        node2.inspect_digest(&img.reference).as_deref(),
+        Some(img.manifest_digest.as_str())
+    );
 
     // A dir: tree named the way `skopeo sync` names it.
     let node3 = Node::new();
     let tree = node3.scratch("sync").join("app:1.0");
     fs::create_dir_all(tree.parent().unwrap()).unwrap();
     let status = Command::new("skopeo")
-        .args(["copy", "-q", &layout.transport_ref(&img.reference), &format!("dir:{}", tree.display())])
+        .args([
+            "copy",
+            "-q",
+            &layout.transport_ref(&img.reference),
+            &format!("dir:{}", tree.display()),
+        ])
         .status()
         .unwrap();
     assert!(status.success());
     let r = import_json(&node3, &tree, &[]);
     assert_eq!(r[0]["copied"], 1);
-    assert_eq!(node3.inspect_digest("localhost/app:1.0").as_deref(), Some(img.manifest_digest.as_str()));
+    assert_eq!(
+        node3.inspect_digest("localhost/app:1.0").as_deref(),
+        Some(img.manifest_digest.as_str())
+    );
 }
 
 #[test]
@@ -232,13 +325,23 @@ fn directory_holding_several_inputs_imports_each() {
     let layout = layout(&node, "example.com/many", 3);
     let media = node.scratch("media");
     fs::create_dir_all(&media).unwrap();
-    create_bundle(&node, &layout, &media.join("apps.tar.zst"), &["--name", "apps"]);
+    create_bundle(
+        &node,
+        &layout,
+        &media.join("apps.tar.zst"),
+        &["--name", "apps"],
+    );
     let specs = fixture::small_images("example.com/other", 1);
     fixture::write_docker_archive(&media.join("extra.tar"), &specs).unwrap();
     fs::write(media.join("README.txt"), "not an image\n").unwrap();
 
     let r = import_json(&node, &media, &[]);
-    let names: Vec<&str> = r.as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = r
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, vec!["apps", "extra"]);
     assert_imported(&node, &layout);
     assert!(node.inspect_digest("example.com/other/img0:1").is_some());
@@ -252,14 +355,25 @@ fn bundle_create_names_sets_and_no_pin() {
     let node = Node::new();
     let layout = layout(&node, "example.com/sets", 2);
     let out = node.scratch("b");
-    create_bundle(&node, &layout, &out, &["--name", "n", "--set", "edge-critical", "--no-pin"]);
-    let meta: serde_json::Value = serde_json::from_slice(&fs::read(out.join("bundle.json")).unwrap()).unwrap();
+    create_bundle(
+        &node,
+        &layout,
+        &out,
+        &["--name", "n", "--set", "edge-critical", "--no-pin"],
+    );
+    let meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("bundle.json")).unwrap()).unwrap();
     assert_eq!(meta["sets"][0]["name"], "edge-critical");
     assert_eq!(meta["sets"][0]["pinned"], false);
     // Layers shared by the two images are stored once: 2 manifests, 2 configs, 1 shared
     // layer and 2 own layers.
     assert_eq!(fs::read_dir(out.join("blobs/sha256")).unwrap().count(), 7);
-    for (img, fx) in meta["images"].as_array().unwrap().iter().zip(&layout.images) {
+    for (img, fx) in meta["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&layout.images)
+    {
         assert_eq!(img["digest"], fx.manifest_digest.as_str());
         let layers = img["layers"].as_array().unwrap();
         for (l, fl) in layers.iter().zip(&fx.layers) {

@@ -14,13 +14,33 @@ const NO_SPACE: i32 = 4;
 
 /// A node and a good bundle directory made from two small images.
 fn good_bundle(node: &Node) -> (PathBuf, String) {
-    let layout = fixture::write_oci_layout(&node.scratch("layout"), &fixture::small_images("example.com/bad", 2)).unwrap();
+    let layout = fixture::write_oci_layout(
+        &node.scratch("layout"),
+        &fixture::small_images("example.com/bad", 2),
+    )
+    .unwrap();
     let out = node.scratch("good");
-    let mut args = vec!["bundle".to_string(), "create".into(), "-o".into(), out.display().to_string(), "--name".into(), "good".into()];
-    args.extend(layout.images.iter().map(|i| layout.transport_ref(&i.reference)));
+    let mut args = vec![
+        "bundle".to_string(),
+        "create".into(),
+        "-o".into(),
+        out.display().to_string(),
+        "--name".into(),
+        "good".into(),
+    ];
+    args.extend(
+        layout
+            .images
+            .iter()
+            .map(|i| layout.transport_ref(&i.reference)),
+    );
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let stdout = node.ok(&argv);
-    let digest = stdout.lines().find_map(|l| l.strip_prefix("digest ")).unwrap().to_string();
+    let digest = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("digest "))
+        .unwrap()
+        .to_string();
     (out, digest)
 }
 
@@ -58,13 +78,28 @@ fn assert_refused(node: &Node, input: &Path, extra: &[&str], file_part: &str, ne
     let mut args = vec!["import", input.to_str().unwrap()];
     args.extend_from_slice(extra);
     let err = node.fails(&args, REJECTED);
-    assert!(err.contains(file_part), "message should name {file_part:?}: {err}");
+    assert!(
+        err.contains(file_part),
+        "message should name {file_part:?}: {err}"
+    );
     assert!(err.contains(needle), "message should say {needle:?}: {err}");
-    assert_eq!(node.store_image_count(), 0, "nothing may enter the store: {err}");
-    assert!(node.staging_leftovers().is_empty(), "staging not cleaned: {:?}", node.staging_leftovers());
+    assert_eq!(
+        node.store_image_count(),
+        0,
+        "nothing may enter the store: {err}"
+    );
+    assert!(
+        node.staging_leftovers().is_empty(),
+        "staging not cleaned: {:?}",
+        node.staging_leftovers()
+    );
     let state = node.state_dir().join("state.json");
     if state.exists() {
-        assert_eq!(json(&state)["bundles"], serde_json::json!({}), "nothing may be recorded");
+        assert_eq!(
+            json(&state)["bundles"],
+            serde_json::json!({}),
+            "nothing may be recorded"
+        );
     }
 }
 
@@ -96,7 +131,7 @@ impl RawTar {
         self.0.extend_from_slice(h.as_bytes());
         self.0.extend_from_slice(data);
         let pad = (512 - data.len() % 512) % 512;
-        self.0.extend(std::iter::repeat(0u8).take(pad));
+        self.0.extend(std::iter::repeat_n(0u8, pad));
         self
     }
 
@@ -109,7 +144,10 @@ impl RawTar {
         for f in ["bundle.json", "oci-layout", "index.json"] {
             self.file(f, &fs::read(dir.join(f)).unwrap());
         }
-        let mut blobs: Vec<PathBuf> = fs::read_dir(dir.join("blobs/sha256")).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut blobs: Vec<PathBuf> = fs::read_dir(dir.join("blobs/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         blobs.sort();
         for b in blobs {
             let name = format!("blobs/sha256/{}", b.file_name().unwrap().to_string_lossy());
@@ -119,7 +157,7 @@ impl RawTar {
     }
 
     fn finish(&mut self, path: &Path) {
-        self.0.extend(std::iter::repeat(0u8).take(1024));
+        self.0.extend(std::iter::repeat_n(0u8, 1024));
         fs::write(path, &self.0).unwrap();
     }
 }
@@ -222,7 +260,13 @@ fn bundle_json_that_lies() {
     meta["images"].as_array_mut().unwrap().pop();
     meta["sets"][0]["images"].as_array_mut().unwrap().pop();
     write_json(&d.join("bundle.json"), &meta);
-    assert_refused(&node, &d, &[], "bundle.json", "lists 1 images, but index.json has 2");
+    assert_refused(
+        &node,
+        &d,
+        &[],
+        "bundle.json",
+        "lists 1 images, but index.json has 2",
+    );
 
     // A blob missing from the bundle.
     let d = node.scratch("blob-missing");
@@ -242,9 +286,16 @@ fn bundle_json_that_lies() {
     let d = node.scratch("set-lie");
     copy_dir(&good, &d);
     let mut meta = json(&d.join("bundle.json"));
-    meta["sets"][0]["images"][0] = serde_json::json!(format!("example.com/elsewhere@sha256:{}", "1".repeat(64)));
+    meta["sets"][0]["images"][0] =
+        serde_json::json!(format!("example.com/elsewhere@sha256:{}", "1".repeat(64)));
     write_json(&d.join("bundle.json"), &meta);
-    assert_refused(&node, &d, &[], "bundle.json", "not one of the bundle's images");
+    assert_refused(
+        &node,
+        &d,
+        &[],
+        "bundle.json",
+        "not one of the bundle's images",
+    );
 }
 
 #[test]
@@ -255,13 +306,35 @@ fn digest_mismatch_is_refused_before_anything_is_read() {
     let node = Node::new();
     let (good, digest) = good_bundle(&node);
     let other = format!("sha256:{}", "a".repeat(64));
-    assert_refused(&node, &good, &["--digest", &other], "bundle.json", &format!("but {other} was required"));
+    assert_refused(
+        &node,
+        &good,
+        &["--digest", &other],
+        "bundle.json",
+        &format!("but {other} was required"),
+    );
     let tar = node.scratch("good.tar");
     RawTar::new().bundle(&good).finish(&tar);
-    assert_refused(&node, &tar, &["--digest", &other], "bundle.json", "was required");
+    assert_refused(
+        &node,
+        &tar,
+        &["--digest", &other],
+        "bundle.json",
+        "was required",
+    );
     // The right digest is accepted.
     node.ok(&["verify", tar.to_str().unwrap(), "--digest", &digest]);
 }
+
+/// (test name, entry name, type, content, link target, what the message says)
+type Hostile = (
+    &'static str,
+    &'static [u8],
+    tar::EntryType,
+    &'static [u8],
+    &'static [u8],
+    &'static str,
+);
 
 #[test]
 fn hostile_tar_entries() {
@@ -272,24 +345,69 @@ fn hostile_tar_entries() {
     let (good, _) = good_bundle(&node);
     let meta = fs::read(good.join("bundle.json")).unwrap();
     use tar::EntryType as T;
-    let cases: Vec<(&str, Box<dyn Fn(&mut RawTar)>, &str)> = vec![
-        ("dotdot", Box::new(|t: &mut RawTar| { t.entry(b"blobs/../../escape", T::Regular, b"x", b""); }), "contains \"..\""),
-        ("absolute", Box::new(|t: &mut RawTar| { t.entry(b"/etc/cron.d/evil", T::Regular, b"x", b""); }), "absolute path"),
-        ("symlink", Box::new(|t: &mut RawTar| { t.entry(b"blobs/sha256/link", T::Symlink, b"", b"/etc/shadow"); }), "symbolic link"),
-        ("hardlink", Box::new(|t: &mut RawTar| { t.entry(b"index.json", T::Link, b"", b"../../etc/passwd"); }), "hard link"),
-        ("device", Box::new(|t: &mut RawTar| { t.entry(b"oci-layout", T::Char, b"", b""); }), "character device"),
-        ("fifo", Box::new(|t: &mut RawTar| { t.entry(b"fifo", T::Fifo, b"", b""); }), "FIFO"),
-        ("stray", Box::new(|t: &mut RawTar| { t.file("etc/passwd", b"root::0:0::/:/bin/sh\n"); }), "unexpected entry"),
+    let cases: [Hostile; 7] = [
+        (
+            "dotdot",
+            b"blobs/../../escape",
+            T::Regular,
+            b"x",
+            b"",
+            "contains \"..\"",
+        ),
+        (
+            "absolute",
+            b"/etc/cron.d/evil",
+            T::Regular,
+            b"x",
+            b"",
+            "absolute path",
+        ),
+        (
+            "symlink",
+            b"blobs/sha256/link",
+            T::Symlink,
+            b"",
+            b"/etc/shadow",
+            "symbolic link",
+        ),
+        (
+            "hardlink",
+            b"index.json",
+            T::Link,
+            b"",
+            b"../../etc/passwd",
+            "hard link",
+        ),
+        (
+            "device",
+            b"oci-layout",
+            T::Char,
+            b"",
+            b"",
+            "character device",
+        ),
+        ("fifo", b"fifo", T::Fifo, b"", b"", "FIFO"),
+        (
+            "stray",
+            b"etc/passwd",
+            T::Regular,
+            b"root::0:0::/:/bin/sh\n",
+            b"",
+            "unexpected entry",
+        ),
     ];
-    for (name, add, needle) in cases {
+    for (name, entry, kind, data, link, needle) in cases {
         let path = node.scratch(&format!("{name}.tar"));
         let mut t = RawTar::new();
         t.file("bundle.json", &meta);
-        add(&mut t);
+        t.entry(entry, kind, data, link);
         t.bundle_rest(&good);
         t.finish(&path);
         assert_refused(&node, &path, &[], &format!("{name}.tar"), needle);
-        assert!(!node.sysroot.join("etc/cron.d/evil").exists() && !Path::new("/etc/cron.d/evil").exists());
+        assert!(
+            !node.sysroot.join("etc/cron.d/evil").exists()
+                && !Path::new("/etc/cron.d/evil").exists()
+        );
     }
 
     // The same file twice.
@@ -307,7 +425,13 @@ fn hostile_tar_entries() {
     t.file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
     t.file("bundle.json", &meta);
     t.finish(&path);
-    assert_refused(&node, &path, &[], "late.tar", "a bundle starts with bundle.json");
+    assert_refused(
+        &node,
+        &path,
+        &[],
+        "late.tar",
+        "a bundle starts with bundle.json",
+    );
 }
 
 impl RawTar {
@@ -331,7 +455,13 @@ fn input_that_is_no_bundle() {
     let node = Node::new();
     let text = node.scratch("notes.txt");
     fs::write(&text, "hello\n").unwrap();
-    assert_refused(&node, &text, &[], "notes.txt", "neither a bundle nor an image archive");
+    assert_refused(
+        &node,
+        &text,
+        &[],
+        "notes.txt",
+        "neither a bundle nor an image archive",
+    );
 
     let empty = node.scratch("empty");
     fs::create_dir_all(&empty).unwrap();
@@ -339,12 +469,24 @@ fn input_that_is_no_bundle() {
 
     let junk_tar = node.scratch("junk.tar");
     RawTar::new().file("hello.txt", b"hi").finish(&junk_tar);
-    assert_refused(&node, &junk_tar, &[], "junk.tar", "a bundle starts with bundle.json");
+    assert_refused(
+        &node,
+        &junk_tar,
+        &[],
+        "junk.tar",
+        "a bundle starts with bundle.json",
+    );
 
     let garbage_json = node.scratch("garbage");
     fs::create_dir_all(&garbage_json).unwrap();
     fs::write(garbage_json.join("bundle.json"), "{not json").unwrap();
-    assert_refused(&node, &garbage_json, &[], "bundle.json", "not valid bundle metadata");
+    assert_refused(
+        &node,
+        &garbage_json,
+        &[],
+        "bundle.json",
+        "not valid bundle metadata",
+    );
 
     let future = node.scratch("future");
     fs::create_dir_all(&future).unwrap();
@@ -380,7 +522,10 @@ fn config_errors_name_file_and_key() {
     let (good, _) = good_bundle(&node);
     node.write_config("40-typo.toml", "[store]\nmin_free_spcae = 1\n");
     let err = node.fails(&["import", good.to_str().unwrap()], 1);
-    assert!(err.contains("40-typo.toml") && err.contains("min_free_spcae") && err.contains("line 2"), "{err}");
+    assert!(
+        err.contains("40-typo.toml") && err.contains("min_free_spcae") && err.contains("line 2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -399,5 +544,11 @@ fn staging_of_a_failed_stream_is_removed() {
     let hex = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(extra));
     t.file(&format!("blobs/sha256/{hex}"), extra);
     t.finish(&path);
-    assert_refused(&node, &path, &[], "late-failure.tar", "which no image references");
+    assert_refused(
+        &node,
+        &path,
+        &[],
+        "late-failure.tar",
+        "which no image references",
+    );
 }

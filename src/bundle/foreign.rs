@@ -49,23 +49,35 @@ pub fn detect_dir(dir: &Path) -> Result<Foreign> {
     let name = implicit_name(dir);
     if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
         let index_path = dir.join("index.json");
-        let bytes = fs::read(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
+        let bytes =
+            fs::read(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
         let images = oci_images(&index_path, &bytes, &name, |r| match r {
             Some(r) => format!("oci:{}:{r}", dir.display()),
             None => format!("oci:{}", dir.display()),
         })?;
-        return Ok(Foreign { path: dir.into(), kind: SourceKind::OciLayout, name, images });
+        return Ok(Foreign {
+            path: dir.into(),
+            kind: SourceKind::OciLayout,
+            name,
+            images,
+        });
     }
     if is_dir_transport(dir) {
         let (repository, tags) = name_from_path_text(
-            &dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            &dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             &name,
         );
         return Ok(Foreign {
             path: dir.into(),
             kind: SourceKind::Dir,
             name,
-            images: vec![ForeignImage { source: format!("dir:{}", dir.display()), repository, tags }],
+            images: vec![ForeignImage {
+                source: format!("dir:{}", dir.display()),
+                repository,
+                tags,
+            }],
         });
     }
     Err(NotForeign(dir.into()).into())
@@ -74,13 +86,18 @@ pub fn detect_dir(dir: &Path) -> Result<Foreign> {
 /// Whether `dir` holds an image in skopeo's `dir:` format (`manifest.json` and `version`).
 pub fn is_dir_transport(dir: &Path) -> bool {
     dir.join("manifest.json").is_file()
-        && fs::read_to_string(dir.join("version")).is_ok_and(|v| v.starts_with("Directory Transport Version"))
+        && fs::read_to_string(dir.join("version"))
+            .is_ok_and(|v| v.starts_with("Directory Transport Version"))
 }
 
 /// Recognises a tar archive: `docker save` output or an oci-archive.
 pub fn detect_archive(path: &Path) -> Result<Foreign> {
     let name = implicit_name(path);
-    let (docker_manifest, oci_index, has_layout) = scan_archive(path)?;
+    let ArchiveScan {
+        docker_manifest,
+        oci_index,
+        has_layout,
+    } = scan_archive(path)?;
     if let Some(bytes) = docker_manifest {
         #[derive(Deserialize)]
         #[serde(rename_all = "PascalCase")]
@@ -88,8 +105,12 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
             #[serde(default)]
             repo_tags: Option<Vec<String>>,
         }
-        let entries: Vec<Entry> = serde_json::from_slice(&bytes)
-            .map_err(|e| Rejected::new(path, format!("manifest.json is not a docker archive manifest: {e}")))?;
+        let entries: Vec<Entry> = serde_json::from_slice(&bytes).map_err(|e| {
+            Rejected::new(
+                path,
+                format!("manifest.json is not a docker archive manifest: {e}"),
+            )
+        })?;
         if entries.is_empty() {
             return Err(Rejected::new(path, "is a docker archive with no images").into());
         }
@@ -100,7 +121,11 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
             for t in e.repo_tags.iter().flatten() {
                 let full = normalize_docker_name(t);
                 let Some((repo, RefTail::Tag(tag))) = split_reference(&full) else {
-                    return Err(Rejected::new(path, format!("image {i} has tag {t:?}, which is not a valid image reference")).into());
+                    return Err(Rejected::new(
+                        path,
+                        format!("image {i} has tag {t:?}, which is not a valid image reference"),
+                    )
+                    .into());
                 };
                 // An archive entry tagged into two repositories is stored under the first.
                 if repository.get_or_insert_with(|| repo.clone()) == &repo {
@@ -111,9 +136,18 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
             if tags.is_empty() {
                 tags.push(format!("{i}"));
             }
-            images.push(ForeignImage { source: format!("docker-archive:{}:@{i}", path.display()), repository, tags });
+            images.push(ForeignImage {
+                source: format!("docker-archive:{}:@{i}", path.display()),
+                repository,
+                tags,
+            });
         }
-        return Ok(Foreign { path: path.into(), kind: SourceKind::DockerArchive, name, images });
+        return Ok(Foreign {
+            path: path.into(),
+            kind: SourceKind::DockerArchive,
+            name,
+            images,
+        });
     }
     if let (Some(bytes), true) = (oci_index, has_layout) {
         let index_path = path.join("index.json");
@@ -121,13 +155,28 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
             Some(r) => format!("oci-archive:{}:{r}", path.display()),
             None => format!("oci-archive:{}", path.display()),
         })?;
-        return Ok(Foreign { path: path.into(), kind: SourceKind::OciArchive, name, images });
+        return Ok(Foreign {
+            path: path.into(),
+            kind: SourceKind::OciArchive,
+            name,
+            images,
+        });
     }
     Err(NotForeign(path.into()).into())
 }
 
+/// What the entry names of an archive say it is.
+struct ArchiveScan {
+    /// `manifest.json` of a `docker save` archive.
+    docker_manifest: Option<Vec<u8>>,
+    /// `index.json` of an oci-archive.
+    oci_index: Option<Vec<u8>>,
+    /// Whether an `oci-layout` file is there.
+    has_layout: bool,
+}
+
 /// Reads the entry names of a tar archive, keeping `manifest.json` and `index.json`.
-fn scan_archive(path: &Path) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>, bool)> {
+fn scan_archive(path: &Path) -> Result<ArchiveScan> {
     let (_, stream) = open_stream(path)?;
     let mut archive = tar::Archive::new(stream);
     let mut docker = None;
@@ -137,8 +186,11 @@ fn scan_archive(path: &Path) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>, bool)>
         .entries()
         .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
     for entry in entries {
-        let mut entry = entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-        let name = String::from_utf8_lossy(&entry.path_bytes()).trim_start_matches("./").to_string();
+        let mut entry =
+            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        let name = String::from_utf8_lossy(&entry.path_bytes())
+            .trim_start_matches("./")
+            .to_string();
         let keep = match name.as_str() {
             "manifest.json" => &mut docker,
             "index.json" => &mut index,
@@ -155,7 +207,11 @@ fn scan_archive(path: &Path) -> Result<(Option<Vec<u8>>, Option<Vec<u8>>, bool)>
             .map_err(|e| Rejected::new(path, format!("entry {name:?} cannot be read: {e}")))?;
         *keep = Some(bytes);
     }
-    Ok((docker, index, layout))
+    Ok(ArchiveScan {
+        docker_manifest: docker,
+        oci_index: index,
+        has_layout: layout,
+    })
 }
 
 fn oci_images(
@@ -224,7 +280,8 @@ fn name_from_path_text(text: &str, name: &str) -> (String, Vec<String>) {
 /// `docker.io/org/app:1`.
 fn normalize_docker_name(t: &str) -> String {
     let first = t.split('/').next().unwrap_or("");
-    let has_host = t.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let has_host =
+        t.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
     if has_host {
         t.to_string()
     } else if t.contains('/') {
@@ -256,7 +313,13 @@ pub fn implicit_name(path: &Path) -> String {
 fn sanitize(s: &str) -> String {
     let lowered: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     lowered.trim_start_matches(['.', '-']).to_string()
 }
@@ -275,7 +338,9 @@ fn scan_into(dir: &Path, depth: usize, found: &mut BTreeMap<PathBuf, ()>) -> Res
     for entry in entries {
         let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
         let path = entry.path();
-        let ft = entry.file_type().with_context(|| format!("reading {}", path.display()))?;
+        let ft = entry
+            .file_type()
+            .with_context(|| format!("reading {}", path.display()))?;
         if entry.file_name().to_string_lossy().starts_with('.') || ft.is_symlink() {
             continue;
         }
@@ -297,7 +362,9 @@ fn scan_into(dir: &Path, depth: usize, found: &mut BTreeMap<PathBuf, ()>) -> Res
 
 fn looks_like_tar(path: &Path) -> bool {
     let mut head = [0u8; 512];
-    let Ok(mut f) = File::open(path) else { return false };
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {
@@ -314,7 +381,10 @@ mod tests {
 
     #[test]
     fn docker_names() {
-        assert_eq!(normalize_docker_name("busybox:1"), "docker.io/library/busybox:1");
+        assert_eq!(
+            normalize_docker_name("busybox:1"),
+            "docker.io/library/busybox:1"
+        );
         assert_eq!(normalize_docker_name("org/app:1"), "docker.io/org/app:1");
         assert_eq!(normalize_docker_name("localhost/app:1"), "localhost/app:1");
         assert_eq!(normalize_docker_name("quay.io/a/b:2"), "quay.io/a/b:2");
@@ -322,14 +392,26 @@ mod tests {
 
     #[test]
     fn implicit_names() {
-        assert_eq!(implicit_name(Path::new("/m/App Images.tar.gz")), "app-images");
+        assert_eq!(
+            implicit_name(Path::new("/m/App Images.tar.gz")),
+            "app-images"
+        );
         assert_eq!(implicit_name(Path::new("/m/web.oci")), "web");
     }
 
     #[test]
     fn path_names() {
-        assert_eq!(name_from_path_text("quay.io/a/b:2", "x"), ("quay.io/a/b".into(), vec!["2".into()]));
-        assert_eq!(name_from_path_text("busybox:1.36", "x"), ("localhost/busybox".into(), vec!["1.36".into()]));
-        assert_eq!(name_from_path_text("plain", "plain"), ("localhost/plain".into(), vec!["latest".into()]));
+        assert_eq!(
+            name_from_path_text("quay.io/a/b:2", "x"),
+            ("quay.io/a/b".into(), vec!["2".into()])
+        );
+        assert_eq!(
+            name_from_path_text("busybox:1.36", "x"),
+            ("localhost/busybox".into(), vec!["1.36".into()])
+        );
+        assert_eq!(
+            name_from_path_text("plain", "plain"),
+            ("localhost/plain".into(), vec!["latest".into()])
+        );
     }
 }

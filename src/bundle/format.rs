@@ -125,7 +125,11 @@ impl ImageMeta {
     /// Every name the image is stored under: by digest first, then by each tag.
     pub fn store_names(&self) -> Vec<String> {
         std::iter::once(self.digest_name())
-            .chain(self.tags.iter().map(|t| format!("{}:{}", self.repository, t)))
+            .chain(
+                self.tags
+                    .iter()
+                    .map(|t| format!("{}:{}", self.repository, t)),
+            )
             .collect()
     }
 }
@@ -220,7 +224,8 @@ pub fn valid_tag(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 128
         && !t.starts_with(['.', '-'])
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
 #[cfg(test)]
@@ -242,7 +247,14 @@ mod tests {
             split_reference(&format!("quay.io/a/b@{d}")),
             Some(("quay.io/a/b".into(), RefTail::Digest(d)))
         );
-        for not_full in ["latest", "web:2", "library/web:2", "example.com/Web:2", "example.com/web", "localhost:5000/web"] {
+        for not_full in [
+            "latest",
+            "web:2",
+            "library/web:2",
+            "example.com/Web:2",
+            "example.com/web",
+            "localhost:5000/web",
+        ] {
             assert_eq!(split_reference(not_full), None, "{not_full}");
         }
     }

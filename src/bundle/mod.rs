@@ -62,7 +62,11 @@ pub fn detect(path: &Path) -> Result<Input> {
             Err(e) if e.downcast_ref::<foreign::NotForeign>().is_some() => {
                 let items = foreign::scan_collection(path, COLLECTION_DEPTH)?;
                 if items.is_empty() {
-                    return Err(Rejected::new(path, "holds no bundle, image archive or image layout").into());
+                    return Err(Rejected::new(
+                        path,
+                        "holds no bundle, image archive or image layout",
+                    )
+                    .into());
                 }
                 Ok(Input::Collection(path.to_path_buf(), items))
             }
@@ -77,15 +81,15 @@ pub fn detect(path: &Path) -> Result<Input> {
     }
     match read::read_meta_stream(path) {
         Ok(_) => Ok(Input::BundleStream(path.to_path_buf())),
-        Err(e) if e.downcast_ref::<Rejected>().is_some() => {
-            foreign::detect_archive(path).map(Input::Foreign).map_err(|fe| {
+        Err(e) if e.downcast_ref::<Rejected>().is_some() => foreign::detect_archive(path)
+            .map(Input::Foreign)
+            .map_err(|fe| {
                 if fe.downcast_ref::<foreign::NotForeign>().is_some() {
                     e
                 } else {
                     fe
                 }
-            })
-        }
+            }),
         Err(e) => Err(e),
     }
 }

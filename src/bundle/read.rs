@@ -100,7 +100,8 @@ pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
         let Some(entry) = entries.next() else {
             return Err(Rejected::new(path, "is an empty tar stream").into());
         };
-        let entry = entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        let entry =
+            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
         let name = entry_name(path, &entry)?;
         match name.as_str() {
             "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => continue,
@@ -182,7 +183,10 @@ fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
     let mut set_names = HashSet::new();
     for set in &meta.sets {
         if !valid_set_name(&set.name) {
-            return Err(bad(format!("set {:?}: invalid name (use letters, digits, '.', '_' and '-')", set.name)));
+            return Err(bad(format!(
+                "set {:?}: invalid name (use letters, digits, '.', '_' and '-')",
+                set.name
+            )));
         }
         if !set_names.insert(set.name.as_str()) {
             return Err(bad(format!("declares set {:?} twice", set.name)));
@@ -202,7 +206,8 @@ pub fn valid_set_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
         && !n.starts_with(['.', '-'])
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Verifies a bundle directory in place.
@@ -217,13 +222,18 @@ pub fn verify_dir(
     let (digest, meta) = read_meta_dir(dir)?;
     check_expected(&dir.join(BUNDLE_JSON), &digest, expected)?;
     on_meta(&digest, &meta)?;
-    check_oci_layout(&dir.join("oci-layout"), &read_limited(&dir.join("oci-layout"), 4096)?)?;
+    check_oci_layout(
+        &dir.join("oci-layout"),
+        &read_limited(&dir.join("oci-layout"), 4096)?,
+    )?;
     let index_path = dir.join("index.json");
     let index = read_limited(&index_path, MAX_DOCUMENT)?;
 
     let blob_dir = dir.join("blobs/sha256");
     let mut files = Vec::new();
-    for entry in fs::read_dir(&blob_dir).with_context(|| format!("reading {}", blob_dir.display()))? {
+    for entry in
+        fs::read_dir(&blob_dir).with_context(|| format!("reading {}", blob_dir.display()))?
+    {
         let entry = entry.with_context(|| format!("reading {}", blob_dir.display()))?;
         let path = entry.path();
         let name = entry.file_name();
@@ -231,7 +241,8 @@ pub fn verify_dir(
             .to_str()
             .and_then(|n| Digest::from_hex(n).ok())
             .ok_or_else(|| Rejected::new(&path, "is not named by a sha256 digest"))?;
-        let md = fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        let md =
+            fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
         if !md.file_type().is_file() {
             return Err(Rejected::new(&path, "is not a regular file").into());
         }
@@ -246,7 +257,9 @@ pub fn verify_dir(
             let bytes = read_limited(&p, MAX_DOCUMENT)?;
             // Hash again what is parsed, so the bytes used are the bytes checked.
             if Digest::of(&bytes) != img.digest {
-                return Err(Rejected::new(&p, "changed while the bundle was being verified").into());
+                return Err(
+                    Rejected::new(&p, "changed while the bundle was being verified").into(),
+                );
             }
             manifests.insert(img.digest, bytes);
         }
@@ -262,8 +275,10 @@ pub fn verify_dir(
 
 /// Hashes blob files on all cores, largest first, and checks each against its name.
 fn hash_files(mut files: Vec<(Digest, u64, PathBuf)>) -> Result<HashMap<Digest, u64>> {
-    files.sort_by(|a, b| b.1.cmp(&a.1));
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4);
+    files.sort_by_key(|f| std::cmp::Reverse(f.1));
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
     std::thread::scope(|s| {
@@ -310,7 +325,8 @@ pub fn verify_stream(
     let Some(staging) = staging else {
         return extract_verified(path, None, expected, on_meta);
     };
-    fs::create_dir(staging).with_context(|| format!("creating staging directory {}", staging.display()))?;
+    fs::create_dir(staging)
+        .with_context(|| format!("creating staging directory {}", staging.display()))?;
     let res = extract_verified(path, Some(staging), expected, on_meta);
     if res.is_err() {
         if let Err(e) = fs::remove_dir_all(staging) {
@@ -345,12 +361,17 @@ fn extract_verified(
     let mut buf = vec![0u8; HASH_BUFFER];
 
     for entry in entries {
-        let entry = entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        let entry =
+            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
         let name = entry_name(path, &entry)?;
         let kind = entry.header().entry_type();
         if kind.is_dir() {
             if !matches!(name.as_str(), "" | "blobs" | "blobs/sha256") {
-                return Err(Rejected::new(path, format!("has unexpected directory entry {name:?}")).into());
+                return Err(Rejected::new(
+                    path,
+                    format!("has unexpected directory entry {name:?}"),
+                )
+                .into());
             }
             continue;
         }
@@ -386,13 +407,20 @@ fn extract_verified(
             }
             _ => {
                 let Some(hex_name) = name.strip_prefix("blobs/sha256/") else {
-                    return Err(Rejected::new(path, format!("has unexpected entry {name:?}")).into());
+                    return Err(
+                        Rejected::new(path, format!("has unexpected entry {name:?}")).into(),
+                    );
                 };
                 let want = Digest::from_hex(hex_name).map_err(|_| {
-                    Rejected::new(path, format!("has entry {name:?}, which is not named by a sha256 digest"))
+                    Rejected::new(
+                        path,
+                        format!("has entry {name:?}, which is not named by a sha256 digest"),
+                    )
                 })?;
                 let declared = entry.size();
-                let is_manifest = meta.as_ref().is_some_and(|(_, m)| m.images.iter().any(|i| i.digest == want));
+                let is_manifest = meta
+                    .as_ref()
+                    .is_some_and(|(_, m)| m.images.iter().any(|i| i.digest == want));
                 let mut kept = Vec::new();
                 let (got, len) = if is_manifest {
                     kept = read_entry_limited(path, &name, entry, MAX_DOCUMENT)?;
@@ -405,7 +433,9 @@ fn extract_verified(
                 if len != declared {
                     return Err(Rejected::new(
                         path,
-                        format!("is truncated: entry {name:?} ends after {len} of {declared} bytes"),
+                        format!(
+                            "is truncated: entry {name:?} ends after {len} of {declared} bytes"
+                        ),
                     )
                     .into());
                 }
@@ -432,7 +462,14 @@ fn extract_verified(
     let Some(index) = index else {
         return Err(Rejected::new(path, "holds no index.json").into());
     };
-    check_chain(path, &meta, &path.join("index.json"), &index, &blobs, &manifests)?;
+    check_chain(
+        path,
+        &meta,
+        &path.join("index.json"),
+        &index,
+        &blobs,
+        &manifests,
+    )?;
     Ok(Verified {
         digest,
         meta,
@@ -461,17 +498,27 @@ fn entry_name<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> Result<String>
     if let Some(what) = what {
         return Err(Rejected::new(path, format!("has entry {shown:?}, which is {what}; bundles hold only regular files and directories")).into());
     }
-    let text = std::str::from_utf8(&raw)
-        .map_err(|_| Rejected::new(path, format!("has entry {shown:?}, whose name is not UTF-8")))?;
+    let text = std::str::from_utf8(&raw).map_err(|_| {
+        Rejected::new(
+            path,
+            format!("has entry {shown:?}, whose name is not UTF-8"),
+        )
+    })?;
     if text.starts_with('/') {
-        return Err(Rejected::new(path, format!("has entry {shown:?} with an absolute path")).into());
+        return Err(
+            Rejected::new(path, format!("has entry {shown:?} with an absolute path")).into(),
+        );
     }
     let mut parts = Vec::new();
     for c in text.split('/') {
         match c {
             "" | "." => {}
             ".." => {
-                return Err(Rejected::new(path, format!("has entry {shown:?}, whose path contains \"..\"")).into())
+                return Err(Rejected::new(
+                    path,
+                    format!("has entry {shown:?}, whose path contains \"..\""),
+                )
+                .into())
             }
             c => parts.push(c),
         }
@@ -479,7 +526,12 @@ fn entry_name<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> Result<String>
     Ok(parts.join("/"))
 }
 
-fn read_entry_limited<R: Read>(path: &Path, name: &str, entry: tar::Entry<'_, R>, limit: u64) -> Result<Vec<u8>> {
+fn read_entry_limited<R: Read>(
+    path: &Path,
+    name: &str,
+    entry: tar::Entry<'_, R>,
+    limit: u64,
+) -> Result<Vec<u8>> {
     let declared = entry.size();
     let mut bytes = Vec::new();
     entry
@@ -487,19 +539,30 @@ fn read_entry_limited<R: Read>(path: &Path, name: &str, entry: tar::Entry<'_, R>
         .read_to_end(&mut bytes)
         .map_err(|e| Rejected::new(path, format!("entry {name:?} cannot be read: {e}")))?;
     if bytes.len() as u64 > limit {
-        return Err(Rejected::new(path, format!("entry {name:?} is larger than {limit} bytes")).into());
+        return Err(
+            Rejected::new(path, format!("entry {name:?} is larger than {limit} bytes")).into(),
+        );
     }
     if bytes.len() as u64 != declared {
         return Err(Rejected::new(
             path,
-            format!("is truncated: entry {name:?} ends after {} of {declared} bytes", bytes.len()),
+            format!(
+                "is truncated: entry {name:?} ends after {} of {declared} bytes",
+                bytes.len()
+            ),
         )
         .into());
     }
     Ok(bytes)
 }
 
-fn copy_hashed(path: &Path, name: &str, mut entry: impl Read, dest: Option<&Path>, buf: &mut [u8]) -> Result<(Digest, u64)> {
+fn copy_hashed(
+    path: &Path,
+    name: &str,
+    mut entry: impl Read,
+    dest: Option<&Path>,
+    buf: &mut [u8],
+) -> Result<(Digest, u64)> {
     let mut out = match dest {
         Some(dest) => Some(
             fs::OpenOptions::new()
@@ -516,7 +579,11 @@ fn copy_hashed(path: &Path, name: &str, mut entry: impl Read, dest: Option<&Path
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(Rejected::new(path, format!("entry {name:?} cannot be read: {e}")).into()),
+            Err(e) => {
+                return Err(
+                    Rejected::new(path, format!("entry {name:?} cannot be read: {e}")).into(),
+                )
+            }
         };
         h.update(&buf[..n]);
         if let (Some(out), Some(dest)) = (out.as_mut(), dest) {
@@ -540,7 +607,8 @@ fn write_new(dest: &Path, bytes: &[u8]) -> Result<()> {
         .create_new(true)
         .open(dest)
         .with_context(|| format!("creating {}", dest.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", dest.display()))
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", dest.display()))
 }
 
 fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
@@ -562,11 +630,9 @@ fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
 
 fn check_expected(path: &Path, got: &Digest, expected: Option<Digest>) -> Result<()> {
     match expected {
-        Some(want) if want != *got => Err(Rejected::new(
-            path,
-            format!("has digest {got}, but {want} was required"),
-        )
-        .into()),
+        Some(want) if want != *got => {
+            Err(Rejected::new(path, format!("has digest {got}, but {want} was required")).into())
+        }
         _ => Ok(()),
     }
 }
@@ -580,7 +646,14 @@ fn check_oci_layout(path: &Path, bytes: &[u8]) -> Result<()> {
     let l: OciLayout = serde_json::from_slice(bytes)
         .map_err(|e| Rejected::new(path, format!("is not a valid oci-layout file: {e}")))?;
     if l.image_layout_version != "1.0.0" {
-        return Err(Rejected::new(path, format!("has unsupported imageLayoutVersion {:?}", l.image_layout_version)).into());
+        return Err(Rejected::new(
+            path,
+            format!(
+                "has unsupported imageLayoutVersion {:?}",
+                l.image_layout_version
+            ),
+        )
+        .into());
     }
     Ok(())
 }
@@ -624,8 +697,15 @@ fn check_chain(
     }
     let mut referenced: HashSet<Digest> = HashSet::new();
     for (img, desc) in meta.images.iter().zip(&index.manifests) {
-        let ref_name = desc.annotations.get(REF_NAME).map(String::as_str).unwrap_or("");
-        if ref_name != img.reference || desc.digest != img.digest || desc.media_type != img.media_type {
+        let ref_name = desc
+            .annotations
+            .get(REF_NAME)
+            .map(String::as_str)
+            .unwrap_or("");
+        if ref_name != img.reference
+            || desc.digest != img.digest
+            || desc.media_type != img.media_type
+        {
             return Err(Rejected::new(
                 &bundle_json,
                 format!(
@@ -638,7 +718,11 @@ fn check_chain(
         let what = |d: &Digest| format!("image {:?}: blob {d}", img.reference);
         let blob_size = |d: &Digest, want: u64| -> Result<()> {
             match blobs.get(d) {
-                None => Err(Rejected::new(layout, format!("{} is missing from the bundle", what(d))).into()),
+                None => Err(Rejected::new(
+                    layout,
+                    format!("{} is missing from the bundle", what(d)),
+                )
+                .into()),
                 Some(&len) if len != want => Err(Rejected::new(
                     layout,
                     format!("{} has {len} bytes, but {want} are declared", what(d)),
@@ -649,24 +733,50 @@ fn check_chain(
         };
         blob_size(&desc.digest, desc.size)?;
         let manifest_path = layout.join("blobs/sha256").join(desc.digest.hex());
-        let manifest_bytes = manifests
-            .get(&desc.digest)
-            .ok_or_else(|| Rejected::new(layout, format!("{} is missing from the bundle", what(&desc.digest))))?;
-        let manifest: Manifest = serde_json::from_slice(manifest_bytes)
-            .map_err(|e| Rejected::new(&manifest_path, format!("is not a valid image manifest: {e}")))?;
+        let manifest_bytes = manifests.get(&desc.digest).ok_or_else(|| {
+            Rejected::new(
+                layout,
+                format!("{} is missing from the bundle", what(&desc.digest)),
+            )
+        })?;
+        let manifest: Manifest = serde_json::from_slice(manifest_bytes).map_err(|e| {
+            Rejected::new(
+                &manifest_path,
+                format!("is not a valid image manifest: {e}"),
+            )
+        })?;
         if manifest.schema_version != 2 {
             return Err(Rejected::new(&manifest_path, "is not a schema 2 image manifest").into());
         }
-        if manifest.media_type.as_deref().is_some_and(|m| m != img.media_type) {
-            return Err(Rejected::new(&manifest_path, format!("has media type {:?}, but index.json says {:?}", manifest.media_type, img.media_type)).into());
+        if manifest
+            .media_type
+            .as_deref()
+            .is_some_and(|m| m != img.media_type)
+        {
+            return Err(Rejected::new(
+                &manifest_path,
+                format!(
+                    "has media type {:?}, but index.json says {:?}",
+                    manifest.media_type, img.media_type
+                ),
+            )
+            .into());
         }
         blob_size(&manifest.config.digest, manifest.config.size)?;
-        let declared_layers: Vec<(Digest, u64)> = img.layers.iter().map(|l| (l.digest, l.size)).collect();
-        let real_layers: Vec<(Digest, u64)> = manifest.layers.iter().map(|l| (l.digest, l.size)).collect();
-        if img.config.digest != manifest.config.digest || img.config.size != manifest.config.size || declared_layers != real_layers {
+        let declared_layers: Vec<(Digest, u64)> =
+            img.layers.iter().map(|l| (l.digest, l.size)).collect();
+        let real_layers: Vec<(Digest, u64)> =
+            manifest.layers.iter().map(|l| (l.digest, l.size)).collect();
+        if img.config.digest != manifest.config.digest
+            || img.config.size != manifest.config.size
+            || declared_layers != real_layers
+        {
             return Err(Rejected::new(
                 &bundle_json,
-                format!("image {:?}: config and layers do not match its manifest {}", img.reference, img.digest),
+                format!(
+                    "image {:?}: config and layers do not match its manifest {}",
+                    img.reference, img.digest
+                ),
             )
             .into());
         }
@@ -679,7 +789,10 @@ fn check_chain(
         if total != img.size {
             return Err(Rejected::new(
                 &bundle_json,
-                format!("image {:?}: size is {} bytes, but bundle.json says {}", img.reference, total, img.size),
+                format!(
+                    "image {:?}: size is {} bytes, but bundle.json says {}",
+                    img.reference, total, img.size
+                ),
             )
             .into());
         }
@@ -694,7 +807,10 @@ fn check_chain(
     if let Some(d) = unreferenced.keys().next() {
         return Err(Rejected::new(
             layout,
-            format!("holds blob {d}, which no image references ({} unreferenced in all)", unreferenced.len()),
+            format!(
+                "holds blob {d}, which no image references ({} unreferenced in all)",
+                unreferenced.len()
+            ),
         )
         .into());
     }

@@ -12,8 +12,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use super::format::*;
 use super::foreign;
+use super::format::*;
 use crate::digest::Digest;
 use crate::process;
 use crate::proxy::Proxy;
@@ -32,10 +32,16 @@ impl std::str::FromStr for SourceArg {
     fn from_str(s: &str) -> Result<Self> {
         if let Some((src, name)) = s.rsplit_once('=') {
             if split_reference(name).is_some() {
-                return Ok(SourceArg { source: src.to_string(), name: Some(name.to_string()) });
+                return Ok(SourceArg {
+                    source: src.to_string(),
+                    name: Some(name.to_string()),
+                });
             }
         }
-        Ok(SourceArg { source: s.to_string(), name: None })
+        Ok(SourceArg {
+            source: s.to_string(),
+            name: None,
+        })
     }
 }
 
@@ -75,7 +81,12 @@ fn out_form(out: &Path) -> OutForm {
 }
 
 /// Makes a bundle at `out` from `sources`; returns its digest.
-pub async fn create(out: &Path, sources: &[SourceArg], opts: &CreateOptions, skopeo: &str) -> Result<(Digest, BundleMeta)> {
+pub async fn create(
+    out: &Path,
+    sources: &[SourceArg],
+    opts: &CreateOptions,
+    skopeo: &str,
+) -> Result<(Digest, BundleMeta)> {
     if sources.is_empty() {
         bail!("no image sources given");
     }
@@ -86,23 +97,31 @@ pub async fn create(out: &Path, sources: &[SourceArg], opts: &CreateOptions, sko
         bail!("{} already exists", out.display());
     }
     let form = out_form(out);
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let work = parent.join(format!(
         ".{}.partial{}",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let res = async {
-        fs::create_dir_all(work.join("blobs/sha256")).with_context(|| format!("creating {}", work.display()))?;
+        fs::create_dir_all(work.join("blobs/sha256"))
+            .with_context(|| format!("creating {}", work.display()))?;
         let proxy = Proxy::start(skopeo).await?;
         let built = build_layout(&proxy, &work, sources, opts, skopeo).await;
         proxy.finish().await.ok();
         let (digest, meta, order) = built?;
         match form {
-            OutForm::Dir => fs::rename(&work, out).with_context(|| format!("renaming {} to {}", work.display(), out.display()))?,
+            OutForm::Dir => fs::rename(&work, out)
+                .with_context(|| format!("renaming {} to {}", work.display(), out.display()))?,
             _ => {
                 write_tar(&work, out, form, &order)?;
-                fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+                fs::remove_dir_all(&work)
+                    .with_context(|| format!("removing {}", work.display()))?;
             }
         }
         Ok((digest, meta))
@@ -137,31 +156,63 @@ async fn build_layout(
             .clone()
             .unwrap_or_else(|| OCI_MANIFEST.to_string());
         if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
-            bail!("{}: manifest type {media_type} is not supported in bundles", src.source);
+            bail!(
+                "{}: manifest type {media_type} is not supported in bundles",
+                src.source
+            );
         }
         put_blob(work, &img.digest, &raw, &mut written, &mut order)?;
 
-        let config_bytes = fetch_blob(proxy, &img, &manifest.config, work, &mut written, &mut order, None).await?;
+        let config_bytes = fetch_blob(
+            proxy,
+            &img,
+            &manifest.config,
+            work,
+            &mut written,
+            &mut order,
+            None,
+        )
+        .await?;
         if let Some(cfg) = config_bytes {
             #[derive(serde::Deserialize)]
             struct Cfg {
                 architecture: Option<String>,
             }
-            if let Ok(Cfg { architecture: Some(a) }) = serde_json::from_slice::<Cfg>(&cfg) {
+            if let Ok(Cfg {
+                architecture: Some(a),
+            }) = serde_json::from_slice::<Cfg>(&cfg)
+            {
                 if architecture.get_or_insert_with(|| a.clone()) != &a {
-                    bail!("{}: architecture {a} differs from the bundle's {}", src.source, architecture.as_deref().unwrap_or(""));
+                    bail!(
+                        "{}: architecture {a} differs from the bundle's {}",
+                        src.source,
+                        architecture.as_deref().unwrap_or("")
+                    );
                 }
             }
         }
         let mut layers = Vec::new();
         for l in &manifest.layers {
             let mut unpacked = Some(0u64);
-            fetch_blob(proxy, &img, l, work, &mut written, &mut order, Some((&l.media_type, &mut unpacked))).await?;
+            fetch_blob(
+                proxy,
+                &img,
+                l,
+                work,
+                &mut written,
+                &mut order,
+                Some((&l.media_type, &mut unpacked)),
+            )
+            .await?;
             let uncompressed_size = match unpacked {
                 Some(n) => Some(n),
                 None => layer_unpacked_size(work, l)?,
             };
-            layers.push(LayerMeta { digest: l.digest, size: l.size, uncompressed_size });
+            layers.push(LayerMeta {
+                digest: l.digest,
+                size: l.size,
+                uncompressed_size,
+            });
         }
         proxy.close(img).await?;
         let digest = Digest::of(&raw);
@@ -193,25 +244,52 @@ async fn build_layout(
             media_type,
             size: raw.len() as u64 + manifest.config.size + layer_total,
             uncompressed_size: unpacked_total,
-            config: BlobRef { digest: manifest.config.digest, size: manifest.config.size },
+            config: BlobRef {
+                digest: manifest.config.digest,
+                size: manifest.config.size,
+            },
             layers,
         });
-        tracing::info!("added {}", images.last().map(|i: &ImageMeta| i.reference.as_str()).unwrap_or(""));
+        tracing::info!(
+            "added {}",
+            images
+                .last()
+                .map(|i: &ImageMeta| i.reference.as_str())
+                .unwrap_or("")
+        );
     }
-    let index = Index { schema_version: 2, media_type: Some(OCI_INDEX.to_string()), manifests: descriptors };
+    let index = Index {
+        schema_version: 2,
+        media_type: Some(OCI_INDEX.to_string()),
+        manifests: descriptors,
+    };
     let index_bytes = serde_json::to_vec(&index).context("serialising index.json")?;
     fs::write(work.join("index.json"), &index_bytes).context("writing index.json")?;
-    fs::write(work.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).context("writing oci-layout")?;
-    let set_images = images.iter().map(ImageMeta::digest_name).collect::<Vec<_>>();
+    fs::write(
+        work.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .context("writing oci-layout")?;
+    let set_images = images
+        .iter()
+        .map(ImageMeta::digest_name)
+        .collect::<Vec<_>>();
     let meta = BundleMeta {
         schema_version: SCHEMA_VERSION,
         name: opts.name.clone(),
         version: opts.version.clone(),
         architecture: architecture.unwrap_or_else(|| "unknown".into()),
         created: created_now(),
-        index: BlobRef { digest: Digest::of(&index_bytes), size: index_bytes.len() as u64 },
+        index: BlobRef {
+            digest: Digest::of(&index_bytes),
+            size: index_bytes.len() as u64,
+        },
         images,
-        sets: vec![SetMeta { name: opts.set.clone(), images: dedup(set_images), pinned: opts.pinned }],
+        sets: vec![SetMeta {
+            name: opts.set.clone(),
+            images: dedup(set_images),
+            pinned: opts.pinned,
+        }],
     };
     let mut meta_bytes = serde_json::to_vec_pretty(&meta).context("serialising bundle.json")?;
     meta_bytes.push(b'\n');
@@ -233,20 +311,27 @@ fn image_name(src: &SourceArg) -> Result<(String, Vec<String>)> {
             None => bail!("{name:?} is not a full image reference"),
         });
     }
-    let (transport, rest) = src
-        .source
-        .split_once(':')
-        .with_context(|| format!("{}: expected TRANSPORT:DETAILS, such as oci:DIR:REF", src.source))?;
+    let (transport, rest) = src.source.split_once(':').with_context(|| {
+        format!(
+            "{}: expected TRANSPORT:DETAILS, such as oci:DIR:REF",
+            src.source
+        )
+    })?;
     let own = match transport {
         "oci" | "oci-archive" => rest.split_once(':').map(|(_, r)| r.to_string()),
         "docker" => Some(normalize(rest.trim_start_matches("//"))),
         "containers-storage" => Some(match rest.strip_prefix('[') {
-            Some(r) => r.split_once(']').map(|(_, n)| n.to_string()).unwrap_or_default(),
+            Some(r) => r
+                .split_once(']')
+                .map(|(_, n)| n.to_string())
+                .unwrap_or_default(),
             None => rest.to_string(),
         }),
         "docker-archive" => {
             let (file, r) = match rest.rsplit_once(':') {
-                Some((f, r)) if !r.starts_with('@') && split_reference(&normalize(r)).is_some() => (f, Some(normalize(r))),
+                Some((f, r)) if !r.starts_with('@') && split_reference(&normalize(r)).is_some() => {
+                    (f, Some(normalize(r)))
+                }
                 Some((f, _)) => (f, None),
                 None => (rest, None),
             };
@@ -254,8 +339,17 @@ fn image_name(src: &SourceArg) -> Result<(String, Vec<String>)> {
                 Some(r) => Some(r),
                 None => {
                     let f = foreign::detect_archive(Path::new(file))?;
-                    let first = f.images.first().filter(|i| !i.repository.starts_with("localhost/"));
-                    first.map(|i| format!("{}:{}", i.repository, i.tags.first().map(String::as_str).unwrap_or("latest")))
+                    let first = f
+                        .images
+                        .first()
+                        .filter(|i| !i.repository.starts_with("localhost/"));
+                    first.map(|i| {
+                        format!(
+                            "{}:{}",
+                            i.repository,
+                            i.tags.first().map(String::as_str).unwrap_or("latest")
+                        )
+                    })
                 }
             }
         }
@@ -286,7 +380,12 @@ fn normalize(r: &str) -> String {
 /// The image's own manifest bytes. The proxy hands out an OCI conversion; when that is not
 /// the original, `skopeo inspect --raw` gives the original, which must hash to the digest
 /// the proxy reported.
-fn original_manifest(source: &str, digest: &Digest, converted: &[u8], skopeo: &str) -> Result<Vec<u8>> {
+fn original_manifest(
+    source: &str,
+    digest: &Digest,
+    converted: &[u8],
+    skopeo: &str,
+) -> Result<Vec<u8>> {
     if Digest::of(converted) == *digest {
         return Ok(converted.to_vec());
     }
@@ -309,7 +408,13 @@ fn original_manifest(source: &str, digest: &Digest, converted: &[u8], skopeo: &s
 }
 
 /// Writes `bytes` as blob `digest` unless it is there already.
-fn put_blob(work: &Path, digest: &Digest, bytes: &[u8], written: &mut HashSet<Digest>, order: &mut Vec<Digest>) -> Result<()> {
+fn put_blob(
+    work: &Path,
+    digest: &Digest,
+    bytes: &[u8],
+    written: &mut HashSet<Digest>,
+    order: &mut Vec<Digest>,
+) -> Result<()> {
     if written.insert(*digest) {
         let p = work.join("blobs/sha256").join(digest.hex());
         fs::write(&p, bytes).with_context(|| format!("writing {}", p.display()))?;
@@ -359,7 +464,8 @@ async fn fetch_blob(
         })
         .await;
     res.with_context(|| format!("{}: fetching blob {}", img_name(img), desc.digest))?;
-    out.flush().with_context(|| format!("writing {}", tmp.display()))?;
+    out.flush()
+        .with_context(|| format!("writing {}", tmp.display()))?;
     drop(out);
     fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
     if let Some((_, n)) = unpack {
@@ -385,9 +491,13 @@ impl Unpacker {
     /// `None` for an uncompressed layer, whose size is its unpacked size.
     fn new(media_type: &str) -> Option<Unpacker> {
         if media_type.contains("gzip") {
-            Some(Unpacker::Gzip(flate2::write::MultiGzDecoder::new(Counter(0))))
+            Some(Unpacker::Gzip(flate2::write::MultiGzDecoder::new(Counter(
+                0,
+            ))))
         } else if media_type.contains("zstd") {
-            zstd::stream::write::Decoder::new(Counter(0)).ok().map(Unpacker::Zstd)
+            zstd::stream::write::Decoder::new(Counter(0))
+                .ok()
+                .map(Unpacker::Zstd)
         } else {
             None
         }
@@ -465,7 +575,12 @@ pub fn rfc3339(secs: u64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Writes the layout at `work` as a tar stream: `bundle.json` first, then `oci-layout`,
@@ -474,7 +589,9 @@ pub fn rfc3339(secs: u64) -> String {
 fn write_tar(work: &Path, out: &Path, form: OutForm, order: &[Digest]) -> Result<()> {
     let tmp = out.with_file_name(format!(
         ".{}.part{}",
-        out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -492,12 +609,20 @@ fn write_tar(work: &Path, out: &Path, form: OutForm, order: &[Digest]) -> Result
     };
     let res = (|| -> Result<()> {
         let mut b = tar::Builder::new(sink);
-        let mut names: Vec<PathBuf> = vec![BUNDLE_JSON.into(), "oci-layout".into(), "index.json".into()];
-        names.extend(order.iter().map(|d| PathBuf::from(format!("blobs/sha256/{}", d.hex()))));
+        let mut names: Vec<PathBuf> =
+            vec![BUNDLE_JSON.into(), "oci-layout".into(), "index.json".into()];
+        names.extend(
+            order
+                .iter()
+                .map(|d| PathBuf::from(format!("blobs/sha256/{}", d.hex()))),
+        );
         for name in names {
             let p = work.join(&name);
             let mut f = File::open(&p).with_context(|| format!("reading {}", p.display()))?;
-            let len = f.metadata().with_context(|| format!("reading {}", p.display()))?.len();
+            let len = f
+                .metadata()
+                .with_context(|| format!("reading {}", p.display()))?
+                .len();
             let mut h = tar::Header::new_gnu();
             h.set_size(len);
             h.set_mode(0o644);
@@ -508,11 +633,17 @@ fn write_tar(work: &Path, out: &Path, form: OutForm, order: &[Digest]) -> Result
             b.append_data(&mut h, &name, &mut f)
                 .with_context(|| format!("writing {} into {}", name.display(), out.display()))?;
         }
-        let mut sink = b.into_inner().with_context(|| format!("finishing {}", out.display()))?;
-        sink.flush().with_context(|| format!("writing {}", out.display()))?;
+        let mut sink = b
+            .into_inner()
+            .with_context(|| format!("finishing {}", out.display()))?;
+        sink.flush()
+            .with_context(|| format!("writing {}", out.display()))?;
         drop(sink);
-        File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", tmp.display()))?;
+        fs::rename(&tmp, out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
     })();
     if res.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -538,9 +669,18 @@ mod tests {
         assert_eq!(a.name.as_deref(), Some("example.com/a:1"));
         let b: SourceArg = "oci:/l:example.com/a:1".parse().unwrap();
         assert_eq!(b.name, None);
-        assert_eq!(image_name(&b).unwrap(), ("example.com/a".to_string(), vec!["1".to_string()]));
+        assert_eq!(
+            image_name(&b).unwrap(),
+            ("example.com/a".to_string(), vec!["1".to_string()])
+        );
         let c: SourceArg = "docker://busybox:1.36".parse().unwrap();
-        assert_eq!(image_name(&c).unwrap(), ("docker.io/library/busybox".to_string(), vec!["1.36".to_string()]));
+        assert_eq!(
+            image_name(&c).unwrap(),
+            (
+                "docker.io/library/busybox".to_string(),
+                vec!["1.36".to_string()]
+            )
+        );
         let d: SourceArg = "dir:/x".parse().unwrap();
         assert!(format!("{:#}", image_name(&d).unwrap_err()).contains("dir:/x=REGISTRY"));
     }

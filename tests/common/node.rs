@@ -43,7 +43,10 @@ pub struct Node {
 
 impl Node {
     pub fn new() -> Node {
-        let tmp = tempfile::Builder::new().prefix("longshore-node").tempdir().expect("temp dir");
+        let tmp = tempfile::Builder::new()
+            .prefix("longshore-node")
+            .tempdir()
+            .expect("temp dir");
         let sysroot = tmp.path().join("root");
         fs::create_dir_all(&sysroot).expect("sysroot");
         Node { tmp, sysroot }
@@ -120,14 +123,17 @@ impl Node {
         if !out.status.success() {
             return None;
         }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("skopeo inspect JSON");
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("skopeo inspect JSON");
         v["Digest"].as_str().map(str::to_string)
     }
 
     /// Every name of every image in the store (empty when there is no store yet).
     pub fn store_names(&self) -> Vec<String> {
         let p = self.store_root().join("overlay-images/images.json");
-        let Ok(bytes) = fs::read(&p) else { return vec![] };
+        let Ok(bytes) = fs::read(&p) else {
+            return vec![];
+        };
         let v: serde_json::Value = serde_json::from_slice(&bytes).expect("images.json");
         let mut names: Vec<String> = v
             .as_array()
@@ -151,7 +157,10 @@ impl Node {
     /// Entries left in the staging directory (should be none after any import).
     pub fn staging_leftovers(&self) -> Vec<String> {
         match fs::read_dir(self.state_dir().join("staging")) {
-            Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect(),
             Err(_) => vec![],
         }
     }
@@ -181,7 +190,9 @@ impl Drop for Node {
 
 /// Detaches every mount at or below `dir`.
 pub fn unmount_under(dir: &Path) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else { return };
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
     let prefix = dir.to_string_lossy().into_owned();
     let mut points: Vec<String> = info
         .lines()
