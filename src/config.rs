@@ -358,6 +358,24 @@ mod tests {
     }
 
     #[test]
+    fn shipped_defaults_are_the_built_in_defaults() {
+        let (_t, p) = node();
+        write(
+            &p.config_dirs[0].join("config.d/10-defaults.toml"),
+            include_str!("../config/10-defaults.toml"),
+        );
+        let shipped = Settings::load(&p).unwrap();
+        let built_in = Settings::default();
+        assert_eq!(shipped.sources.len(), 1);
+        assert_eq!(shipped.store.driver, built_in.store.driver);
+        assert_eq!(shipped.store.root, built_in.store.root);
+        assert_eq!(shipped.store.run_root, built_in.store.run_root);
+        assert_eq!(shipped.store.min_free_space, built_in.store.min_free_space);
+        assert_eq!(shipped.import_jobs, built_in.import_jobs);
+        assert_eq!(shipped.skopeo, built_in.skopeo);
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
         assert_eq!(parse_size("2 GiB").unwrap(), 2 << 30);

@@ -537,7 +537,7 @@ impl Engine {
         let views = self
             .paths
             .staging_dir()
-            .join(format!(".views-{}", std::process::id()));
+            .join(format!(".tmp-views-{}", std::process::id()));
         let _ = fs::remove_dir_all(&views);
         let res = (|| {
             let blobs = layout.join("blobs/sha256");
