@@ -118,6 +118,10 @@ struct CreateArgs {
     /// Do not ask for the images to be pinned in CRI-O.
     #[arg(long)]
     no_pin: bool,
+    /// Require HTTPS and verified certificates from registries (`false` for a mirror
+    /// that speaks plain HTTP).
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    tls_verify: bool,
     /// Images: oci:DIR:REF, oci-archive:FILE[:REF], docker-archive:FILE, dir:DIR,
     /// containers-storage:REF, docker://REF; append =REGISTRY/REPO:TAG to name one.
     #[arg(required = true, value_name = "SOURCE")]
@@ -199,6 +203,7 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 name,
                 version: a.version,
                 pinned: !a.no_pin,
+                tls_verify: a.tls_verify,
             };
             let (digest, meta) =
                 write::create(&a.output, &a.sources, &opts, &settings.skopeo).await?;

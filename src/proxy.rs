@@ -41,7 +41,16 @@ pub struct ProxyImage {
 impl Proxy {
     /// Starts `skopeo experimental-image-proxy` with the program `skopeo`.
     pub async fn start(skopeo: &str) -> Result<Proxy> {
+        Self::start_with(skopeo, true).await
+    }
+
+    /// Starts the proxy; `tls_verify` false allows registries that speak plain HTTP or
+    /// have certificates that do not verify (`skopeo --tls-verify=false`).
+    pub async fn start_with(skopeo: &str, tls_verify: bool) -> Result<Proxy> {
         let mut config = ImageProxyConfig::default();
+        if !tls_verify {
+            config.insecure_skip_tls_verification = Some(true);
+        }
         // Tie the proxy's life to ours, as the crate's default does, but with the
         // configured program.
         let cmd = if std::path::Path::new("/usr/bin/setpriv").exists() {

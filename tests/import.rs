@@ -382,3 +382,84 @@ fn bundle_create_names_sets_and_no_pin() {
         }
     }
 }
+
+#[test]
+fn held_foreign_archive_is_imported_on_apply() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let specs = fixture::small_images("example.com/heldsave", 2);
+    let archive = node.scratch("saved.tar");
+    fixture::write_docker_archive(&archive, &specs).unwrap();
+    let r = import_json(&node, &archive, &["--hold"]);
+    assert_eq!(r[0]["state"], "held");
+    assert_eq!(node.store_image_count(), 0);
+    fs::remove_file(&archive).unwrap();
+    let applied: serde_json::Value =
+        serde_json::from_str(&node.ok(&["apply", "--json", "saved"])).unwrap();
+    assert_eq!(applied["copied"], 2);
+    assert_eq!(applied["digest"], r[0]["digest"]);
+    for s in &specs {
+        assert!(
+            node.inspect_digest(&s.reference).is_some(),
+            "{}",
+            s.reference
+        );
+    }
+    let status = node.status();
+    assert_eq!(status["bundles"][0]["state"], "imported");
+    assert_eq!(
+        status["bundles"][0]["source"],
+        archive.display().to_string()
+    );
+    assert!(
+        node.staging_leftovers().is_empty(),
+        "{:?}",
+        node.staging_leftovers()
+    );
+}
+
+#[test]
+fn concurrent_imports_take_turns() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let layout = layout(&node, "example.com/turns", 2);
+    let a = node.scratch("a.tar");
+    create_bundle(&node, &layout, &a, &["--name", "a"]);
+    let specs = fixture::small_images("example.com/turns-b", 2);
+    let b = node.scratch("b.tar");
+    fixture::write_docker_archive(&b, &specs).unwrap();
+    let spawn = |p: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_longshore"))
+            .arg("--sysroot")
+            .arg(&node.sysroot)
+            .arg("import")
+            .arg(p)
+            .output()
+    };
+    let (ra, rb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| spawn(&a).unwrap());
+        let hb = s.spawn(|| spawn(&b).unwrap());
+        (ha.join().unwrap(), hb.join().unwrap())
+    });
+    assert!(
+        ra.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ra.stderr)
+    );
+    assert!(
+        rb.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rb.stderr)
+    );
+    let status = node.status();
+    assert_eq!(
+        status["bundles"].as_array().unwrap().len(),
+        2,
+        "both recorded: {status}"
+    );
+    assert_eq!(node.store_image_count(), 4);
+}

@@ -56,6 +56,8 @@ pub struct CreateOptions {
     pub set: String,
     /// Whether that set is pinned.
     pub pinned: bool,
+    /// Whether registries must speak HTTPS with certificates that verify.
+    pub tls_verify: bool,
 }
 
 /// The output form, chosen by the output path's ending.
@@ -111,7 +113,7 @@ pub async fn create(
     let res = async {
         fs::create_dir_all(work.join("blobs/sha256"))
             .with_context(|| format!("creating {}", work.display()))?;
-        let proxy = Proxy::start(skopeo).await?;
+        let proxy = Proxy::start_with(skopeo, opts.tls_verify).await?;
         let built = build_layout(&proxy, &work, sources, opts, skopeo).await;
         proxy.finish().await.ok();
         let (digest, meta, order) = built?;
@@ -148,7 +150,13 @@ async fn build_layout(
     for src in sources {
         let (repository, tags) = image_name(src)?;
         let img = proxy.open(&src.source).await?;
-        let raw = original_manifest(&src.source, &img.digest, &img.manifest_bytes, skopeo)?;
+        let raw = original_manifest(
+            &src.source,
+            &img.digest,
+            &img.manifest_bytes,
+            skopeo,
+            opts.tls_verify,
+        )?;
         let manifest: Manifest = serde_json::from_slice(&raw)
             .with_context(|| format!("{}: parsing its manifest", src.source))?;
         let media_type = manifest
@@ -385,6 +393,7 @@ fn original_manifest(
     digest: &Digest,
     converted: &[u8],
     skopeo: &str,
+    tls_verify: bool,
 ) -> Result<Vec<u8>> {
     if Digest::of(converted) == *digest {
         return Ok(converted.to_vec());
@@ -399,7 +408,12 @@ fn original_manifest(
         candidates.push(format!("docker://{repo}@{digest}"));
     }
     for c in &candidates {
-        let out = process::run(Command::new(skopeo).args(["inspect", "--raw", c]))?;
+        let mut cmd = Command::new(skopeo);
+        cmd.arg("inspect").arg("--raw");
+        if !tls_verify && c.starts_with("docker://") {
+            cmd.arg("--tls-verify=false");
+        }
+        let out = process::run(cmd.arg(c))?;
         if Digest::of(&out.stdout) == *digest {
             return Ok(out.stdout);
         }

@@ -39,6 +39,8 @@ pub fn require(tools: &[&str]) -> bool {
 pub struct Node {
     pub tmp: tempfile::TempDir,
     pub sysroot: PathBuf,
+    /// Extra environment for every longshore and skopeo run.
+    pub env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -49,7 +51,11 @@ impl Node {
             .expect("temp dir");
         let sysroot = tmp.path().join("root");
         fs::create_dir_all(&sysroot).expect("sysroot");
-        Node { tmp, sysroot }
+        Node {
+            tmp,
+            sysroot,
+            env: Vec::new(),
+        }
     }
 
     /// A scratch directory for inputs, outside the sysroot.
@@ -64,6 +70,7 @@ impl Node {
             .arg("--sysroot")
             .arg(&self.sysroot)
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("LONGSHORE_LOG")
             .output()
             .expect("running longshore")
@@ -118,6 +125,7 @@ impl Node {
     pub fn inspect_digest(&self, name: &str) -> Option<String> {
         let out = Command::new("skopeo")
             .args(["inspect", &self.store_ref(name)])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()
             .expect("running skopeo inspect");
         if !out.status.success() {
