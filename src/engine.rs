@@ -590,9 +590,17 @@ impl Engine {
             .collect();
         let jobs = self.settings.import_jobs.max(1);
         let total = todo.len();
+        let stored: HashSet<Digest> = plan
+            .images
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| **p)
+            .flat_map(|(i, _)| i.layers.iter().map(|l| l.0))
+            .collect();
         let sched = Mutex::new(Scheduler {
             pending: (0..total).collect(),
             busy: HashSet::new(),
+            stored,
             done: 0,
             failed: None,
         });
@@ -600,20 +608,31 @@ impl Engine {
         std::thread::scope(|s| {
             for _ in 0..jobs.min(total) {
                 s.spawn(|| loop {
-                    let i = {
+                    let (i, claimed) = {
                         let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
                         loop {
                             if g.failed.is_some() || g.pending.is_empty() {
                                 return;
                             }
+                            // A layer another copy is writing now is waited for, then
+                            // reused; a layer already stored is no reason to wait.
                             let pick = g.pending.iter().position(|&i| {
-                                todo[i].layers.iter().all(|l| !g.busy.contains(&l.0))
+                                todo[i]
+                                    .layers
+                                    .iter()
+                                    .all(|l| g.stored.contains(&l.0) || !g.busy.contains(&l.0))
                             });
                             match pick {
                                 Some(p) => {
                                     let i = g.pending.remove(p).unwrap_or_default();
-                                    g.busy.extend(todo[i].layers.iter().map(|l| l.0));
-                                    break i;
+                                    let claimed: Vec<Digest> = todo[i]
+                                        .layers
+                                        .iter()
+                                        .map(|l| l.0)
+                                        .filter(|d| !g.stored.contains(d))
+                                        .collect();
+                                    g.busy.extend(claimed.iter().copied());
+                                    break (i, claimed);
                                 }
                                 None => g = wake.wait(g).unwrap_or_else(|p| p.into_inner()),
                             }
@@ -623,8 +642,11 @@ impl Engine {
                     tracing::info!(image = %img.repository, digest = %img.digest, "copying into the store");
                     let res = self.store.copy_image(&img.source, &img.wanted());
                     let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
-                    for l in &img.layers {
-                        g.busy.remove(&l.0);
+                    for d in &claimed {
+                        g.busy.remove(d);
+                    }
+                    if res.is_ok() {
+                        g.stored.extend(claimed);
                     }
                     match res {
                         Ok(()) => {
@@ -722,7 +744,10 @@ impl Engine {
 
 struct Scheduler {
     pending: VecDeque<usize>,
+    /// Layers a running copy is writing.
     busy: HashSet<Digest>,
+    /// Layers the store holds.
+    stored: HashSet<Digest>,
     done: usize,
     failed: Option<anyhow::Error>,
 }

@@ -243,15 +243,52 @@ fn bundle_json_that_lies() {
     let mut meta = json(&d.join("bundle.json"));
     meta["images"][0]["size"] = serde_json::json!(meta["images"][0]["size"].as_u64().unwrap() + 1);
     write_json(&d.join("bundle.json"), &meta);
-    assert_refused(&node, &d, &[], "bundle.json", "but bundle.json says");
+    assert_refused(&node, &d, &[], "size-lie", "but bundle.json declares");
 
-    // Wrong layer size.
+    // Wrong layer size, with the image's size made to agree.
     let d = node.scratch("layer-size-lie");
+    copy_dir(&good, &d);
+    let mut meta = json(&d.join("bundle.json"));
+    let real = meta["images"][1]["layers"][1]["size"].as_u64().unwrap();
+    meta["images"][1]["layers"][1]["size"] = serde_json::json!(7);
+    meta["images"][1]["size"] =
+        serde_json::json!(meta["images"][1]["size"].as_u64().unwrap() - real + 7);
+    write_json(&d.join("bundle.json"), &meta);
+    assert_refused(
+        &node,
+        &d,
+        &[],
+        "layer-size-lie",
+        "but bundle.json declares 7",
+    );
+
+    // A shared layer given two sizes.
+    let d = node.scratch("two-sizes");
     copy_dir(&good, &d);
     let mut meta = json(&d.join("bundle.json"));
     meta["images"][1]["layers"][0]["size"] = serde_json::json!(7);
     write_json(&d.join("bundle.json"), &meta);
-    assert_refused(&node, &d, &[], "bundle.json", "do not match its manifest");
+    assert_refused(&node, &d, &[], "bundle.json", "with two different sizes");
+
+    // A tar entry whose header claims more than bundle.json declares is refused before
+    // it is stored.
+    let t = node.scratch("oversized.tar");
+    let blob = largest_blob(&good);
+    let mut big = fs::read(&blob).unwrap();
+    big.extend_from_slice(&[0u8; 4096]);
+    let mut tar2 = RawTar::new();
+    for f in ["bundle.json", "oci-layout", "index.json"] {
+        tar2.file(f, &fs::read(good.join(f)).unwrap());
+    }
+    tar2.file(
+        &format!(
+            "blobs/sha256/{}",
+            blob.file_name().unwrap().to_string_lossy()
+        ),
+        &big,
+    );
+    tar2.finish(&t);
+    assert_refused(&node, &t, &[], "oversized.tar", "but bundle.json declares");
 
     // An image missing from bundle.json.
     let d = node.scratch("image-missing");

@@ -180,6 +180,7 @@ fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
             )));
         }
     }
+    check_declared_sizes(path, meta)?;
     let mut set_names = HashSet::new();
     for set in &meta.sets {
         if !valid_set_name(&set.name) {
@@ -196,6 +197,63 @@ fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
                 "set {:?} lists {missing:?}, which is not one of the bundle's images",
                 set.name
             )));
+        }
+    }
+    Ok(())
+}
+
+/// Every blob `bundle.json` declares, with its size: manifests (whose size is the image's
+/// size less its config and layers), configs and layers. Checked for consistency when
+/// `bundle.json` is read, so blobs can be refused before a byte of them is stored.
+pub fn declared_blobs(meta: &BundleMeta) -> HashMap<Digest, u64> {
+    let mut out = HashMap::new();
+    for img in &meta.images {
+        let layers: u64 = img.layers.iter().map(|l| l.size).sum();
+        let manifest = img
+            .size
+            .saturating_sub(img.config.size)
+            .saturating_sub(layers);
+        out.insert(img.digest, manifest);
+        out.insert(img.config.digest, img.config.size);
+        for l in &img.layers {
+            out.insert(l.digest, l.size);
+        }
+    }
+    out
+}
+
+fn check_declared_sizes(path: &Path, meta: &BundleMeta) -> Result<()> {
+    let mut sizes: HashMap<Digest, u64> = HashMap::new();
+    for img in &meta.images {
+        let layers = img
+            .layers
+            .iter()
+            .try_fold(0u64, |a, l| a.checked_add(l.size));
+        let manifest = layers
+            .and_then(|l| img.size.checked_sub(l))
+            .and_then(|r| r.checked_sub(img.config.size))
+            .filter(|m| *m > 0 && *m <= MAX_DOCUMENT);
+        let Some(manifest) = manifest else {
+            return Err(Rejected::new(
+                path,
+                format!(
+                    "image {:?}: size {} does not leave room for a manifest beside its config and layers",
+                    img.reference, img.size
+                ),
+            )
+            .into());
+        };
+        let blobs = std::iter::once((img.digest, manifest))
+            .chain(std::iter::once((img.config.digest, img.config.size)))
+            .chain(img.layers.iter().map(|l| (l.digest, l.size)));
+        for (d, size) in blobs {
+            if *sizes.entry(d).or_insert(size) != size {
+                return Err(Rejected::new(
+                    path,
+                    format!("declares blob {d} with two different sizes"),
+                )
+                .into());
+            }
         }
     }
     Ok(())
@@ -228,8 +286,10 @@ pub fn verify_dir(
     )?;
     let index_path = dir.join("index.json");
     let index = read_limited(&index_path, MAX_DOCUMENT)?;
+    check_index(dir, &meta, &index_path, &index)?;
 
     let blob_dir = dir.join("blobs/sha256");
+    let declared = declared_blobs(&meta);
     let mut files = Vec::new();
     for entry in
         fs::read_dir(&blob_dir).with_context(|| format!("reading {}", blob_dir.display()))?
@@ -245,6 +305,23 @@ pub fn verify_dir(
             fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
         if !md.file_type().is_file() {
             return Err(Rejected::new(&path, "is not a regular file").into());
+        }
+        match declared.get(&digest) {
+            None => {
+                return Err(Rejected::new(
+                    dir,
+                    format!("holds blob {digest}, which no image references"),
+                )
+                .into())
+            }
+            Some(&size) if size != md.len() => {
+                return Err(Rejected::new(
+                    &path,
+                    format!("has {} bytes, but bundle.json declares {size}", md.len()),
+                )
+                .into())
+            }
+            Some(_) => {}
         }
         files.push((digest, md.len(), path));
     }
@@ -401,7 +478,18 @@ fn extract_verified(
                 layout_seen = true;
             }
             "index.json" => {
+                let want = meta.as_ref().map_or(0, |(_, m)| m.index.size);
+                if entry.size() != want {
+                    return Err(Rejected::new(
+                        &path.join("index.json"),
+                        format!("has {} bytes, but bundle.json says {want}", entry.size()),
+                    )
+                    .into());
+                }
                 let bytes = read_entry_limited(path, &name, entry, MAX_DOCUMENT)?;
+                if let Some((_, m)) = &meta {
+                    check_index(path, m, &path.join("index.json"), &bytes)?;
+                }
                 write_staged(staging, "index.json", &bytes)?;
                 index = Some(bytes);
             }
@@ -418,6 +506,29 @@ fn extract_verified(
                     )
                 })?;
                 let declared = entry.size();
+                // bundle.json came first, so every legitimate blob and its size is known.
+                let expected_size = meta
+                    .as_ref()
+                    .and_then(|(_, m)| declared_blobs(m).get(&want).copied());
+                match expected_size {
+                    None => {
+                        return Err(Rejected::new(
+                            path,
+                            format!("holds blob {want}, which no image references"),
+                        )
+                        .into())
+                    }
+                    Some(size) if size != declared => {
+                        return Err(Rejected::new(
+                            path,
+                            format!(
+                            "entry {name:?} has {declared} bytes, but bundle.json declares {size}"
+                        ),
+                        )
+                        .into())
+                    }
+                    Some(_) => {}
+                }
                 let is_manifest = meta
                     .as_ref()
                     .is_some_and(|(_, m)| m.images.iter().any(|i| i.digest == want));
@@ -660,14 +771,14 @@ fn check_oci_layout(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Checks that `bundle.json`, `index.json`, the manifests and the verified blobs agree.
 /// `blobs` maps each blob whose content matched its name to its size.
-fn check_chain(
+/// Checks `index.json` against `bundle.json`: its digest and size, and one entry per
+/// image with the same reference, digest and media type, in the same order.
+fn check_index(
     layout: &Path,
     meta: &BundleMeta,
     index_path: &Path,
     index_bytes: &[u8],
-    blobs: &HashMap<Digest, u64>,
-    manifests: &HashMap<Digest, Vec<u8>>,
-) -> Result<()> {
+) -> Result<Index> {
     let bundle_json = layout.join(BUNDLE_JSON);
     let got = Digest::of(index_bytes);
     if got != meta.index.digest || index_bytes.len() as u64 != meta.index.size {
@@ -695,7 +806,6 @@ fn check_chain(
         )
         .into());
     }
-    let mut referenced: HashSet<Digest> = HashSet::new();
     for (img, desc) in meta.images.iter().zip(&index.manifests) {
         let ref_name = desc
             .annotations
@@ -715,6 +825,22 @@ fn check_chain(
             )
             .into());
         }
+    }
+    Ok(index)
+}
+
+fn check_chain(
+    layout: &Path,
+    meta: &BundleMeta,
+    index_path: &Path,
+    index_bytes: &[u8],
+    blobs: &HashMap<Digest, u64>,
+    manifests: &HashMap<Digest, Vec<u8>>,
+) -> Result<()> {
+    let bundle_json = layout.join(BUNDLE_JSON);
+    let index = check_index(layout, meta, index_path, index_bytes)?;
+    let mut referenced: HashSet<Digest> = HashSet::new();
+    for (img, desc) in meta.images.iter().zip(&index.manifests) {
         let what = |d: &Digest| format!("image {:?}: blob {d}", img.reference);
         let blob_size = |d: &Digest, want: u64| -> Result<()> {
             match blobs.get(d) {
