@@ -233,6 +233,18 @@ fn main() {
     let (verify_tar, verify_tar_rss) =
         best(&mut || measure(Command::new(LONGSHORE).arg("verify").arg(&tar)));
 
+    // The stick case: the same bundle as one tar stream, extracted into staging while it
+    // is verified, then copied.
+    eprintln!("cold: longshore import of the tar stream ...");
+    drop_caches();
+    let (import_tar, import_tar_rss) = measure(
+        Command::new(LONGSHORE)
+            .arg("--sysroot")
+            .arg(sb.dir.join("node-tar"))
+            .arg("import")
+            .arg(&tar),
+    );
+
     let tput = |d: Duration| blob_bytes as f64 / d.as_secs_f64() / (1 << 20) as f64;
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     let threads = std::thread::available_parallelism()
@@ -287,7 +299,21 @@ fn main() {
         Some(tput(openssl_time) / tput(sha256sum_time)),
         "(reference)",
     );
+    row(
+        "cold import of the tar stream vs the loop",
+        &secs(import_tar),
+        &secs(loop_cold),
+        Some(ratio(import_tar, loop_cold)),
+        "(reference)",
+    );
     row("peak RSS, import", &mib(import_rss), "", None, "< 64 MiB");
+    row(
+        "peak RSS, import of the tar stream",
+        &mib(import_tar_rss),
+        "",
+        None,
+        "< 64 MiB",
+    );
     row(
         "peak RSS, verify dir",
         &mib(verify_rss),
