@@ -150,13 +150,26 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 expected: a.digest,
                 hold: a.hold,
             };
-            let reports = engine.import(&a.path, &opts).await?;
+            let outcome = engine.import(&a.path, &opts).await?;
             if a.json {
-                print_json(&reports)?;
+                print_json(&outcome.reports)?;
             } else {
-                for r in &reports {
+                for r in &outcome.reports {
                     println!("{}", r.summary());
                 }
+            }
+            if let Some((_, first)) = outcome.failures.first() {
+                let code = exit_code_for(first);
+                for (path, e) in &outcome.failures {
+                    eprintln!("error: {}: {e:#}", path.display());
+                }
+                eprintln!(
+                    "{} of {} inputs in {} failed",
+                    outcome.failures.len(),
+                    outcome.failures.len() + outcome.reports.len(),
+                    a.path.display()
+                );
+                return Ok(ExitCode::from(code));
             }
         }
         Command::Verify(a) => {

@@ -81,6 +81,16 @@ impl ImportReport {
     }
 }
 
+/// What importing a path did: a report per input that went in, and the inputs of a
+/// collection that failed, with why.
+#[derive(Debug, Default)]
+pub struct ImportOutcome {
+    /// Inputs imported (or held).
+    pub reports: Vec<ImportReport>,
+    /// Inputs that failed.
+    pub failures: Vec<(PathBuf, anyhow::Error)>,
+}
+
 /// The engine: settings, the store, and the state it owns while the lock is held.
 pub struct Engine {
     /// Host paths.
@@ -160,8 +170,9 @@ impl Engine {
         &self.state
     }
 
-    /// Imports whatever `path` holds; a directory of several inputs imports each.
-    pub async fn import(&mut self, path: &Path, opts: &ImportOptions) -> Result<Vec<ImportReport>> {
+    /// Imports whatever `path` holds. A directory of several inputs imports each in turn;
+    /// one that fails is reported and the others still go in.
+    pub async fn import(&mut self, path: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
         match bundle::detect(path)? {
             Input::Collection(dir, items) => {
                 if opts.expected.is_some() && items.len() != 1 {
@@ -171,15 +182,27 @@ impl Engine {
                         items.len()
                     );
                 }
-                let mut reports = Vec::new();
+                let mut outcome = ImportOutcome::default();
                 for item in items {
                     tracing::info!("importing {}", item.display());
-                    let input = bundle::detect(&item)?;
-                    reports.push(self.import_one(input, opts).await?);
+                    let res = match bundle::detect_in(&item, Some(&dir)) {
+                        Ok(input) => self.import_one(input, opts).await,
+                        Err(e) => Err(e),
+                    };
+                    match res {
+                        Ok(r) => outcome.reports.push(r),
+                        Err(e) => {
+                            tracing::error!("{}: {e:#}", item.display());
+                            outcome.failures.push((item, e));
+                        }
+                    }
                 }
-                Ok(reports)
+                Ok(outcome)
             }
-            input => Ok(vec![self.import_one(input, opts).await?]),
+            input => Ok(ImportOutcome {
+                reports: vec![self.import_one(input, opts).await?],
+                failures: vec![],
+            }),
         }
     }
 
@@ -200,16 +223,14 @@ impl Engine {
         stream: bool,
         opts: &ImportOptions,
     ) -> Result<ImportReport> {
-        let (digest, meta) = if stream {
-            read::read_meta_stream(path)?
+        // bundle.json and index.json, checked against each other (and against --digest).
+        // When the store already holds every image, this is all that is read: no blob of
+        // the bundle would be used.
+        let read::Head { digest, meta } = if stream {
+            read::read_head_stream(path, opts.expected)?
         } else {
-            read::read_meta_dir(path)?
+            read::read_head_dir(path, opts.expected)?
         };
-        check_expected(
-            &path.join(crate::bundle::format::BUNDLE_JSON),
-            &digest,
-            opts.expected,
-        )?;
         let proxy = Proxy::start(&self.settings.skopeo).await?;
         let mut plan = plan_from_meta(
             digest,
@@ -239,8 +260,8 @@ impl Engine {
 
         let tmp = self.temp_staging(&digest)?;
         let verified = match (stream, opts.hold) {
-            (true, _) => read::verify_stream(path, Some(&tmp), opts.expected, &mut |_, _| Ok(())),
-            (false, false) => read::verify_dir(path, opts.expected, &mut |_, _| Ok(())),
+            (true, _) => read::verify_stream(path, Some(&tmp), opts.expected),
+            (false, false) => read::verify_dir(path, opts.expected),
             (false, true) => stage_dir(path, &tmp, opts.expected),
         };
         let verified = verified.inspect_err(|_| {
@@ -405,7 +426,7 @@ impl Engine {
             .with_context(|| format!("bundle {} is held but has no staged copy", rec.name))?;
         let report = match rec.kind {
             SourceKind::BundleDir | SourceKind::BundleTar => {
-                let verified = read::verify_dir(&staged, Some(rec.digest), &mut |_, _| Ok(()))?;
+                let verified = read::verify_dir(&staged, Some(rec.digest))?;
                 let mut plan = plan_from_meta(verified.digest, &verified.meta, rec.kind);
                 let proxy = Proxy::start(&self.settings.skopeo).await?;
                 let present = self.presence(&proxy, &plan).await;
@@ -759,9 +780,9 @@ pub async fn verify(
     settings: &Settings,
 ) -> Result<Vec<VerifyReport>> {
     let inputs = match bundle::detect(path)? {
-        Input::Collection(_, items) => items
+        Input::Collection(dir, items) => items
             .into_iter()
-            .map(|p| bundle::detect(&p))
+            .map(|p| bundle::detect_in(&p, Some(&dir)))
             .collect::<Result<Vec<_>>>()?,
         one => vec![one],
     };
@@ -775,13 +796,10 @@ pub async fn verify(
     let mut out = Vec::new();
     for input in inputs {
         out.push(match input {
-            Input::BundleDir(d) => {
-                VerifyReport::from(&d, read::verify_dir(&d, expected, &mut |_, _| Ok(()))?)
+            Input::BundleDir(d) => VerifyReport::from(&d, read::verify_dir(&d, expected)?),
+            Input::BundleStream(p) => {
+                VerifyReport::from(&p, read::verify_stream(&p, None, expected)?)
             }
-            Input::BundleStream(p) => VerifyReport::from(
-                &p,
-                read::verify_stream(&p, None, expected, &mut |_, _| Ok(()))?,
-            ),
             Input::Foreign(f) => {
                 let proxy = Proxy::start(&settings.skopeo).await?;
                 let r = verify_foreign(&proxy, &f, expected).await;
@@ -982,7 +1000,7 @@ fn ensure_same(v: &Verified, digest: &Digest, path: &Path) -> Result<()> {
 /// what was checked.
 fn stage_dir(src: &Path, tmp: &Path, expected: Option<Digest>) -> Result<Verified> {
     copy_tree(src, tmp)?;
-    read::verify_dir(tmp, expected, &mut |_, _| Ok(()))
+    read::verify_dir(tmp, expected)
 }
 
 fn copy_tree(src: &Path, dst: &Path) -> Result<()> {

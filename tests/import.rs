@@ -463,3 +463,58 @@ fn concurrent_imports_take_turns() {
     );
     assert_eq!(node.store_image_count(), 4);
 }
+
+#[test]
+fn a_bad_input_in_a_collection_does_not_stop_the_others() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let layout = layout(&node, "example.com/mixed", 2);
+    let media = node.scratch("stick");
+    fs::create_dir_all(&media).unwrap();
+    let good = media.join("b-good.tar");
+    create_bundle(&node, &layout, &good, &["--name", "good"]);
+    // A truncated copy of the same bundle sorts first.
+    let bytes = fs::read(&good).unwrap();
+    fs::write(media.join("a-cut.tar"), &bytes[..bytes.len() / 2]).unwrap();
+    let out = node.run(&["import", media.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("a-cut.tar") && stderr.contains("1 of 2 inputs"),
+        "{stderr}"
+    );
+    assert_imported(&node, &layout);
+}
+
+#[test]
+fn skopeo_sync_trees_are_named_by_their_path() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let layout = layout(&node, "example.com/synced", 1);
+    let img = &layout.images[0];
+    // `skopeo sync --scoped` lays images out as DEST/REGISTRY/PATH:TAG.
+    let root = node.scratch("sync");
+    let tree = root.join("registry.example.com/team/app:1.0");
+    fs::create_dir_all(tree.parent().unwrap()).unwrap();
+    let st = Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            &layout.transport_ref(&img.reference),
+            &format!("dir:{}", tree.display()),
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let r = import_json(&node, &root, &[]);
+    assert_eq!(r[0]["copied"], 1);
+    assert_eq!(
+        node.inspect_digest("registry.example.com/team/app:1.0")
+            .as_deref(),
+        Some(img.manifest_digest.as_str())
+    );
+}

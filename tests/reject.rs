@@ -589,3 +589,155 @@ fn staging_of_a_failed_stream_is_removed() {
         "which no image references",
     );
 }
+
+#[test]
+fn a_tar_with_bundle_json_is_judged_as_a_bundle() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    // Every tar bundle is also a valid oci-archive. One that breaks the bundle rules must
+    // be refused as a bundle, not imported as an oci-archive with its bundle.json ignored.
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    let late = node.scratch("oci-first.tar");
+    let mut t = RawTar::new();
+    t.file("oci-layout", &fs::read(good.join("oci-layout")).unwrap());
+    t.file("bundle.json", &fs::read(good.join("bundle.json")).unwrap());
+    t.bundle_rest(&good);
+    t.finish(&late);
+    assert_refused(
+        &node,
+        &late,
+        &[],
+        "oci-first.tar",
+        "a bundle starts with bundle.json",
+    );
+
+    let d = node.scratch("future-version");
+    copy_dir(&good, &d);
+    let mut meta = json(&d.join("bundle.json"));
+    meta["schemaVersion"] = serde_json::json!(2);
+    write_json(&d.join("bundle.json"), &meta);
+    let future = node.scratch("future.tar");
+    RawTar::new().bundle(&d).finish(&future);
+    assert_refused(&node, &future, &[], "future.tar", "schemaVersion 2");
+
+    // Blobs before index.json break the order the stream reader relies on.
+    let early = node.scratch("blob-first.tar");
+    let mut t = RawTar::new();
+    t.file("bundle.json", &fs::read(good.join("bundle.json")).unwrap());
+    let blob = largest_blob(&good);
+    t.file(
+        &format!(
+            "blobs/sha256/{}",
+            blob.file_name().unwrap().to_string_lossy()
+        ),
+        &fs::read(&blob).unwrap(),
+    );
+    t.finish(&early);
+    assert_refused(
+        &node,
+        &early,
+        &[],
+        "blob-first.tar",
+        "index.json precedes the blobs",
+    );
+}
+
+#[test]
+fn a_pax_global_header_is_accepted() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, digest) = good_bundle(&node);
+    let pax = node.scratch("pax.tar");
+    let mut t = RawTar::new();
+    t.entry(
+        b"pax_global_header",
+        tar::EntryType::XGlobalHeader,
+        b"",
+        b"",
+    );
+    t.bundle(&good);
+    t.finish(&pax);
+    node.ok(&["import", pax.to_str().unwrap(), "--digest", &digest]);
+    assert_eq!(node.store_image_count(), 2);
+}
+
+#[test]
+fn a_bundle_directory_holds_nothing_else() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    let d = node.scratch("with-readme");
+    copy_dir(&good, &d);
+    fs::write(d.join("README"), "hello").unwrap();
+    assert_refused(&node, &d, &[], "README", "does not belong in a bundle");
+    let d = node.scratch("with-sha512");
+    copy_dir(&good, &d);
+    fs::create_dir_all(d.join("blobs/sha512")).unwrap();
+    assert_refused(&node, &d, &[], "sha512", "does not belong in a bundle");
+}
+
+#[test]
+fn names_that_collide_are_refused() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let d = node.scratch(name);
+        copy_dir(&good, &d);
+        let mut meta = json(&d.join("bundle.json"));
+        f(&mut meta);
+        write_json(&d.join("bundle.json"), &meta);
+        d
+    };
+    let d = edit("same-tag", &|m| {
+        let repo = m["images"][0]["repository"].clone();
+        let tag = m["images"][0]["tags"][0].clone();
+        m["images"][1]["repository"] = repo;
+        m["images"][1]["tags"] = serde_json::json!(["other", tag]);
+        m["images"][1]["reference"] = serde_json::json!(format!(
+            "{}:other",
+            m["images"][1]["repository"].as_str().unwrap()
+        ));
+    });
+    assert_refused(&node, &d, &[], "bundle.json", "to two images");
+    let d = edit("tag-twice", &|m| {
+        let tag = m["images"][0]["tags"][0].clone();
+        m["images"][0]["tags"] = serde_json::json!([tag.clone(), tag]);
+    });
+    assert_refused(&node, &d, &[], "bundle.json", "is listed twice");
+    let d = edit("set-twice", &|m| {
+        let first = m["sets"][0]["images"][0].clone();
+        m["sets"][0]["images"].as_array_mut().unwrap().push(first);
+    });
+    assert_refused(&node, &d, &[], "bundle.json", "twice");
+    let d = edit("bad-name", &|m| m["name"] = serde_json::json!("../../etc"));
+    assert_refused(&node, &d, &[], "bundle.json", "has name");
+}
+
+#[test]
+fn a_lying_index_is_refused_even_when_nothing_would_be_copied() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let node = Node::new();
+    let (good, _) = good_bundle(&node);
+    node.ok(&["import", good.to_str().unwrap()]);
+    let d = node.scratch("index-changed-later");
+    copy_dir(&good, &d);
+    let mut index = fs::read(d.join("index.json")).unwrap();
+    index.push(b' ');
+    fs::write(d.join("index.json"), index).unwrap();
+    let err = node.fails(&["import", d.to_str().unwrap()], REJECTED);
+    assert!(
+        err.contains("index.json") && err.contains("but bundle.json says"),
+        "{err}"
+    );
+}

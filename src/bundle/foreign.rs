@@ -46,6 +46,13 @@ pub struct ForeignImage {
 
 /// Recognises a directory: an OCI layout or a `dir:` tree.
 pub fn detect_dir(dir: &Path) -> Result<Foreign> {
+    detect_dir_in(dir, None)
+}
+
+/// As [`detect_dir`], for a directory found inside the collection `root`: a `dir:` tree
+/// is then named by its path below the root, as `skopeo sync` lays trees out
+/// (`registry.example.com/team/app:1.0`).
+pub fn detect_dir_in(dir: &Path, root: Option<&Path>) -> Result<Foreign> {
     let name = implicit_name(dir);
     if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
         let index_path = dir.join("index.json");
@@ -63,12 +70,17 @@ pub fn detect_dir(dir: &Path) -> Result<Foreign> {
         });
     }
     if is_dir_transport(dir) {
-        let (repository, tags) = name_from_path_text(
-            &dir.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            &name,
-        );
+        let base = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let below_root = root
+            .and_then(|r| dir.strip_prefix(r).ok())
+            .map(|p| p.to_string_lossy().into_owned());
+        let (repository, tags) = match below_root.as_deref().and_then(split_reference) {
+            Some((repo, RefTail::Tag(t))) => (repo, vec![t]),
+            _ => name_from_path_text(&base, &name),
+        };
         return Ok(Foreign {
             path: dir.into(),
             kind: SourceKind::Dir,
@@ -97,7 +109,11 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
         docker_manifest,
         oci_index,
         has_layout,
+        has_bundle_json,
     } = scan_archive(path)?;
+    if has_bundle_json {
+        return Err(NotForeign(path.into()).into());
+    }
     if let Some(bytes) = docker_manifest {
         #[derive(Deserialize)]
         #[serde(rename_all = "PascalCase")]
@@ -130,6 +146,12 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
                 // An archive entry tagged into two repositories is stored under the first.
                 if repository.get_or_insert_with(|| repo.clone()) == &repo {
                     tags.push(tag);
+                } else {
+                    tracing::warn!(
+                        "{}: image {i} is tagged {t:?} as well; only the tags of {} are kept",
+                        path.display(),
+                        repository.as_deref().unwrap_or_default()
+                    );
                 }
             }
             let repository = repository.unwrap_or_else(|| format!("localhost/{name}"));
@@ -173,6 +195,9 @@ struct ArchiveScan {
     oci_index: Option<Vec<u8>>,
     /// Whether an `oci-layout` file is there.
     has_layout: bool,
+    /// Whether a `bundle.json` is there: then it is a bundle, right or wrong, never an
+    /// oci-archive.
+    has_bundle_json: bool,
 }
 
 /// Reads the entry names of a tar archive, keeping `manifest.json` and `index.json`.
@@ -182,6 +207,7 @@ fn scan_archive(path: &Path) -> Result<ArchiveScan> {
     let mut docker = None;
     let mut index = None;
     let mut layout = false;
+    let mut bundle_json = false;
     let entries = archive
         .entries()
         .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
@@ -198,6 +224,10 @@ fn scan_archive(path: &Path) -> Result<ArchiveScan> {
                 layout = true;
                 continue;
             }
+            super::format::BUNDLE_JSON => {
+                bundle_json = true;
+                continue;
+            }
             _ => continue,
         };
         let mut bytes = Vec::new();
@@ -211,6 +241,7 @@ fn scan_archive(path: &Path) -> Result<ArchiveScan> {
         docker_manifest: docker,
         oci_index: index,
         has_layout: layout,
+        has_bundle_json: bundle_json,
     })
 }
 
@@ -264,9 +295,6 @@ fn name_from_ref_name(r: &str, name: &str) -> Option<(String, Vec<String>)> {
 
 /// Names an image from a directory name such as `app:1.0` (what `skopeo sync` writes).
 fn name_from_path_text(text: &str, name: &str) -> (String, Vec<String>) {
-    if let Some((repo, RefTail::Tag(t))) = split_reference(text) {
-        return (repo, vec![t]);
-    }
     if let Some((repo, tag)) = text.rsplit_once(':') {
         let repo = sanitize(repo);
         if valid_tag(tag) && !repo.is_empty() {
@@ -299,8 +327,11 @@ pub fn implicit_name(path: &Path) -> String {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "input".into());
     let mut stem = base.as_str();
-    for ext in [".gz", ".zst", ".tgz", ".tar", ".oci", ".docker"] {
-        stem = stem.strip_suffix(ext).unwrap_or(stem);
+    while let Some(shorter) = [".gz", ".zst", ".tgz", ".tzst", ".tar", ".oci", ".docker"]
+        .iter()
+        .find_map(|ext| stem.strip_suffix(ext))
+    {
+        stem = shorter;
     }
     let s = sanitize(stem);
     if valid_set_name(&s) {
@@ -325,8 +356,9 @@ fn sanitize(s: &str) -> String {
 }
 
 /// Finds the inputs inside a directory that is neither a bundle nor a foreign layout:
-/// bundle directories, tar streams and foreign inputs, up to `depth` levels down, sorted
-/// by path. Files that are none of these are skipped.
+/// bundle directories, tar streams and foreign inputs, in `dir` and up to `depth - 1`
+/// levels of directories below it, sorted by path. Files that are none of these are
+/// skipped.
 pub fn scan_collection(dir: &Path, depth: usize) -> Result<Vec<PathBuf>> {
     let mut found = BTreeMap::new();
     scan_into(dir, depth, &mut found)?;
@@ -350,7 +382,7 @@ fn scan_into(dir: &Path, depth: usize, found: &mut BTreeMap<PathBuf, ()>) -> Res
                 || is_dir_transport(&path)
             {
                 found.insert(path, ());
-            } else if depth > 0 {
+            } else if depth > 1 {
                 scan_into(&path, depth - 1, found)?;
             }
         } else if ft.is_file() && looks_like_tar(&path) {
@@ -391,6 +423,13 @@ mod tests {
     }
 
     #[test]
+    fn implicit_names_strip_every_archive_ending() {
+        assert_eq!(implicit_name(Path::new("/m/site.tzst")), "site");
+        assert_eq!(implicit_name(Path::new("/m/x.tar.oci")), "x");
+        assert_eq!(implicit_name(Path::new("/m/x.oci.tar.gz")), "x");
+    }
+
+    #[test]
     fn implicit_names() {
         assert_eq!(
             implicit_name(Path::new("/m/App Images.tar.gz")),
@@ -401,10 +440,6 @@ mod tests {
 
     #[test]
     fn path_names() {
-        assert_eq!(
-            name_from_path_text("quay.io/a/b:2", "x"),
-            ("quay.io/a/b".into(), vec!["2".into()])
-        );
         assert_eq!(
             name_from_path_text("busybox:1.36", "x"),
             ("localhost/busybox".into(), vec!["1.36".into()])

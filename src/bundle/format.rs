@@ -14,7 +14,8 @@ pub const SCHEMA_VERSION: u32 = 1;
 pub const BUNDLE_JSON: &str = "bundle.json";
 /// Largest `bundle.json` accepted; a real one for hundreds of images is a few hundred KiB.
 pub const MAX_BUNDLE_JSON: u64 = 16 << 20;
-/// Largest manifest, index or config accepted, as containers/image limits them.
+/// Largest manifest or index accepted (containers/image limits manifests to 4 MiB too).
+/// Configs and layers are streamed, never held whole, and need no limit here.
 pub const MAX_DOCUMENT: u64 = 4 << 20;
 /// The annotation that names an image in an OCI index.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";

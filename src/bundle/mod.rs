@@ -52,12 +52,18 @@ pub const COLLECTION_DEPTH: usize = 3;
 
 /// Looks at the content of `path` (never its name) and says what it holds.
 pub fn detect(path: &Path) -> Result<Input> {
+    detect_in(path, None)
+}
+
+/// As [`detect`], for an input found inside the collection `root` (which names `dir:`
+/// trees by their path below it).
+pub fn detect_in(path: &Path, root: Option<&Path>) -> Result<Input> {
     let md = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if md.is_dir() {
         if path.join(format::BUNDLE_JSON).exists() {
             return Ok(Input::BundleDir(path.to_path_buf()));
         }
-        return match foreign::detect_dir(path) {
+        return match foreign::detect_dir_in(path, root) {
             Ok(f) => Ok(Input::Foreign(f)),
             Err(e) if e.downcast_ref::<foreign::NotForeign>().is_some() => {
                 let items = foreign::scan_collection(path, COLLECTION_DEPTH)?;

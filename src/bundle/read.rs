@@ -102,6 +102,9 @@ pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
         };
         let entry =
             entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        if is_pax_global(&entry) {
+            continue;
+        }
         let name = entry_name(path, &entry)?;
         match name.as_str() {
             "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => continue,
@@ -118,6 +121,76 @@ pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
             }
         }
     }
+}
+
+/// A pax global header carries defaults for the entries after it (`tar --format=pax`
+/// writes one); it names no file, and the tar reader applies what matters itself.
+fn is_pax_global<R: Read>(entry: &tar::Entry<'_, R>) -> bool {
+    entry.header().entry_type() == tar::EntryType::XGlobalHeader
+}
+
+/// What a bundle says about itself before its blobs: `bundle.json` and `index.json`,
+/// checked against each other.
+#[derive(Debug)]
+pub struct Head {
+    /// The bundle digest.
+    pub digest: Digest,
+    /// `bundle.json`.
+    pub meta: BundleMeta,
+}
+
+/// Reads and cross-checks `bundle.json` and `index.json` of a bundle directory.
+pub fn read_head_dir(dir: &Path, expected: Option<Digest>) -> Result<Head> {
+    let (digest, meta) = read_meta_dir(dir)?;
+    check_expected(&dir.join(BUNDLE_JSON), &digest, expected)?;
+    let index_path = dir.join("index.json");
+    let index = read_limited(&index_path, MAX_DOCUMENT)?;
+    check_index(dir, &meta, &index_path, &index)?;
+    Ok(Head { digest, meta })
+}
+
+/// Reads and cross-checks `bundle.json` and `index.json` of a tar bundle, which both come
+/// before the first blob.
+pub fn read_head_stream(path: &Path, expected: Option<Digest>) -> Result<Head> {
+    let (digest, meta) = read_meta_stream(path)?;
+    check_expected(&path.join(BUNDLE_JSON), &digest, expected)?;
+    let (_, stream) = open_stream(path)?;
+    let mut archive = tar::Archive::new(stream);
+    let entries = archive
+        .entries()
+        .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+    for entry in entries {
+        let entry =
+            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        if is_pax_global(&entry) {
+            continue;
+        }
+        let name = entry_name(path, &entry)?;
+        if name == "index.json" {
+            if entry.size() != meta.index.size {
+                return Err(Rejected::new(
+                    &path.join("index.json"),
+                    format!(
+                        "has {} bytes, but bundle.json says {}",
+                        entry.size(),
+                        meta.index.size
+                    ),
+                )
+                .into());
+            }
+            let bytes = read_entry_limited(path, &name, entry, MAX_DOCUMENT)?;
+            check_index(path, &meta, &path.join("index.json"), &bytes)?;
+            return Ok(Head { digest, meta });
+        }
+        if name.starts_with("blobs/sha256/") {
+            break;
+        }
+    }
+    Err(Rejected::new(
+        path,
+        "has no index.json before its first blob; index.json precedes the blobs",
+    )
+    .into())
 }
 
 fn parse_meta(path: &Path, bytes: &[u8]) -> Result<(Digest, BundleMeta)> {
@@ -147,14 +220,18 @@ fn parse_meta(path: &Path, bytes: &[u8]) -> Result<(Digest, BundleMeta)> {
 /// Checks `bundle.json` for consistency with itself, before anything it names is read.
 fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
     let bad = |msg: String| -> anyhow::Error { Rejected::new(path, msg).into() };
-    if meta.name.is_empty() {
-        return Err(bad("has an empty name".into()));
+    if !valid_set_name(&meta.name) {
+        return Err(bad(format!(
+            "has name {:?}; use letters, digits, '.', '_' and '-'",
+            meta.name
+        )));
     }
     if meta.images.is_empty() {
         return Err(bad("lists no images".into()));
     }
     let mut refs = HashSet::new();
     let mut names = HashSet::new();
+    let mut tagged: HashMap<String, &str> = HashMap::new();
     for img in &meta.images {
         match split_reference(&img.reference) {
             Some((repo, RefTail::Tag(tag))) if repo == img.repository && img.tags.first() == Some(&tag) => {}
@@ -173,6 +250,19 @@ fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
             return Err(bad(format!("lists image {:?} twice", img.reference)));
         }
         names.insert(img.digest_name());
+        for t in &img.tags {
+            let name = format!("{}:{t}", img.repository);
+            if let Some(other) = tagged.insert(name.clone(), img.reference.as_str()) {
+                return Err(bad(if other == img.reference {
+                    format!("image {:?}: tag {t:?} is listed twice", img.reference)
+                } else {
+                    format!(
+                        "gives {name:?} to two images: {other:?} and {:?}",
+                        img.reference
+                    )
+                }));
+            }
+        }
         if img.media_type != OCI_MANIFEST && img.media_type != DOCKER_MANIFEST {
             return Err(bad(format!(
                 "image {:?}: unsupported manifest media type {:?}",
@@ -191,6 +281,10 @@ fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
         }
         if !set_names.insert(set.name.as_str()) {
             return Err(bad(format!("declares set {:?} twice", set.name)));
+        }
+        let mut members = HashSet::new();
+        if let Some(twice) = set.images.iter().find(|r| !members.insert(*r)) {
+            return Err(bad(format!("set {:?} lists {twice:?} twice", set.name)));
         }
         if let Some(missing) = set.images.iter().find(|r| !names.contains(*r)) {
             return Err(bad(format!(
@@ -270,16 +364,11 @@ pub fn valid_set_name(n: &str) -> bool {
 
 /// Verifies a bundle directory in place.
 ///
-/// `expected` is the digest the caller requires; `on_meta` runs once `bundle.json` is read
-/// and before any blob is, so a space check can refuse early.
-pub fn verify_dir(
-    dir: &Path,
-    expected: Option<Digest>,
-    on_meta: &mut dyn FnMut(&Digest, &BundleMeta) -> Result<()>,
-) -> Result<Verified> {
+/// `expected` is the digest the caller requires; it is checked before anything else is
+/// read.
+pub fn verify_dir(dir: &Path, expected: Option<Digest>) -> Result<Verified> {
     let (digest, meta) = read_meta_dir(dir)?;
     check_expected(&dir.join(BUNDLE_JSON), &digest, expected)?;
-    on_meta(&digest, &meta)?;
     check_oci_layout(
         &dir.join("oci-layout"),
         &read_limited(&dir.join("oci-layout"), 4096)?,
@@ -288,6 +377,8 @@ pub fn verify_dir(
     let index = read_limited(&index_path, MAX_DOCUMENT)?;
     check_index(dir, &meta, &index_path, &index)?;
 
+    check_dir_entries(dir, &["bundle.json", "oci-layout", "index.json", "blobs"])?;
+    check_dir_entries(&dir.join("blobs"), &["sha256"])?;
     let blob_dir = dir.join("blobs/sha256");
     let declared = declared_blobs(&meta);
     let mut files = Vec::new();
@@ -350,6 +441,22 @@ pub fn verify_dir(
     })
 }
 
+/// Refuses anything in `dir` but `allowed`, as a tar stream's reader refuses stray entries.
+fn check_dir_entries(dir: &Path, allowed: &[&str]) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let name = entry.file_name();
+        if !name.to_str().is_some_and(|n| allowed.contains(&n)) {
+            return Err(Rejected::new(
+                &entry.path(),
+                "does not belong in a bundle (it holds only bundle.json, oci-layout, index.json and blobs/sha256/)",
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 /// Hashes blob files on all cores, largest first, and checks each against its name.
 fn hash_files(mut files: Vec<(Digest, u64, PathBuf)>) -> Result<HashMap<Digest, u64>> {
     files.sort_by_key(|f| std::cmp::Reverse(f.1));
@@ -397,14 +504,13 @@ pub fn verify_stream(
     path: &Path,
     staging: Option<&Path>,
     expected: Option<Digest>,
-    on_meta: &mut dyn FnMut(&Digest, &BundleMeta) -> Result<()>,
 ) -> Result<Verified> {
     let Some(staging) = staging else {
-        return extract_verified(path, None, expected, on_meta);
+        return extract_verified(path, None, expected);
     };
     fs::create_dir(staging)
         .with_context(|| format!("creating staging directory {}", staging.display()))?;
-    let res = extract_verified(path, Some(staging), expected, on_meta);
+    let res = extract_verified(path, Some(staging), expected);
     if res.is_err() {
         if let Err(e) = fs::remove_dir_all(staging) {
             tracing::warn!("removing staging directory {}: {e}", staging.display());
@@ -417,7 +523,6 @@ fn extract_verified(
     path: &Path,
     staging: Option<&Path>,
     expected: Option<Digest>,
-    on_meta: &mut dyn FnMut(&Digest, &BundleMeta) -> Result<()>,
 ) -> Result<Verified> {
     let (_, stream) = open_stream(path)?;
     let mut archive = tar::Archive::new(stream);
@@ -429,6 +534,7 @@ fn extract_verified(
             .with_context(|| format!("creating {}", staging.display()))?;
     }
     let mut manifests: HashMap<Digest, Vec<u8>> = HashMap::new();
+    let mut declared: HashMap<Digest, u64> = HashMap::new();
 
     let mut meta: Option<(Digest, BundleMeta)> = None;
     let mut index: Option<Vec<u8>> = None;
@@ -440,6 +546,9 @@ fn extract_verified(
     for entry in entries {
         let entry =
             entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+        if is_pax_global(&entry) {
+            continue;
+        }
         let name = entry_name(path, &entry)?;
         let kind = entry.header().entry_type();
         if kind.is_dir() {
@@ -467,8 +576,8 @@ fn extract_verified(
                 let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
                 let (digest, m) = parse_meta(&path.join(BUNDLE_JSON), &bytes)?;
                 check_expected(&path.join(BUNDLE_JSON), &digest, expected)?;
-                on_meta(&digest, &m)?;
                 write_staged(staging, BUNDLE_JSON, &bytes)?;
+                declared = declared_blobs(&m);
                 meta = Some((digest, m));
             }
             "oci-layout" => {
@@ -505,11 +614,16 @@ fn extract_verified(
                         format!("has entry {name:?}, which is not named by a sha256 digest"),
                     )
                 })?;
-                let declared = entry.size();
+                if index.is_none() {
+                    return Err(Rejected::new(
+                        path,
+                        format!("has {name:?} before index.json; index.json precedes the blobs"),
+                    )
+                    .into());
+                }
+                let header_size = entry.size();
                 // bundle.json came first, so every legitimate blob and its size is known.
-                let expected_size = meta
-                    .as_ref()
-                    .and_then(|(_, m)| declared_blobs(m).get(&want).copied());
+                let expected_size = declared.get(&want).copied();
                 match expected_size {
                     None => {
                         return Err(Rejected::new(
@@ -518,11 +632,11 @@ fn extract_verified(
                         )
                         .into())
                     }
-                    Some(size) if size != declared => {
+                    Some(size) if size != header_size => {
                         return Err(Rejected::new(
                             path,
                             format!(
-                            "entry {name:?} has {declared} bytes, but bundle.json declares {size}"
+                            "entry {name:?} has {header_size} bytes, but bundle.json declares {size}"
                         ),
                         )
                         .into())
@@ -541,11 +655,11 @@ fn extract_verified(
                     let dest = staging.map(|s| s.join(&name));
                     copy_hashed(path, &name, entry, dest.as_deref(), &mut buf)?
                 };
-                if len != declared {
+                if len != header_size {
                     return Err(Rejected::new(
                         path,
                         format!(
-                            "is truncated: entry {name:?} ends after {len} of {declared} bytes"
+                            "is truncated: entry {name:?} ends after {len} of {header_size} bytes"
                         ),
                     )
                     .into());
@@ -795,6 +909,13 @@ fn check_index(
     }
     let index: Index = serde_json::from_slice(index_bytes)
         .map_err(|e| Rejected::new(index_path, format!("is not a valid OCI index: {e}")))?;
+    if index.schema_version != 2 || index.media_type.as_deref().is_some_and(|m| m != OCI_INDEX) {
+        return Err(Rejected::new(
+            index_path,
+            "is not an OCI image index (schemaVersion 2, mediaType application/vnd.oci.image.index.v1+json)",
+        )
+        .into());
+    }
     if index.manifests.len() != meta.images.len() {
         return Err(Rejected::new(
             &bundle_json,
@@ -874,11 +995,9 @@ fn check_chain(
         if manifest.schema_version != 2 {
             return Err(Rejected::new(&manifest_path, "is not a schema 2 image manifest").into());
         }
-        if manifest
-            .media_type
-            .as_deref()
-            .is_some_and(|m| m != img.media_type)
-        {
+        // An OCI manifest may leave mediaType out; a Docker schema 2 manifest always states it.
+        let stated = manifest.media_type.as_deref().unwrap_or(OCI_MANIFEST);
+        if stated != img.media_type {
             return Err(Rejected::new(
                 &manifest_path,
                 format!(
