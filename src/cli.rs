@@ -132,7 +132,12 @@ struct CreateArgs {
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(cli.verbose);
-    let sysroot = cli.sysroot.clone().unwrap_or_else(|| PathBuf::from("/"));
+    // skopeo wants absolute store paths, so a relative --sysroot is made absolute here.
+    let sysroot = match &cli.sysroot {
+        Some(p) => std::path::absolute(p)
+            .with_context(|| format!("resolving --sysroot {}", p.display()))?,
+        None => PathBuf::from("/"),
+    };
     let paths = HostPaths::new(&sysroot);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

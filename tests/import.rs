@@ -518,3 +518,26 @@ fn skopeo_sync_trees_are_named_by_their_path() {
         Some(img.manifest_digest.as_str())
     );
 }
+
+#[test]
+fn a_relative_sysroot_is_taken_from_the_working_directory() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let layout = layout(&node, "example.com/relative", 1);
+    let bundle = node.scratch("rel");
+    create_bundle(&node, &layout, &bundle, &[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_longshore"))
+        .current_dir(node.tmp.path())
+        .args(["--sysroot", "root", "import"])
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_imported(&node, &layout);
+}
