@@ -13,6 +13,10 @@
 
 #[path = "../tests/common/fixture.rs"]
 mod fixture;
+#[path = "../tests/common/node.rs"]
+mod node;
+
+use node::unmount_under;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -29,23 +33,6 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         unmount_under(&self.dir);
         let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn unmount_under(dir: &Path) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|p| p.starts_with(&prefix))
-        .map(str::to_string)
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    for p in points {
-        let _ = Command::new("umount").arg("-l").arg(&p).status();
     }
 }
 

@@ -175,13 +175,7 @@ impl Engine {
     pub async fn import(&mut self, path: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
         match bundle::detect(path)? {
             Input::Collection(dir, items) => {
-                if opts.expected.is_some() && items.len() != 1 {
-                    bail!(
-                        "{} holds {} inputs; --digest names a single bundle",
-                        dir.display(),
-                        items.len()
-                    );
-                }
+                one_input_for_digest(&dir, items.len(), opts.expected)?;
                 let mut outcome = ImportOutcome::default();
                 for item in items {
                     tracing::info!("importing {}", item.display());
@@ -786,13 +780,7 @@ pub async fn verify(
             .collect::<Result<Vec<_>>>()?,
         one => vec![one],
     };
-    if expected.is_some() && inputs.len() != 1 {
-        bail!(
-            "{} holds {} inputs; --digest names a single bundle",
-            path.display(),
-            inputs.len()
-        );
-    }
+    one_input_for_digest(path, inputs.len(), expected)?;
     let mut out = Vec::new();
     for input in inputs {
         out.push(match input {
@@ -971,6 +959,17 @@ fn implicit_digest(f: &Foreign, images: &[PlannedImage]) -> Digest {
         })).collect::<Vec<_>>(),
     });
     Digest::of(doc.to_string().as_bytes())
+}
+
+/// `--digest` names one bundle: a collection must then hold exactly one input.
+fn one_input_for_digest(dir: &Path, inputs: usize, expected: Option<Digest>) -> Result<()> {
+    if expected.is_some() && inputs != 1 {
+        bail!(
+            "{} holds {inputs} inputs; --digest names a single bundle",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn check_expected(path: &Path, got: &Digest, expected: Option<Digest>) -> Result<()> {

@@ -19,26 +19,7 @@ fn layout(node: &Node, prefix: &str, n: usize) -> Layout {
 
 /// `longshore bundle create -o OUT` from every image of `layout`; returns the digest.
 fn create_bundle(node: &Node, layout: &Layout, out: &Path, extra: &[&str]) -> String {
-    let mut args: Vec<String> = vec![
-        "bundle".into(),
-        "create".into(),
-        "-o".into(),
-        out.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(
-        layout
-            .images
-            .iter()
-            .map(|i| layout.transport_ref(&i.reference)),
-    );
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let stdout = node.ok(&argv);
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("digest "))
-        .expect("bundle create prints the digest")
-        .to_string()
+    node.bundle_create(layout, out, extra)
 }
 
 /// Every image of `layout` is in the store under its digest name and its tag, with the

@@ -20,27 +20,7 @@ fn good_bundle(node: &Node) -> (PathBuf, String) {
     )
     .unwrap();
     let out = node.scratch("good");
-    let mut args = vec![
-        "bundle".to_string(),
-        "create".into(),
-        "-o".into(),
-        out.display().to_string(),
-        "--name".into(),
-        "good".into(),
-    ];
-    args.extend(
-        layout
-            .images
-            .iter()
-            .map(|i| layout.transport_ref(&i.reference)),
-    );
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let stdout = node.ok(&argv);
-    let digest = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("digest "))
-        .unwrap()
-        .to_string();
+    let digest = node.bundle_create(&layout, &out, &["--name", "good"]);
     (out, digest)
 }
 

@@ -91,36 +91,52 @@ pub fn read_meta_dir(dir: &Path) -> Result<(Digest, BundleMeta)> {
 
 /// Reads just the first entry of a tar bundle, which must be `bundle.json`.
 pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
+    let mut found = None;
+    walk_stream(path, |name, entry| match name.as_str() {
+        "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => Ok(Flow::Next),
+        BUNDLE_JSON => {
+            let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
+            found = Some(parse_meta(&path.join(BUNDLE_JSON), &bytes)?);
+            Ok(Flow::Stop)
+        }
+        _ => Err(Rejected::new(
+            path,
+            format!("has {name:?} as its first entry; a bundle starts with bundle.json"),
+        )
+        .into()),
+    })?;
+    found.ok_or_else(|| Rejected::new(path, "is an empty tar stream").into())
+}
+
+/// Whether [`walk_stream`] goes on to the next entry.
+enum Flow {
+    Next,
+    Stop,
+}
+
+/// Reads the tar stream at `path` entry by entry, handing each to `visit` with its
+/// checked, normalised name (see [`entry_name`]), until `visit` stops or the stream ends.
+fn walk_stream(
+    path: &Path,
+    mut visit: impl FnMut(String, tar::Entry<'_, Box<dyn Read + Send>>) -> Result<Flow>,
+) -> Result<()> {
     let (_, stream) = open_stream(path)?;
     let mut archive = tar::Archive::new(stream);
-    let mut entries = archive
+    let entries = archive
         .entries()
-        .with_context(|| format!("reading tar stream {}", path.display()))?;
-    loop {
-        let Some(entry) = entries.next() else {
-            return Err(Rejected::new(path, "is an empty tar stream").into());
-        };
+        .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
+    for entry in entries {
         let entry =
             entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
         if is_pax_global(&entry) {
             continue;
         }
         let name = entry_name(path, &entry)?;
-        match name.as_str() {
-            "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => continue,
-            BUNDLE_JSON => {
-                let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
-                return parse_meta(&path.join(BUNDLE_JSON), &bytes);
-            }
-            _ => {
-                return Err(Rejected::new(
-                    path,
-                    format!("has {name:?} as its first entry; a bundle starts with bundle.json"),
-                )
-                .into())
-            }
+        if let Flow::Stop = visit(name, entry)? {
+            break;
         }
     }
+    Ok(())
 }
 
 /// A pax global header carries defaults for the entries after it (`tar --format=pax`
@@ -154,18 +170,8 @@ pub fn read_head_dir(dir: &Path, expected: Option<Digest>) -> Result<Head> {
 pub fn read_head_stream(path: &Path, expected: Option<Digest>) -> Result<Head> {
     let (digest, meta) = read_meta_stream(path)?;
     check_expected(&path.join(BUNDLE_JSON), &digest, expected)?;
-    let (_, stream) = open_stream(path)?;
-    let mut archive = tar::Archive::new(stream);
-    let entries = archive
-        .entries()
-        .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-        if is_pax_global(&entry) {
-            continue;
-        }
-        let name = entry_name(path, &entry)?;
+    let mut index_checked = false;
+    walk_stream(path, |name, entry| {
         if name == "index.json" {
             if entry.size() != meta.index.size {
                 return Err(Rejected::new(
@@ -180,17 +186,23 @@ pub fn read_head_stream(path: &Path, expected: Option<Digest>) -> Result<Head> {
             }
             let bytes = read_entry_limited(path, &name, entry, MAX_DOCUMENT)?;
             check_index(path, &meta, &path.join("index.json"), &bytes)?;
-            return Ok(Head { digest, meta });
+            index_checked = true;
+            return Ok(Flow::Stop);
         }
-        if name.starts_with("blobs/sha256/") {
-            break;
-        }
+        Ok(if name.starts_with("blobs/sha256/") {
+            Flow::Stop
+        } else {
+            Flow::Next
+        })
+    })?;
+    if !index_checked {
+        return Err(Rejected::new(
+            path,
+            "has no index.json before its first blob; index.json precedes the blobs",
+        )
+        .into());
     }
-    Err(Rejected::new(
-        path,
-        "has no index.json before its first blob; index.json precedes the blobs",
-    )
-    .into())
+    Ok(Head { digest, meta })
 }
 
 fn parse_meta(path: &Path, bytes: &[u8]) -> Result<(Digest, BundleMeta)> {
@@ -524,11 +536,6 @@ fn extract_verified(
     staging: Option<&Path>,
     expected: Option<Digest>,
 ) -> Result<Verified> {
-    let (_, stream) = open_stream(path)?;
-    let mut archive = tar::Archive::new(stream);
-    let entries = archive
-        .entries()
-        .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
     if let Some(staging) = staging {
         fs::create_dir_all(staging.join("blobs/sha256"))
             .with_context(|| format!("creating {}", staging.display()))?;
@@ -543,13 +550,7 @@ fn extract_verified(
     let mut seen: HashSet<String> = HashSet::new();
     let mut buf = vec![0u8; HASH_BUFFER];
 
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-        if is_pax_global(&entry) {
-            continue;
-        }
-        let name = entry_name(path, &entry)?;
+    walk_stream(path, |name, entry| {
         let kind = entry.header().entry_type();
         if kind.is_dir() {
             if !matches!(name.as_str(), "" | "blobs" | "blobs/sha256") {
@@ -559,7 +560,7 @@ fn extract_verified(
                 )
                 .into());
             }
-            continue;
+            return Ok(Flow::Next);
         }
         if !seen.insert(name.clone()) {
             return Err(Rejected::new(path, format!("has entry {name:?} twice")).into());
@@ -677,7 +678,8 @@ fn extract_verified(
                 }
             }
         }
-    }
+        Ok(Flow::Next)
+    })?;
     let Some((digest, meta)) = meta else {
         return Err(Rejected::new(path, "holds no bundle.json").into());
     };

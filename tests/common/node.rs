@@ -89,6 +89,30 @@ impl Node {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `longshore bundle create -o OUT EXTRA… oci:LAYOUT:REF…` for every image of
+    /// `layout`; returns the bundle digest it prints.
+    pub fn bundle_create(
+        &self,
+        layout: &super::fixture::Layout,
+        out: &Path,
+        extra: &[&str],
+    ) -> String {
+        let out = out.display().to_string();
+        let sources: Vec<String> = layout
+            .images
+            .iter()
+            .map(|i| layout.transport_ref(&i.reference))
+            .collect();
+        let mut args = vec!["bundle", "create", "-o", out.as_str()];
+        args.extend_from_slice(extra);
+        args.extend(sources.iter().map(String::as_str));
+        self.ok(&args)
+            .lines()
+            .find_map(|l| l.strip_prefix("digest "))
+            .expect("bundle create prints the digest")
+            .to_string()
+    }
+
     /// Runs longshore and insists that it failed with `code`; returns stderr.
     pub fn fails(&self, args: &[&str], code: i32) -> String {
         let out = self.run(args);
