@@ -61,9 +61,33 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List image sets and their state, or remove one.
+    Sets {
+        #[command(subcommand)]
+        action: Option<SetsCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every set, put back from retained bundles what the store lost, and bring
+    /// CRI-O's pins in line (what the daemon does at start).
+    Sync,
+    /// Run the daemon: keep the pins in line with the sets and CRI-O's other drop-ins,
+    /// and heal the store when CRI-O (re)starts.
+    Daemon,
     /// Make bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SetsCommand {
+    /// Remove a set that came from a bundle: its images are no longer pinned (they stay
+    /// in the store until CRI-O's garbage collection removes them).
+    Remove {
+        /// The set's name.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -211,6 +235,34 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 print_status(&status);
             }
         }
+        Command::Sets { action: Some(SetsCommand::Remove { name }), .. } => {
+            let mut engine = Engine::open(paths, settings)?;
+            engine.remove_set(&name).await?;
+            println!("removed set {name}: its images are no longer pinned");
+        }
+        Command::Sets { action: None, json } => {
+            let state = State::load(&paths.state_dir)?;
+            let store = Store::new(&paths, &settings);
+            let (views, _) =
+                engine::evaluate_sets(&paths, &settings, &state, &store, &Default::default())
+                    .await?;
+            if json {
+                print_json(&serde_json::json!({
+                    "apiVersion": STATUS_API_VERSION,
+                    "sets": views,
+                }))?;
+            } else {
+                print_sets(&views);
+            }
+        }
+        Command::Sync => {
+            let mut engine = Engine::open(paths, settings)?;
+            let views = engine.heal().await?;
+            print_sets(&views);
+        }
+        Command::Daemon => {
+            crate::daemon::run(paths, settings).await?;
+        }
         Command::Bundle(BundleCommand::Create(a)) => {
             let name = match a.name {
                 Some(n) => n,
@@ -265,8 +317,8 @@ pub struct Status {
     pub store: String,
     /// Bundles.
     pub bundles: Vec<BundleStatus>,
-    /// Image sets.
-    pub sets: Vec<SetStatus>,
+    /// Image sets, with their state.
+    pub sets: Vec<crate::sets::SetView>,
     /// Images.
     pub images: Vec<ImageStatus>,
 }
@@ -294,22 +346,6 @@ pub struct BundleStatus {
     pub updated: String,
 }
 
-/// An image set in `status`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct SetStatus {
-    /// Name.
-    pub name: String,
-    /// The bundle that declared it.
-    pub bundle: String,
-    /// Whether it asks to be pinned.
-    pub pinned: bool,
-    /// Digest references of its images.
-    pub images: Vec<String>,
-    /// Of those, the ones the store lacks.
-    pub missing: Vec<String>,
-}
-
 /// An image in `status`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -318,7 +354,7 @@ pub struct ImageStatus {
     pub reference: String,
     /// Every name it is stored under.
     pub names: Vec<String>,
-    /// `present`, `missing` or `held`.
+    /// `present`, `missing` or `held` (staged, not imported yet).
     pub state: &'static str,
     /// Bundles that carry it.
     pub bundles: Vec<String>,
@@ -330,11 +366,7 @@ async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
     let state = State::load(&paths.state_dir)?;
     let store = Store::new(paths, settings);
     let mut images: Vec<ImageStatus> = Vec::new();
-    let proxy = if state
-        .bundles
-        .values()
-        .any(|b| b.state == BundleState::Imported)
-    {
+    let proxy = if state.bundles.values().any(|b| b.state != BundleState::Held) {
         Some(Proxy::start(&settings.skopeo).await?)
     } else {
         None
@@ -347,7 +379,7 @@ async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
                 continue;
             }
             let st = match (&proxy, b.state) {
-                (Some(p), BundleState::Imported) => {
+                (Some(p), BundleState::Imported | BundleState::Importing) => {
                     let w = Wanted {
                         repository: &i.repository,
                         digest: i.digest,
@@ -373,28 +405,8 @@ async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
     if let Some(p) = proxy {
         p.finish().await.ok();
     }
-    let mut sets = Vec::new();
-    for b in state.bundles.values() {
-        for s in &b.sets {
-            let missing = s
-                .images
-                .iter()
-                .filter(|r| {
-                    !images
-                        .iter()
-                        .any(|i| &i.reference == *r && i.state == "present")
-                })
-                .cloned()
-                .collect();
-            sets.push(SetStatus {
-                name: s.name.clone(),
-                bundle: b.name.clone(),
-                pinned: s.pinned,
-                images: s.images.clone(),
-                missing,
-            });
-        }
-    }
+    let (sets, _) =
+        engine::evaluate_sets(paths, settings, &state, &store, &Default::default()).await?;
     let mut bundles: Vec<BundleStatus> = state
         .bundles
         .values()
@@ -410,7 +422,6 @@ async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
         })
         .collect();
     bundles.sort_by(|a, b| a.name.cmp(&b.name).then(a.digest.cmp(&b.digest)));
-    sets.sort_by(|a, b| a.name.cmp(&b.name));
     images.sort_by(|a, b| a.reference.cmp(&b.reference));
     Ok(Status {
         api_version: STATUS_API_VERSION,
@@ -430,6 +441,7 @@ fn print_status(s: &Status) {
     for b in &s.bundles {
         let state = match b.state {
             BundleState::Held => "held",
+            BundleState::Importing => "importing",
             BundleState::Imported => "imported",
         };
         println!(
@@ -444,21 +456,7 @@ fn print_status(s: &Status) {
             b.updated
         );
     }
-    println!("SETS");
-    for set in &s.sets {
-        let ready = if set.missing.is_empty() {
-            "complete".to_string()
-        } else {
-            format!("{} of {} missing", set.missing.len(), set.images.len())
-        };
-        println!(
-            "  {:<28} {:<9} {:>4} images  {}",
-            set.name,
-            if set.pinned { "pinned" } else { "unpinned" },
-            set.images.len(),
-            ready
-        );
-    }
+    print_sets(&s.sets);
     println!("IMAGES");
     for i in &s.images {
         println!(
@@ -467,6 +465,41 @@ fn print_status(s: &Status) {
             human_size(i.size),
             i.names.join(", ")
         );
+    }
+}
+
+fn print_sets(sets: &[crate::sets::SetView]) {
+    if sets.is_empty() {
+        println!("SETS\n  none");
+        return;
+    }
+    println!("SETS");
+    for set in sets {
+        let cond = |k: &str| set.conditions.iter().find(|c| c.kind == k);
+        let state = if cond("Progressing").is_some_and(|c| c.status) {
+            "progressing"
+        } else if cond("Ready").is_some_and(|c| c.status) {
+            "ready"
+        } else {
+            "degraded"
+        };
+        let source = match &set.source {
+            crate::sets::Source::Bundle { name, .. } => format!("bundle {name}"),
+            crate::sets::Source::File { path } => path.display().to_string(),
+        };
+        println!(
+            "  {:<28} {:<11} {:<9} {:>4} images {:>10}  from {source}",
+            set.name,
+            state,
+            if set.pinned { "pinned" } else { "unpinned" },
+            set.images.len(),
+            human_size(set.bytes_on_disk),
+        );
+        for c in &set.conditions {
+            if c.kind == "Degraded" && c.status || c.kind == "Progressing" && c.status {
+                println!("      {} ({}): {}", c.kind, c.reason, c.message);
+            }
+        }
     }
 }
 

@@ -20,9 +20,19 @@ use crate::paths::HostPaths;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Fragment {
+    bus: Option<Bus>,
     store: Option<StoreFragment>,
     skopeo: Option<SkopeoFragment>,
     import: Option<ImportFragment>,
+    crio: Option<CrioFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CrioFragment {
+    unit: Option<String>,
+    reload: Option<bool>,
+    allow_restart: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -30,11 +40,14 @@ struct Fragment {
 struct ImportFragment {
     #[serde(default, deserialize_with = "copy_jobs")]
     jobs: Option<usize>,
+    pin_foreign: Option<bool>,
+    retain_bundles: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoreFragment {
+    mode: Option<StoreMode>,
     driver: Option<Driver>,
     #[serde(default, deserialize_with = "absolute_path")]
     root: Option<PathBuf>,
@@ -48,6 +61,37 @@ struct StoreFragment {
 #[serde(deny_unknown_fields)]
 struct SkopeoFragment {
     command: Option<String>,
+}
+
+/// Which D-Bus bus longshore uses to reach systemd (and, later, to serve its API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bus {
+    /// The system bus: a node.
+    System,
+    /// The session bus of the caller: tests with a user manager.
+    Session,
+}
+
+impl Bus {
+    /// The bus's name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Bus::System => "system",
+            Bus::Session => "session",
+        }
+    }
+}
+
+/// Where imported images live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreMode {
+    /// CRI-O's own store (`[store] root`).
+    Primary,
+    /// longshore's own store, `/var/lib/longshore/storage`, which CRI-O reads as an
+    /// additional, read-only image store.
+    Additional,
 }
 
 /// The storage driver of the store longshore writes to.
@@ -73,6 +117,8 @@ impl Driver {
 /// Where images are written.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
+    /// CRI-O's store or an additional one.
+    pub mode: StoreMode,
     /// Storage driver.
     pub driver: Driver,
     /// Graph root, as on the node (before `--sysroot` is applied).
@@ -81,6 +127,17 @@ pub struct StoreSettings {
     pub run_root: PathBuf,
     /// Free space that must remain on the store's filesystem after an import.
     pub min_free_space: u64,
+}
+
+/// How longshore treats CRI-O.
+#[derive(Debug, Clone)]
+pub struct CrioSettings {
+    /// CRI-O's systemd unit.
+    pub unit: String,
+    /// Whether CRI-O is reloaded when the pins change.
+    pub reload: bool,
+    /// Whether CRI-O may be restarted when a change needs it (the additional store).
+    pub allow_restart: bool,
 }
 
 /// The merged, validated configuration.
@@ -92,6 +149,14 @@ pub struct Settings {
     pub skopeo: String,
     /// How many images are copied into the store at once.
     pub import_jobs: usize,
+    /// Whether the implicit set of a foreign input (a `podman save` archive) is pinned.
+    pub pin_foreign: bool,
+    /// Whether a verified copy of each imported bundle is kept to heal the store from.
+    pub retain_bundles: bool,
+    /// The bus systemd is reached on.
+    pub bus: Bus,
+    /// CRI-O.
+    pub crio: CrioSettings,
     /// The fragment files that were applied, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -107,6 +172,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             store: StoreSettings {
+                mode: StoreMode::Primary,
                 driver: Driver::Overlay,
                 root: PathBuf::from("/var/lib/containers/storage"),
                 run_root: PathBuf::from("/run/containers/storage"),
@@ -114,6 +180,14 @@ impl Default for Settings {
             },
             skopeo: "skopeo".to_string(),
             import_jobs: DEFAULT_IMPORT_JOBS,
+            pin_foreign: true,
+            retain_bundles: false,
+            bus: Bus::System,
+            crio: CrioSettings {
+                unit: "crio.service".to_string(),
+                reload: true,
+                allow_restart: false,
+            },
             sources: Vec::new(),
         }
     }
@@ -141,7 +215,9 @@ impl Settings {
     }
 
     fn apply(&mut self, f: Fragment) {
+        set(&mut self.bus, f.bus);
         if let Some(s) = f.store {
+            set(&mut self.store.mode, s.mode);
             set(&mut self.store.driver, s.driver);
             set(&mut self.store.root, s.root);
             set(&mut self.store.run_root, s.run_root);
@@ -152,6 +228,13 @@ impl Settings {
         }
         if let Some(i) = f.import {
             set(&mut self.import_jobs, i.jobs);
+            set(&mut self.pin_foreign, i.pin_foreign);
+            set(&mut self.retain_bundles, i.retain_bundles);
+        }
+        if let Some(c) = f.crio {
+            set(&mut self.crio.unit, c.unit);
+            set(&mut self.crio.reload, c.reload);
+            set(&mut self.crio.allow_restart, c.allow_restart);
         }
     }
 }
@@ -373,6 +456,13 @@ mod tests {
         assert_eq!(shipped.store.min_free_space, built_in.store.min_free_space);
         assert_eq!(shipped.import_jobs, built_in.import_jobs);
         assert_eq!(shipped.skopeo, built_in.skopeo);
+        assert_eq!(shipped.store.mode, built_in.store.mode);
+        assert_eq!(shipped.pin_foreign, built_in.pin_foreign);
+        assert_eq!(shipped.retain_bundles, built_in.retain_bundles);
+        assert_eq!(shipped.bus, built_in.bus);
+        assert_eq!(shipped.crio.unit, built_in.crio.unit);
+        assert_eq!(shipped.crio.reload, built_in.crio.reload);
+        assert_eq!(shipped.crio.allow_restart, built_in.crio.allow_restart);
     }
 
     #[test]

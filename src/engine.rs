@@ -1,15 +1,19 @@
 //! The import path that ties the parts together: detect → read metadata → see what the
-//! store holds → check space → verify → stage or copy → record.
+//! store holds → check space → verify → stage or copy → pin → reload CRI-O → record.
 //!
 //! A bundle moves through these states (recorded in [`crate::state`]):
 //!
 //! ```text
-//!   (new) --verify ok, --hold--> Held --apply--> Imported
-//!   (new) --verify ok----------------------->   Imported
-//!   (new) --anything fails--> (new): nothing is recorded, staging is removed
+//!   (new) --verify ok, --hold--> Held --apply--> Importing --copies done--> Imported
+//!   (new) --verify ok---------------------->     Importing --copies done--> Imported
+//!   (new) --verification fails--> (new): nothing recorded, nothing pinned, staging removed
+//!   Importing --a copy fails--> Importing (its sets say what is missing)
 //! ```
 //!
-//! Nothing enters the store before the whole bundle has been verified.
+//! Nothing enters the store before the whole bundle has been verified. When a bundle's
+//! sets change what is pinned, the pins of what stays are written first (so images that
+//! left a set become collectable), then the new images are copied, then pinned; CRI-O is
+//! reloaded after each change of the pin file.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs;
@@ -20,15 +24,19 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::bundle::foreign::Foreign;
+use crate::crio::{CrioConfig, FileChange};
+use crate::sets::{self, Activity, SetView};
+use crate::systemd::{Reload, Systemd};
 use crate::bundle::format::{BundleMeta, ImageMeta};
 use crate::bundle::read::{self, Verified};
 use crate::bundle::{self, Input, Rejected};
-use crate::config::{human_size, Settings};
+use crate::config::{human_size, Settings, StoreMode};
 use crate::digest::Digest;
 use crate::paths::HostPaths;
 use crate::proxy::Proxy;
 use crate::state::{
-    now, BundleRecord, BundleState, ImageRecord, SetRecord, SourceKind, State, StateLock,
+    now, ActiveSet, BundleRecord, BundleState, ImageRecord, SetRecord, SourceKind, State,
+    StateLock,
 };
 use crate::store::{check_space, SpaceNeed, Store, Wanted};
 
@@ -77,6 +85,10 @@ impl ImportReport {
                 "bundle {} ({}) imported: {n} images copied, {} already present",
                 self.name, self.digest, self.present
             ),
+            (BundleState::Importing, _) => format!(
+                "bundle {} ({}) is not completely imported",
+                self.name, self.digest
+            ),
         }
     }
 }
@@ -99,7 +111,12 @@ pub struct Engine {
     pub settings: Settings,
     /// The store written to.
     pub store: Store,
+    /// CRI-O's configuration files.
+    pub crio: CrioConfig,
     state: State,
+    systemd: Option<Systemd>,
+    /// Sets whose images this engine is copying now.
+    busy: std::collections::BTreeSet<String>,
     _lock: StateLock,
 }
 
@@ -146,6 +163,8 @@ impl PlannedImage {
             tags: self.tags.clone(),
             names,
             size: self.size,
+            layers: self.layers.clone(),
+            overhead: self.overhead,
         }
     }
 }
@@ -156,11 +175,15 @@ impl Engine {
         let lock = StateLock::acquire(&paths.state_dir)?;
         let state = State::load(&paths.state_dir)?;
         let store = Store::new(&paths, &settings);
+        let crio = crio_config(&paths);
         Ok(Engine {
             paths,
             settings,
             store,
+            crio,
             state,
+            systemd: None,
+            busy: Default::default(),
             _lock: lock,
         })
     }
@@ -239,12 +262,14 @@ impl Engine {
         proxy.finish().await.ok();
         let present = present?;
         if !opts.hold && present.iter().all(|p| *p) {
-            return self.finish_import(path, &plan, &present, 0, None);
+            return self.commit(path, &mut plan, &present, None, None, None).await;
         }
 
         let staging_needed = stream || opts.hold;
         let mut needs = vec![self.store_need(&plan, &present)];
-        if staging_needed {
+        if staging_needed || self.settings.retain_bundles {
+            // A stream is staged (and then kept when retained); a directory is copied
+            // when held or retained.
             needs.push(SpaceNeed {
                 path: self.paths.staging_dir(),
                 bytes: unique_bundle_bytes(&meta),
@@ -277,11 +302,15 @@ impl Engine {
         if opts.hold {
             return self.record_held(path, &plan, layout, verified.bytes_verified);
         }
-        let copied = self.copy_from_layout(&mut plan, &present, &layout);
-        let report = copied.and_then(|n| {
-            self.finish_import(path, &plan, &present, n, Some(verified.bytes_verified))
-        });
-        if staging_needed {
+        let retain = match (self.settings.retain_bundles, staging_needed) {
+            (false, _) => None,
+            (true, true) => Some(Retain::Move(layout.clone())),
+            (true, false) => Some(Retain::CopyDir(layout.clone())),
+        };
+        let report = self
+            .commit(path, &mut plan, &present, Some(&layout), Some(verified.bytes_verified), retain)
+            .await;
+        if staging_needed && layout.exists() {
             remove_staging(&layout);
         }
         report
@@ -343,19 +372,20 @@ impl Engine {
                     .iter()
                     .map(|i| format!("{}@{}", i.repository, i.digest))
                     .collect(),
-                pinned: true,
+                pinned: self.settings.pin_foreign,
             }],
             images,
         };
+        let mut plan = plan;
         let present = self.presence(proxy, &plan).await?;
         if !opts.hold && present.iter().all(|p| *p) {
             for img in opened {
                 proxy.close(img).await?;
             }
-            return self.finish_import(&f.path, &plan, &present, 0, None);
+            return self.commit(&f.path, &mut plan, &present, None, None, None).await;
         }
         let mut needs = vec![self.store_need(&plan, &present)];
-        if opts.hold {
+        if opts.hold || self.settings.retain_bundles {
             needs.push(SpaceNeed {
                 path: self.paths.staging_dir(),
                 bytes: dir_size(&f.path)?,
@@ -399,8 +429,12 @@ impl Engine {
             replace_dir(&tmp, &final_dir)?;
             return self.record_held(&f.path, &plan, final_dir, verified);
         }
-        let n = self.copy_missing(&plan, &present)?;
-        self.finish_import(&f.path, &plan, &present, n, Some(verified))
+        let retain = self
+            .settings
+            .retain_bundles
+            .then(|| Retain::CopyInput(f.path.clone()));
+        self.commit(&f.path, &mut plan, &present, None, Some(verified), retain)
+            .await
     }
 
     /// Copies a held bundle's images into the store.
@@ -431,14 +465,19 @@ impl Engine {
                     self.settings.store.min_free_space,
                     &staged,
                 )?;
-                let n = self.copy_from_layout(&mut plan, &present, &staged)?;
-                self.finish_import(
+                let retain = self
+                    .settings
+                    .retain_bundles
+                    .then(|| Retain::Move(staged.clone()));
+                self.commit(
                     &rec.source,
-                    &plan,
+                    &mut plan,
                     &present,
-                    n,
+                    Some(&staged),
                     Some(verified.bytes_verified),
-                )?
+                    retain,
+                )
+                .await?
             }
             _ => {
                 let name = fs::read_dir(&staged)
@@ -464,7 +503,9 @@ impl Engine {
                 r
             }
         };
-        remove_staging(&staged);
+        if staged.exists() {
+            remove_staging(&staged);
+        }
         Ok(report)
     }
 
@@ -683,23 +724,68 @@ impl Engine {
         }
     }
 
-    fn finish_import(
+    /// After verification (or when the store holds everything already): the bundle's
+    /// sets come into force, the pins of what stays are written, the missing images are
+    /// copied, the bundle is retained if so configured, and the new pins are written.
+    async fn commit(
         &mut self,
         source: &Path,
-        plan: &Plan,
+        plan: &mut Plan,
         present: &[bool],
-        copied: usize,
+        layout: Option<&Path>,
         bytes_verified: Option<u64>,
+        retain: Option<Retain>,
     ) -> Result<ImportReport> {
         let already = self
             .state
             .bundles
             .get(&plan.digest)
             .is_some_and(|b| b.state == BundleState::Imported);
-        let rec = self.record(source, plan, BundleState::Imported, None);
+        let mut rec = self.record(source, plan, BundleState::Importing, None);
+        rec.retained = self
+            .state
+            .bundles
+            .get(&plan.digest)
+            .and_then(|b| b.retained.clone());
         self.state.bundles.insert(plan.digest, rec);
+        self.activate_sets(plan);
         self.state.save(&self.paths.state_dir)?;
-        let report = ImportReport {
+
+        let missing = present.iter().filter(|p| !**p).count();
+        let mut copied = 0;
+        if missing > 0 {
+            // First the pins of what stays, so images that left a set are collectable.
+            self.sync().await?;
+            self.busy = plan.sets.iter().map(|s| s.name.clone()).collect();
+            let marker = Busy::mark(&self.paths, &self.busy);
+            let res = match layout {
+                Some(l) => self.copy_from_layout(plan, present, l),
+                None => self.copy_missing(plan, present),
+            };
+            drop(marker);
+            self.busy.clear();
+            copied = res?;
+        }
+        if let Some(from) = retain {
+            match self.retain(&plan.digest, from) {
+                Ok(p) => {
+                    if let Some(b) = self.state.bundles.get_mut(&plan.digest) {
+                        b.retained = Some(p);
+                    }
+                }
+                Err(e) => tracing::warn!("keeping a copy of bundle {}: {e:#}", plan.name),
+            }
+        }
+        if let Some(b) = self.state.bundles.get_mut(&plan.digest) {
+            b.state = BundleState::Imported;
+            b.updated = now();
+        }
+        self.state.save(&self.paths.state_dir)?;
+        if copied == 0 && already {
+            tracing::info!(bundle = %plan.name, "already imported; nothing to copy");
+        }
+        self.sync().await?;
+        Ok(ImportReport {
             digest: plan.digest,
             name: plan.name.clone(),
             images: plan.images.len(),
@@ -707,11 +793,294 @@ impl Engine {
             present: present.iter().filter(|p| **p).count(),
             bytes_verified: bytes_verified.unwrap_or(0),
             state: BundleState::Imported,
-        };
-        if copied == 0 && already {
-            tracing::info!(bundle = %plan.name, "already imported; nothing to copy");
+        })
+    }
+
+    /// Puts the bundle's sets in force. A set that replaces another definition of the
+    /// same name remembers the images it had, which stay pinned meanwhile where the new
+    /// definition keeps them.
+    fn activate_sets(&mut self, plan: &Plan) {
+        for s in &plan.sets {
+            let previous = match self.state.sets.get(&s.name) {
+                Some(old) if old.images != s.images => {
+                    if old.previous.is_empty() {
+                        old.images.clone()
+                    } else {
+                        old.previous.clone()
+                    }
+                }
+                Some(old) => old.previous.clone(),
+                None => vec![],
+            };
+            self.state.sets.insert(
+                s.name.clone(),
+                ActiveSet {
+                    name: s.name.clone(),
+                    images: s.images.clone(),
+                    pinned: s.pinned,
+                    bundle: plan.digest,
+                    previous,
+                },
+            );
         }
-        Ok(report)
+    }
+
+    /// Brings CRI-O's configuration in line with the sets: evaluates every set against
+    /// the store, writes the pin file (and the additional-store drop-in), and reloads or
+    /// restarts CRI-O when a file changed. Returns the sets' state.
+    pub async fn sync(&mut self) -> Result<Vec<SetView>> {
+        let (views, other) = evaluate_sets(
+            &self.paths,
+            &self.settings,
+            &self.state,
+            &self.store,
+            &self.busy,
+        )
+        .await?;
+        let mut changed = false;
+        for v in views.iter().filter(|v| v.missing.is_empty()) {
+            if let Some(a) = self.state.sets.get_mut(&v.name) {
+                if !a.previous.is_empty() {
+                    a.previous.clear();
+                    changed = true;
+                }
+            }
+        }
+        if self.gc_retained() {
+            changed = true;
+        }
+        if changed {
+            self.state.save(&self.paths.state_dir)?;
+        }
+        for f in &other.overriding {
+            tracing::warn!(
+                "{} sets crio.image.pinned_images and is read after {}, so CRI-O ignores longshore's pins",
+                f.display(),
+                self.crio.pin_file().display()
+            );
+        }
+        let mut pins = other.before;
+        pins.extend(sets::pins(&views));
+        let pin_change = self.crio.write_pins(&pins)?;
+        let store_change = self.sync_store_dropin()?;
+        match pin_change {
+            FileChange::Written => tracing::info!(
+                "wrote {} with {} pinned images",
+                self.crio.pin_file().display(),
+                pins.len()
+            ),
+            FileChange::Removed => tracing::info!(
+                "removed {}: nothing to pin",
+                self.crio.pin_file().display()
+            ),
+            FileChange::Unchanged => {}
+        }
+        if store_change.changed() {
+            self.restart_crio().await?;
+        } else if pin_change.changed() {
+            self.reload_crio().await?;
+        }
+        Ok(views)
+    }
+
+    async fn systemd(&mut self) -> Result<Systemd> {
+        if let Some(s) = &self.systemd {
+            return Ok(s.clone());
+        }
+        let s = Systemd::connect(self.settings.bus).await?;
+        self.systemd = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn reload_crio(&mut self) -> Result<()> {
+        let unit = self.settings.crio.unit.clone();
+        if !self.settings.crio.reload {
+            tracing::info!("{unit} not reloaded ([crio] reload = false)");
+            return Ok(());
+        }
+        let outcome = async { self.systemd().await?.reload(&unit).await }
+            .await
+            .with_context(|| {
+                format!(
+                    "the pins are written to {}, but {unit} was not reloaded",
+                    self.crio.pin_file().display()
+                )
+            })?;
+        match outcome {
+            Reload::Done => tracing::info!("reloaded {unit}"),
+            Reload::NotActive(state) => tracing::info!(
+                "{unit} is {state}, so it was not reloaded; CRI-O reads the pins when it starts"
+            ),
+        }
+        Ok(())
+    }
+
+    async fn restart_crio(&mut self) -> Result<()> {
+        let unit = self.settings.crio.unit.clone();
+        if !self.settings.crio.allow_restart {
+            tracing::warn!(
+                "CRI-O's image store configuration changed; it takes effect when {unit} restarts \
+                 (`systemctl restart {unit}`; set [crio] allow_restart = true to let longshore do it)"
+            );
+            // The pins still reload without a restart.
+            return self.reload_crio().await;
+        }
+        let sd = self.systemd().await?;
+        if sd.active_state(&unit).await? != "active" {
+            tracing::info!("{unit} is not active; it reads the new configuration when it starts");
+            return Ok(());
+        }
+        sd.restart(&unit)
+            .await
+            .with_context(|| format!("restarting {unit} for its new image store"))?;
+        tracing::info!("restarted {unit}");
+        Ok(())
+    }
+
+    /// In additional-store mode, makes sure CRI-O can open longshore's store read-only
+    /// and that the drop-in names it; in primary mode, that no such drop-in is left.
+    fn sync_store_dropin(&self) -> Result<FileChange> {
+        match self.settings.store.mode {
+            StoreMode::Primary => self.crio.write_store(None),
+            StoreMode::Additional => {
+                self.store.prepare_read_only()?;
+                // CRI-O runs on the host, so the drop-in names the path as the host sees it.
+                let on_node = self.paths.on_node(&self.store.root);
+                self.crio.write_store(Some(&on_node))
+            }
+        }
+    }
+
+    /// Removes a set that came from a bundle; its images are unpinned (not removed).
+    pub async fn remove_set(&mut self, name: &str) -> Result<()> {
+        if let Some(f) = sets::load_files(&self.paths)?
+            .into_iter()
+            .find(|f| f.name == name)
+        {
+            if let sets::Source::File { path } = f.source {
+                bail!(
+                    "set {name} comes from {}; remove that file to remove the set",
+                    path.display()
+                );
+            }
+        }
+        if self.state.sets.remove(name).is_none() {
+            bail!("no set named {name:?}; `longshore sets` lists them");
+        }
+        self.state.save(&self.paths.state_dir)?;
+        tracing::info!("removed set {name}; its images are no longer pinned");
+        self.sync().await?;
+        Ok(())
+    }
+
+    /// Checks every set and puts back, from retained bundles, the images the store lost
+    /// (an unclean shutdown can make CRI-O wipe its storage); then syncs the pins.
+    pub async fn heal(&mut self) -> Result<Vec<SetView>> {
+        let views = self.sync().await?;
+        let missing: HashSet<String> = views
+            .iter()
+            .flat_map(|v| v.missing.iter().cloned())
+            .collect();
+        if missing.is_empty() {
+            return Ok(views);
+        }
+        let sources: Vec<BundleRecord> = self
+            .state
+            .bundles
+            .values()
+            .filter(|b| b.retained.as_ref().is_some_and(|p| p.exists()))
+            .filter(|b| {
+                b.images
+                    .iter()
+                    .any(|i| i.names.iter().any(|n| missing.contains(n)))
+            })
+            .cloned()
+            .collect();
+        for b in sources {
+            let Some(retained) = b.retained.clone() else { continue };
+            tracing::warn!(
+                "the store lost images of bundle {}; importing them again from {}",
+                b.name,
+                retained.display()
+            );
+            let input = match b.kind {
+                SourceKind::BundleDir | SourceKind::BundleTar => Ok(Input::BundleDir(retained)),
+                _ => first_entry(&retained).and_then(|p| bundle::detect(&p)),
+            };
+            let opts = ImportOptions {
+                expected: Some(b.digest),
+                hold: false,
+            };
+            let res = match input {
+                Ok(input) => self.import_one(input, &opts).await,
+                Err(e) => Err(e),
+            };
+            // The record keeps where the bundle first came from.
+            if let Some(rec) = self.state.bundles.get_mut(&b.digest) {
+                rec.source = b.source.clone();
+                rec.kind = b.kind;
+            }
+            self.state.save(&self.paths.state_dir)?;
+            if let Err(e) = res {
+                tracing::error!("restoring bundle {} from its retained copy: {e:#}", b.name);
+            }
+        }
+        self.sync().await
+    }
+
+    /// Keeps a verified copy of a bundle in `/var/lib/longshore/bundles/<digest>`.
+    fn retain(&self, digest: &Digest, from: Retain) -> Result<PathBuf> {
+        let dir = self.paths.state_dir.join("bundles");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let dest = dir.join(digest.hex());
+        let tmp = dir.join(format!(".tmp-{}-{}", &digest.hex()[..12], std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        match from {
+            Retain::Move(p) if p == dest => return Ok(dest),
+            Retain::Move(p) => replace_dir(&p, &dest)?,
+            Retain::CopyDir(p) if p == dest => return Ok(dest),
+            Retain::CopyDir(p) => {
+                copy_tree(&p, &tmp).inspect_err(|_| {
+                    let _ = fs::remove_dir_all(&tmp);
+                })?;
+                replace_dir(&tmp, &dest)?;
+            }
+            Retain::CopyInput(p) if p.starts_with(&dest) => return Ok(dest),
+            Retain::CopyInput(p) => {
+                fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+                let name = p.file_name().unwrap_or(std::ffi::OsStr::new("input"));
+                copy_tree(&p, &tmp.join(name)).inspect_err(|_| {
+                    let _ = fs::remove_dir_all(&tmp);
+                })?;
+                replace_dir(&tmp, &dest)?;
+            }
+        }
+        tracing::info!("kept a verified copy of the bundle in {}", dest.display());
+        Ok(dest)
+    }
+
+    /// Drops retained copies of bundles that no set in force comes from. Returns whether
+    /// the state changed.
+    fn gc_retained(&mut self) -> bool {
+        let in_use: HashSet<Digest> = self.state.sets.values().map(|s| s.bundle).collect();
+        let mut changed = false;
+        for b in self.state.bundles.values_mut() {
+            if in_use.contains(&b.digest) {
+                continue;
+            }
+            if let Some(p) = b.retained.take() {
+                tracing::info!(
+                    "no set comes from bundle {} any more; removing its retained copy {}",
+                    b.name,
+                    p.display()
+                );
+                if let Err(e) = fs::remove_dir_all(&p) {
+                    tracing::warn!("removing {}: {e}", p.display());
+                }
+                changed = true;
+            }
+        }
+        changed
     }
 
     fn record_held(
@@ -753,8 +1122,113 @@ impl Engine {
             updated: now(),
             images: plan.images.iter().map(PlannedImage::record).collect(),
             sets: plan.sets.clone(),
+            retained: None,
         }
     }
+}
+
+/// Where a retained copy comes from.
+enum Retain {
+    /// A staged, verified layout, moved into place.
+    Move(PathBuf),
+    /// A verified bundle directory, copied.
+    CopyDir(PathBuf),
+    /// A foreign input (file or directory), copied.
+    CopyInput(PathBuf),
+}
+
+/// A mark in `/run/longshore/progress.json` that sets are being imported, so another
+/// process (`longshore status`) can report them as progressing. Removed when dropped.
+struct Busy(Option<PathBuf>);
+
+impl Busy {
+    fn mark(paths: &HostPaths, sets: &std::collections::BTreeSet<String>) -> Busy {
+        let path = paths.run_dir.join("progress.json");
+        let doc = serde_json::json!({ "pid": std::process::id(), "sets": sets });
+        let res = fs::create_dir_all(&paths.run_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::state::write_atomic(&path, doc.to_string().as_bytes()));
+        match res {
+            Ok(()) => Busy(Some(path)),
+            Err(e) => {
+                tracing::debug!("writing {}: {e:#}", path.display());
+                Busy(None)
+            }
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// The sets a process marked as being imported, if it is still running.
+fn busy_elsewhere(paths: &HostPaths) -> std::collections::BTreeSet<String> {
+    #[derive(serde::Deserialize)]
+    struct Progress {
+        pid: i32,
+        sets: Vec<String>,
+    }
+    let Ok(bytes) = fs::read(paths.run_dir.join("progress.json")) else {
+        return Default::default();
+    };
+    let Ok(p) = serde_json::from_slice::<Progress>(&bytes) else {
+        return Default::default();
+    };
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), None).is_ok();
+    if alive {
+        p.sets.into_iter().collect()
+    } else {
+        Default::default()
+    }
+}
+
+/// CRI-O's configuration files on this host.
+pub fn crio_config(paths: &HostPaths) -> CrioConfig {
+    CrioConfig {
+        main: paths.host(Path::new("/etc/crio/crio.conf")),
+        dropins: paths.crio_conf_dir.clone(),
+    }
+}
+
+/// Every set in force and its state, and the pins of CRI-O's other files.
+pub async fn evaluate_sets(
+    paths: &HostPaths,
+    settings: &Settings,
+    state: &State,
+    store: &Store,
+    busy: &std::collections::BTreeSet<String>,
+) -> Result<(Vec<SetView>, crate::crio::OtherPins)> {
+    let files = sets::load_files(paths)?;
+    let defs = sets::effective(state, files);
+    let other = crio_config(paths).other_pins()?;
+    let mut importing = busy_elsewhere(paths);
+    importing.extend(busy.iter().cloned());
+    let activity = Activity {
+        importing,
+        overriding: other.overriding.clone(),
+    };
+    if defs.is_empty() {
+        return Ok((vec![], other));
+    }
+    let proxy = Proxy::start(&settings.skopeo).await?;
+    let views = sets::evaluate(&defs, state, store, &proxy, &activity).await;
+    proxy.finish().await.ok();
+    Ok((views?, other))
+}
+
+/// The one entry of a retained foreign input's directory.
+fn first_entry(dir: &Path) -> Result<PathBuf> {
+    Ok(fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .next()
+        .with_context(|| format!("{} is empty", dir.display()))?
+        .with_context(|| format!("reading {}", dir.display()))?
+        .path())
 }
 
 struct Scheduler {

@@ -8,10 +8,14 @@
 pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod crio;
+pub mod daemon;
 pub mod digest;
 pub mod engine;
 pub mod paths;
 pub mod process;
 pub mod proxy;
+pub mod sets;
 pub mod state;
 pub mod store;
+pub mod systemd;

@@ -42,6 +42,15 @@ impl HostPaths {
         under(&self.sysroot, &path.to_string_lossy())
     }
 
+    /// The path as the node sees it, for paths written into files other programs read
+    /// (CRI-O's drop-ins): `path` with the sysroot taken off.
+    pub fn on_node(&self, path: &Path) -> PathBuf {
+        match path.strip_prefix(&self.sysroot) {
+            Ok(rest) => Path::new("/").join(rest),
+            Err(_) => path.to_path_buf(),
+        }
+    }
+
     /// Where bundles are staged while they are read or held.
     pub fn staging_dir(&self) -> PathBuf {
         self.state_dir.join("staging")
@@ -65,7 +74,12 @@ mod tests {
             p.host(Path::new("/var/lib/containers/storage")),
             Path::new("/tmp/node/var/lib/containers/storage")
         );
+        assert_eq!(
+            p.on_node(Path::new("/tmp/node/var/lib/longshore/storage")),
+            Path::new("/var/lib/longshore/storage")
+        );
         let host = HostPaths::new(Path::new("/"));
+        assert_eq!(host.on_node(Path::new("/var/lib/x")), Path::new("/var/lib/x"));
         assert_eq!(host.crio_conf_dir, Path::new("/etc/crio/crio.conf.d"));
     }
 }

@@ -53,6 +53,9 @@ impl StateLock {
 pub enum BundleState {
     /// Verified and staged; its images are copied on `longshore apply`.
     Held,
+    /// Verified; its sets are in force and its images are being copied. A bundle whose
+    /// copy failed stays here until it is imported again.
+    Importing,
     /// Every image is in the store.
     Imported,
 }
@@ -89,6 +92,12 @@ pub struct ImageRecord {
     pub names: Vec<String>,
     /// Bytes as stored in the bundle.
     pub size: u64,
+    /// Its layers and the bytes each takes in the store (unpacked, or an estimate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub layers: Vec<(Digest, u64)>,
+    /// Bytes of manifest and config.
+    #[serde(default)]
+    pub overhead: u64,
 }
 
 /// An image set as recorded from a bundle.
@@ -127,8 +136,29 @@ pub struct BundleRecord {
     pub updated: u64,
     /// Its images.
     pub images: Vec<ImageRecord>,
-    /// Its image sets.
+    /// Its image sets, as it declared them.
     pub sets: Vec<SetRecord>,
+    /// The verified copy kept to heal the store from (`[import] retain_bundles`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained: Option<PathBuf>,
+}
+
+/// An image set in force, from the bundle that declared it last.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ActiveSet {
+    /// Name.
+    pub name: String,
+    /// Digest references of its images.
+    pub images: Vec<String>,
+    /// Whether it is to be pinned.
+    pub pinned: bool,
+    /// The bundle that declared it.
+    pub bundle: Digest,
+    /// While a new definition replaces an older one and its images are not all in yet:
+    /// the older definition's images, which stay pinned where the new one keeps them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<String>,
 }
 
 /// The state file.
@@ -139,6 +169,9 @@ pub struct State {
     pub version: u32,
     /// Bundles by digest.
     pub bundles: BTreeMap<Digest, BundleRecord>,
+    /// Image sets in force, by name.
+    #[serde(default)]
+    pub sets: BTreeMap<String, ActiveSet>,
 }
 
 impl Default for State {
@@ -146,6 +179,7 @@ impl Default for State {
         State {
             version: STATE_VERSION,
             bundles: BTreeMap::new(),
+            sets: BTreeMap::new(),
         }
     }
 }
@@ -250,6 +284,7 @@ mod tests {
                 updated: 1,
                 images: vec![],
                 sets: vec![],
+                retained: None,
             },
         );
         s.save(t.path()).unwrap();

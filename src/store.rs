@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::config::{human_size, Settings};
+use crate::config::{human_size, Settings, StoreMode};
 use crate::digest::Digest;
 use crate::paths::HostPaths;
 use crate::process;
@@ -44,10 +44,20 @@ impl Store {
         // (sysroot /) skopeo reads /etc/containers/policy.json itself.
         let policy = paths.host(Path::new("/etc/containers/policy.json"));
         let policy = (paths.sysroot != Path::new("/") && policy.exists()).then_some(policy);
+        let (root, run_root) = match settings.store.mode {
+            StoreMode::Primary => (
+                paths.host(&settings.store.root),
+                paths.host(&settings.store.run_root),
+            ),
+            StoreMode::Additional => (
+                paths.state_dir.join("storage"),
+                paths.run_dir.join("storage"),
+            ),
+        };
         Store {
             driver: settings.store.driver.name(),
-            root: paths.host(&settings.store.root),
-            run_root: paths.host(&settings.store.run_root),
+            root,
+            run_root,
             skopeo: settings.skopeo.clone(),
             policy,
         }
@@ -90,6 +100,46 @@ impl Store {
             }
         }
         Ok(true)
+    }
+
+    /// Makes the store openable read-only, as CRI-O opens an additional image store:
+    /// containers-storage then needs its lock files to exist already (images.go
+    /// `newROImageStore`, layers.go `newROLayerStore`), and the layer directory.
+    pub fn prepare_read_only(&self) -> Result<()> {
+        let d = self.driver;
+        for dir in [format!("{d}-images"), format!("{d}-layers"), d.to_string()] {
+            let p = self.root.join(dir);
+            std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        for lock in [format!("{d}-images/images.lock"), format!("{d}-layers/layers.lock")] {
+            let p = self.root.join(lock);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&p)
+                .with_context(|| format!("creating {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The digest of the image the store holds under `reference` (a digest or tag
+    /// reference), or `None` when it holds none.
+    pub async fn lookup(&self, proxy: &Proxy, reference: &str) -> Result<Option<Digest>> {
+        let Some(img) = proxy.open_optional(&self.reference(reference)).await? else {
+            return Ok(None);
+        };
+        let d = img.digest;
+        proxy.close(img).await?;
+        // A digest reference resolves to an image with that digest in the same repository;
+        // any other answer is not the image asked for.
+        if let Some((_, crate::bundle::format::RefTail::Digest(want))) =
+            crate::bundle::format::split_reference(reference)
+        {
+            if want != d {
+                return Ok(None);
+            }
+        }
+        Ok(Some(d))
     }
 
     /// Copies `source` (any transport skopeo reads) into the store under `name`, keeping

@@ -51,11 +51,14 @@ impl Node {
             .expect("temp dir");
         let sysroot = tmp.path().join("root");
         fs::create_dir_all(&sysroot).expect("sysroot");
-        Node {
+        let node = Node {
             tmp,
             sysroot,
             env: Vec::new(),
-        }
+        };
+        // No systemd to reload CRI-O through unless a test brings one (usermgr.rs).
+        node.write_config("00-test.toml", "[crio]\nreload = false\n");
+        node
     }
 
     /// A scratch directory for inputs, outside the sysroot.

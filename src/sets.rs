@@ -1,0 +1,383 @@
+//! Image sets: named lists of images that must be present on the node, and usually pinned
+//! in CRI-O. The node-local counterpart of OpenShift's PinnedImageSet.
+//!
+//! Sets come from bundles (recorded in the state when the bundle is imported; a later
+//! bundle that declares the same name replaces the set) and from files an administrator
+//! drops into `sets.d/` beside the configuration (`/usr/lib`, `/run`, `/etc`, with the
+//! same precedence and masking as configuration). A file's set takes precedence over a
+//! bundle's set of the same name.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::format::{split_reference, RefTail};
+use crate::bundle::read::valid_set_name;
+use crate::config::fragment_files;
+use crate::digest::Digest;
+use crate::paths::HostPaths;
+use crate::proxy::Proxy;
+use crate::state::State;
+use crate::store::Store;
+
+/// A set file as written (`/etc/longshore/sets.d/NAME.toml`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetFile {
+    images: Vec<String>,
+    #[serde(default = "yes")]
+    pinned: bool,
+    #[serde(default)]
+    allow_tags: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Where a set comes from.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Source {
+    /// Declared by a bundle.
+    Bundle {
+        /// The bundle's name.
+        name: String,
+        /// The bundle's digest.
+        digest: Digest,
+    },
+    /// Written by an administrator.
+    File {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// A set in force.
+#[derive(Debug, Clone)]
+pub struct SetDef {
+    /// Name.
+    pub name: String,
+    /// Image references (digest references; tags where the file allows them).
+    pub images: Vec<String>,
+    /// Whether its images are pinned once all are present.
+    pub pinned: bool,
+    /// Where it comes from.
+    pub source: Source,
+    /// The images of the definition it replaces, while it is not complete yet.
+    pub previous: Vec<String>,
+}
+
+/// Reads the set files of every `sets.d` directory.
+pub fn load_files(paths: &HostPaths) -> Result<Vec<SetDef>> {
+    let dirs: Vec<PathBuf> = paths.config_dirs.iter().map(|d| d.join("sets.d")).collect();
+    let mut out = Vec::new();
+    for path in fragment_files(&dirs, "toml")? {
+        out.push(load_file(&path)?);
+    }
+    Ok(out)
+}
+
+fn load_file(path: &Path) -> Result<SetDef> {
+    let name = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if !valid_set_name(&name) {
+        anyhow::bail!(
+            "set file {}: the file name must be the set's name: letters, digits, '.', '_' and '-'",
+            path.display()
+        );
+    }
+    let text = fs::read_to_string(path).with_context(|| format!("reading set file {}", path.display()))?;
+    let f: SetFile = toml::from_str(&text).with_context(|| format!("set file {}", path.display()))?;
+    let mut seen = BTreeSet::new();
+    for r in &f.images {
+        match split_reference(r) {
+            Some((_, RefTail::Digest(_))) => {}
+            Some((_, RefTail::Tag(_))) if f.allow_tags => {}
+            Some((_, RefTail::Tag(_))) => anyhow::bail!(
+                "set file {}: image {r:?} is named by tag; use repository@sha256:…, or set allow_tags = true",
+                path.display()
+            ),
+            None => anyhow::bail!(
+                "set file {}: image {r:?} is not a full image reference (registry/repository@sha256:…)",
+                path.display()
+            ),
+        }
+        if !seen.insert(r) {
+            anyhow::bail!("set file {}: image {r:?} is listed twice", path.display());
+        }
+    }
+    Ok(SetDef {
+        name,
+        images: f.images,
+        pinned: f.pinned,
+        source: Source::File { path: path.to_path_buf() },
+        previous: vec![],
+    })
+}
+
+/// The sets in force: those of the state's bundles, with the files' sets taking the
+/// place of any of the same name.
+pub fn effective(state: &State, files: Vec<SetDef>) -> Vec<SetDef> {
+    let mut by_name: BTreeMap<String, SetDef> = BTreeMap::new();
+    for s in state.sets.values() {
+        let bundle_name = state
+            .bundles
+            .get(&s.bundle)
+            .map(|b| b.name.clone())
+            .unwrap_or_default();
+        by_name.insert(
+            s.name.clone(),
+            SetDef {
+                name: s.name.clone(),
+                images: s.images.clone(),
+                pinned: s.pinned,
+                source: Source::Bundle { name: bundle_name, digest: s.bundle },
+                previous: s.previous.clone(),
+            },
+        );
+    }
+    for f in files {
+        if let Some(old) = by_name.get(&f.name) {
+            if let Source::Bundle { name, .. } = &old.source {
+                tracing::warn!(
+                    "set {} is declared by bundle {name} and by {}; the file's definition is used",
+                    f.name,
+                    match &f.source {
+                        Source::File { path } => path.display().to_string(),
+                        Source::Bundle { name, .. } => name.clone(),
+                    }
+                );
+            }
+        }
+        by_name.insert(f.name.clone(), f);
+    }
+    by_name.into_values().collect()
+}
+
+/// A condition of a set, in the manner of Kubernetes conditions.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Progressing` or `Degraded`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// Whether it holds.
+    pub status: bool,
+    /// A CamelCase reason.
+    pub reason: &'static str,
+    /// For people.
+    pub message: String,
+}
+
+/// An image of a set, as the store holds it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageView {
+    /// The reference the set names.
+    pub reference: String,
+    /// Whether the store holds it.
+    pub present: bool,
+    /// The names it is stored under that are pinned for it.
+    pub names: Vec<String>,
+}
+
+/// A set and its state.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetView {
+    /// Name.
+    pub name: String,
+    /// Where it comes from.
+    pub source: Source,
+    /// Whether it asks to be pinned.
+    pub pinned: bool,
+    /// Its images.
+    pub images: Vec<ImageView>,
+    /// References of the images the store lacks.
+    pub missing: Vec<String>,
+    /// Estimated bytes its present images take in the store, shared layers counted once.
+    pub bytes_on_disk: u64,
+    /// `Ready`, `Progressing`, `Degraded`.
+    pub conditions: Vec<Condition>,
+    /// The names pinned for it now.
+    #[serde(skip)]
+    pub pins: Vec<String>,
+}
+
+/// What the engine is busy with, so sets can say `Progressing`.
+#[derive(Debug, Clone, Default)]
+pub struct Activity {
+    /// Sets whose images are being imported now.
+    pub importing: BTreeSet<String>,
+    /// Drop-ins that set `pinned_images` after longshore's file and so override it.
+    pub overriding: Vec<PathBuf>,
+}
+
+/// Looks each image up in the store and works out every set's state and pins.
+pub async fn evaluate(
+    defs: &[SetDef],
+    state: &State,
+    store: &Store,
+    proxy: &Proxy,
+    activity: &Activity,
+) -> Result<Vec<SetView>> {
+    let mut lookups: HashMap<String, Option<Digest>> = HashMap::new();
+    let mut lookup = async |r: &str| -> Result<Option<Digest>> {
+        if let Some(d) = lookups.get(r) {
+            return Ok(*d);
+        }
+        let d = store.lookup(proxy, r).await?;
+        lookups.insert(r.to_string(), d);
+        Ok(d)
+    };
+    // What the records know of each image: its layers, and the names bundles gave it.
+    let mut known: HashMap<Digest, (&crate::state::ImageRecord, Vec<String>)> = HashMap::new();
+    for b in state.bundles.values() {
+        for i in &b.images {
+            let e = known.entry(i.digest).or_insert((i, Vec::new()));
+            e.1.extend(i.names.iter().cloned());
+        }
+    }
+    let mut views = Vec::new();
+    for def in defs {
+        let mut images = Vec::new();
+        let mut missing = Vec::new();
+        let mut layers_seen = BTreeSet::new();
+        let mut bytes = 0u64;
+        for r in &def.images {
+            let found = lookup(r).await?;
+            let mut names = Vec::new();
+            if let Some(d) = found {
+                names.push(r.clone());
+                if let Some((rec, recorded)) = known.get(&d) {
+                    for n in recorded {
+                        // A recorded tag may since have moved to another image.
+                        if n != r && lookup(n).await? == Some(d) {
+                            names.push(n.clone());
+                        }
+                    }
+                    bytes += rec.overhead;
+                    for (l, size) in &rec.layers {
+                        if layers_seen.insert(*l) {
+                            bytes += size;
+                        }
+                    }
+                }
+                names.sort();
+                names.dedup();
+            } else {
+                missing.push(r.clone());
+            }
+            images.push(ImageView { reference: r.clone(), present: found.is_some(), names });
+        }
+        let complete = missing.is_empty();
+        let pins: Vec<String> = if !def.pinned {
+            vec![]
+        } else if complete {
+            images.iter().flat_map(|i| i.names.iter().cloned()).collect()
+        } else {
+            // While a new definition comes in, what it keeps of the old one stays pinned.
+            images
+                .iter()
+                .filter(|i| i.present && def.previous.contains(&i.reference))
+                .flat_map(|i| i.names.iter().cloned())
+                .collect()
+        };
+        let conditions = conditions(def, &missing, activity, state);
+        views.push(SetView {
+            name: def.name.clone(),
+            source: def.source.clone(),
+            pinned: def.pinned,
+            images,
+            missing,
+            bytes_on_disk: bytes,
+            conditions,
+            pins,
+        });
+    }
+    Ok(views)
+}
+
+fn conditions(def: &SetDef, missing: &[String], activity: &Activity, state: &State) -> Vec<Condition> {
+    let importing = activity.importing.contains(&def.name);
+    let total = def.images.len();
+    let overridden = def.pinned && !activity.overriding.is_empty();
+    let mut out = Vec::new();
+    let (ready, reason, message) = if !missing.is_empty() {
+        (false, "ImagesMissing", format!("{} of {total} images are not in the store", missing.len()))
+    } else if overridden {
+        (
+            false,
+            "PinsOverridden",
+            format!(
+                "{} sets pinned_images after longshore's drop-in, replacing its pins",
+                activity.overriding.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )
+    } else if def.pinned {
+        (true, "Pinned", format!("all {total} images are in the store and pinned"))
+    } else {
+        (true, "Present", format!("all {total} images are in the store (not pinned)"))
+    };
+    out.push(Condition { kind: "Ready", status: ready, reason, message });
+    out.push(if importing {
+        Condition {
+            kind: "Progressing",
+            status: true,
+            reason: "Importing",
+            message: format!("importing its images ({} missing)", missing.len()),
+        }
+    } else {
+        Condition { kind: "Progressing", status: false, reason: "Idle", message: String::new() }
+    });
+    out.push(if !missing.is_empty() {
+        let from = retained_source(def, state);
+        let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
+        let more = if missing.len() > shown.len() { format!(" and {} more", missing.len() - shown.len()) } else { String::new() };
+        Condition {
+            kind: "Degraded",
+            status: true,
+            reason: "ImagesMissing",
+            message: format!(
+                "missing {}{more}; {}",
+                shown.join(", "),
+                match from {
+                    Some(b) => format!("the retained copy of bundle {b} can restore them"),
+                    None => "import a bundle that carries them".to_string(),
+                }
+            ),
+        }
+    } else if overridden {
+        Condition { kind: "Degraded", status: true, reason: "PinsOverridden", message: "CRI-O does not see longshore's pins".to_string() }
+    } else {
+        Condition { kind: "Degraded", status: false, reason: "AsExpected", message: String::new() }
+    });
+    out
+}
+
+/// The name of a retained bundle that carries every image of the set, if there is one.
+fn retained_source(def: &SetDef, state: &State) -> Option<String> {
+    state
+        .bundles
+        .values()
+        .filter(|b| b.retained.as_ref().is_some_and(|p| p.exists()))
+        .find(|b| {
+            def.images.iter().all(|r| {
+                b.images
+                    .iter()
+                    .any(|i| i.names.iter().any(|n| n == r) || format!("{}@{}", i.repository, i.digest) == *r)
+            })
+        })
+        .map(|b| b.name.clone())
+}
+
+/// Every name to pin: the pins of every set.
+pub fn pins(views: &[SetView]) -> BTreeSet<String> {
+    views.iter().flat_map(|v| v.pins.iter().cloned()).collect()
+}
