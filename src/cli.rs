@@ -496,7 +496,7 @@ fn print_sets(sets: &[crate::sets::SetView]) {
             human_size(set.bytes_on_disk),
         );
         for c in &set.conditions {
-            if c.kind == "Degraded" && c.status || c.kind == "Progressing" && c.status {
+            if c.status && (c.kind == "Degraded" || c.kind == "Progressing") {
                 println!("      {} ({}): {}", c.kind, c.reason, c.message);
             }
         }
