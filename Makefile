@@ -10,7 +10,7 @@ DESTDIR ?=
 # What the tests need: skopeo (copies, the image proxy), tar and zstd (listing and
 # making streams), util-linux (setpriv ties the proxy to longshore's life),
 # docker-registry (a real registry on loopback for `bundle create docker://`).
-TEST_PACKAGES := skopeo tar zstd util-linux ca-certificates docker-registry
+TEST_PACKAGES := skopeo tar zstd util-linux ca-certificates docker-registry dbus systemd
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(TEST_PACKAGES) podman
 # The benchmark compares verification with openssl's sha256.

@@ -235,7 +235,10 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 print_status(&status);
             }
         }
-        Command::Sets { action: Some(SetsCommand::Remove { name }), .. } => {
+        Command::Sets {
+            action: Some(SetsCommand::Remove { name }),
+            ..
+        } => {
             let mut engine = Engine::open(paths, settings)?;
             engine.remove_set(&name).await?;
             println!("removed set {name}: its images are no longer pinned");

@@ -159,13 +159,16 @@ fn pins_of(path: &Path) -> Result<Option<Vec<String>>> {
     else {
         return Ok(None);
     };
-    let arr = list.as_array().with_context(|| {
-        format!("{}: crio.image.pinned_images is not a list", path.display())
-    })?;
+    let arr = list
+        .as_array()
+        .with_context(|| format!("{}: crio.image.pinned_images is not a list", path.display()))?;
     arr.iter()
         .map(|p| {
             p.as_str().map(str::to_string).with_context(|| {
-                format!("{}: crio.image.pinned_images holds a non-string", path.display())
+                format!(
+                    "{}: crio.image.pinned_images holds a non-string",
+                    path.display()
+                )
             })
         })
         .collect::<Result<Vec<_>>>()
@@ -309,11 +312,27 @@ mod tests {
     fn other_pins_before_and_after() {
         let (_t, c) = setup();
         fs::write(&c.main, "[crio.image]\npinned_images = [\"main/a:1\"]\n").unwrap();
-        fs::write(c.dropins.join("50-pinned-images"), "[crio.image]\npinned_images = [\"mco/b@sha256:1\"]\n").unwrap();
-        fs::write(c.dropins.join("10-other.conf"), "[crio.runtime]\nlog_level = \"info\"\n").unwrap();
+        fs::write(
+            c.dropins.join("50-pinned-images"),
+            "[crio.image]\npinned_images = [\"mco/b@sha256:1\"]\n",
+        )
+        .unwrap();
+        fs::write(
+            c.dropins.join("10-other.conf"),
+            "[crio.runtime]\nlog_level = \"info\"\n",
+        )
+        .unwrap();
         fs::create_dir_all(c.dropins.join("20-sub")).unwrap();
-        fs::write(c.dropins.join("20-sub/x.conf"), "[crio.image]\npinned_images = [\"sub/c:*\"]\n").unwrap();
-        fs::write(c.dropins.join("99-zzz.conf"), "[crio.image]\npinned_images = []\n").unwrap();
+        fs::write(
+            c.dropins.join("20-sub/x.conf"),
+            "[crio.image]\npinned_images = [\"sub/c:*\"]\n",
+        )
+        .unwrap();
+        fs::write(
+            c.dropins.join("99-zzz.conf"),
+            "[crio.image]\npinned_images = []\n",
+        )
+        .unwrap();
         let o = c.other_pins().unwrap();
         assert_eq!(o.before, set(&["main/a:1", "mco/b@sha256:1", "sub/c:*"]));
         assert_eq!(o.overriding, vec![c.dropins.join("99-zzz.conf")]);
@@ -344,7 +363,10 @@ mod tests {
         assert_eq!(listed, vec!["a/x:1", "b/y@sha256:2"]);
         assert_eq!(c.write_pins(&BTreeSet::new()).unwrap(), FileChange::Removed);
         assert!(!c.pin_file().exists());
-        assert_eq!(c.write_pins(&BTreeSet::new()).unwrap(), FileChange::Unchanged);
+        assert_eq!(
+            c.write_pins(&BTreeSet::new()).unwrap(),
+            FileChange::Unchanged
+        );
         // Nothing was left beside CRI-O's directory.
         let stray: Vec<_> = fs::read_dir(t.path())
             .unwrap()
@@ -359,7 +381,10 @@ mod tests {
         let (_t, c) = setup();
         let root = Path::new("/var/lib/longshore/storage");
         assert_eq!(c.write_store(Some(root)).unwrap(), FileChange::Written);
-        let v: toml::Table = fs::read_to_string(c.dropins.join(STORE_FILE)).unwrap().parse().unwrap();
+        let v: toml::Table = fs::read_to_string(c.dropins.join(STORE_FILE))
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(
             v["crio"]["storage_option"][0].as_str(),
             Some("overlay.imagestore=/var/lib/longshore/storage")

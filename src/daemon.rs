@@ -34,12 +34,14 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let systemd = Systemd::connect(settings.bus).await?;
     let mut states = systemd.watch_active_state(&unit).await?;
     let mut last_state = systemd.active_state(&unit).await?;
+    let mut last_since = systemd.active_since(&unit).await?;
     let mut watcher = Watcher::new(&watched_dirs(&paths))?;
     let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     tracing::info!("longshore daemon started; {unit} is {last_state}");
 
     work(&paths, &settings, Work::Heal).await;
+    tracing::info!("ready: following {unit} and the configuration directories");
     loop {
         tokio::select! {
             r = watcher.changed() => {
@@ -54,9 +56,13 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                 let Some(state) = state else {
                     anyhow::bail!("lost the D-Bus connection to systemd");
                 };
-                if state == "active" && last_state != "active" {
-                    tracing::info!("{unit} became active; checking that the store still holds every set");
-                    work(&paths, &settings, Work::Heal).await;
+                if state == "active" {
+                    let since = systemd.active_since(&unit).await.unwrap_or_default();
+                    if last_state != "active" || since != last_since {
+                        tracing::info!("{unit} became active; checking that the store still holds every set");
+                        work(&paths, &settings, Work::Heal).await;
+                    }
+                    last_since = since;
                 }
                 last_state = state;
             }

@@ -24,21 +24,20 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::bundle::foreign::Foreign;
-use crate::crio::{CrioConfig, FileChange};
-use crate::sets::{self, Activity, SetView};
-use crate::systemd::{Reload, Systemd};
 use crate::bundle::format::{BundleMeta, ImageMeta};
 use crate::bundle::read::{self, Verified};
 use crate::bundle::{self, Input, Rejected};
 use crate::config::{human_size, Settings, StoreMode};
+use crate::crio::{CrioConfig, FileChange};
 use crate::digest::Digest;
 use crate::paths::HostPaths;
 use crate::proxy::Proxy;
+use crate::sets::{self, Activity, SetView};
 use crate::state::{
-    now, ActiveSet, BundleRecord, BundleState, ImageRecord, SetRecord, SourceKind, State,
-    StateLock,
+    now, ActiveSet, BundleRecord, BundleState, ImageRecord, SetRecord, SourceKind, State, StateLock,
 };
 use crate::store::{check_space, SpaceNeed, Store, Wanted};
+use crate::systemd::{Reload, Systemd};
 
 /// Options of `import`.
 #[derive(Debug, Clone, Default)]
@@ -262,7 +261,9 @@ impl Engine {
         proxy.finish().await.ok();
         let present = present?;
         if !opts.hold && present.iter().all(|p| *p) {
-            return self.commit(path, &mut plan, &present, None, None, None).await;
+            return self
+                .commit(path, &mut plan, &present, None, None, None)
+                .await;
         }
 
         let staging_needed = stream || opts.hold;
@@ -308,7 +309,14 @@ impl Engine {
             (true, false) => Some(Retain::CopyDir(layout.clone())),
         };
         let report = self
-            .commit(path, &mut plan, &present, Some(&layout), Some(verified.bytes_verified), retain)
+            .commit(
+                path,
+                &mut plan,
+                &present,
+                Some(&layout),
+                Some(verified.bytes_verified),
+                retain,
+            )
             .await;
         if staging_needed && layout.exists() {
             remove_staging(&layout);
@@ -382,7 +390,9 @@ impl Engine {
             for img in opened {
                 proxy.close(img).await?;
             }
-            return self.commit(&f.path, &mut plan, &present, None, None, None).await;
+            return self
+                .commit(&f.path, &mut plan, &present, None, None, None)
+                .await;
         }
         let mut needs = vec![self.store_need(&plan, &present)];
         if opts.hold || self.settings.retain_bundles {
@@ -752,10 +762,19 @@ impl Engine {
         self.state.save(&self.paths.state_dir)?;
 
         let missing = present.iter().filter(|p| !**p).count();
+        let replaced = plan.sets.iter().any(|s| {
+            self.state
+                .sets
+                .get(&s.name)
+                .is_some_and(|a| !a.previous.is_empty())
+        });
         let mut copied = 0;
         if missing > 0 {
-            // First the pins of what stays, so images that left a set are collectable.
-            self.sync().await?;
+            if replaced {
+                // First the pins of what stays, so images that left a set are collectable
+                // while the new ones are copied.
+                self.sync().await?;
+            }
             self.busy = plan.sets.iter().map(|s| s.name.clone()).collect();
             let marker = Busy::mark(&self.paths, &self.busy);
             let res = match layout {
@@ -869,10 +888,9 @@ impl Engine {
                 self.crio.pin_file().display(),
                 pins.len()
             ),
-            FileChange::Removed => tracing::info!(
-                "removed {}: nothing to pin",
-                self.crio.pin_file().display()
-            ),
+            FileChange::Removed => {
+                tracing::info!("removed {}: nothing to pin", self.crio.pin_file().display())
+            }
             FileChange::Unchanged => {}
         }
         if store_change.changed() {
@@ -997,7 +1015,9 @@ impl Engine {
             .cloned()
             .collect();
         for b in sources {
-            let Some(retained) = b.retained.clone() else { continue };
+            let Some(retained) = b.retained.clone() else {
+                continue;
+            };
             tracing::warn!(
                 "the store lost images of bundle {}; importing them again from {}",
                 b.name,
@@ -1033,7 +1053,11 @@ impl Engine {
         let dir = self.paths.state_dir.join("bundles");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let dest = dir.join(digest.hex());
-        let tmp = dir.join(format!(".tmp-{}-{}", &digest.hex()[..12], std::process::id()));
+        let tmp = dir.join(format!(
+            ".tmp-{}-{}",
+            &digest.hex()[..12],
+            std::process::id()
+        ));
         let _ = fs::remove_dir_all(&tmp);
         match from {
             Retain::Move(p) if p == dest => return Ok(dest),

@@ -79,7 +79,10 @@ mod tests {
             Path::new("/var/lib/longshore/storage")
         );
         let host = HostPaths::new(Path::new("/"));
-        assert_eq!(host.on_node(Path::new("/var/lib/x")), Path::new("/var/lib/x"));
+        assert_eq!(
+            host.on_node(Path::new("/var/lib/x")),
+            Path::new("/var/lib/x")
+        );
         assert_eq!(host.crio_conf_dir, Path::new("/etc/crio/crio.conf.d"));
     }
 }

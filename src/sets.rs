@@ -92,8 +92,10 @@ fn load_file(path: &Path) -> Result<SetDef> {
             path.display()
         );
     }
-    let text = fs::read_to_string(path).with_context(|| format!("reading set file {}", path.display()))?;
-    let f: SetFile = toml::from_str(&text).with_context(|| format!("set file {}", path.display()))?;
+    let text =
+        fs::read_to_string(path).with_context(|| format!("reading set file {}", path.display()))?;
+    let f: SetFile =
+        toml::from_str(&text).with_context(|| format!("set file {}", path.display()))?;
     let mut seen = BTreeSet::new();
     for r in &f.images {
         match split_reference(r) {
@@ -116,7 +118,9 @@ fn load_file(path: &Path) -> Result<SetDef> {
         name,
         images: f.images,
         pinned: f.pinned,
-        source: Source::File { path: path.to_path_buf() },
+        source: Source::File {
+            path: path.to_path_buf(),
+        },
         previous: vec![],
     })
 }
@@ -137,7 +141,10 @@ pub fn effective(state: &State, files: Vec<SetDef>) -> Vec<SetDef> {
                 name: s.name.clone(),
                 images: s.images.clone(),
                 pinned: s.pinned,
-                source: Source::Bundle { name: bundle_name, digest: s.bundle },
+                source: Source::Bundle {
+                    name: bundle_name,
+                    digest: s.bundle,
+                },
                 previous: s.previous.clone(),
             },
         );
@@ -274,13 +281,20 @@ pub async fn evaluate(
             } else {
                 missing.push(r.clone());
             }
-            images.push(ImageView { reference: r.clone(), present: found.is_some(), names });
+            images.push(ImageView {
+                reference: r.clone(),
+                present: found.is_some(),
+                names,
+            });
         }
         let complete = missing.is_empty();
         let pins: Vec<String> = if !def.pinned {
             vec![]
         } else if complete {
-            images.iter().flat_map(|i| i.names.iter().cloned()).collect()
+            images
+                .iter()
+                .flat_map(|i| i.names.iter().cloned())
+                .collect()
         } else {
             // While a new definition comes in, what it keeps of the old one stays pinned.
             images
@@ -304,28 +318,55 @@ pub async fn evaluate(
     Ok(views)
 }
 
-fn conditions(def: &SetDef, missing: &[String], activity: &Activity, state: &State) -> Vec<Condition> {
+fn conditions(
+    def: &SetDef,
+    missing: &[String],
+    activity: &Activity,
+    state: &State,
+) -> Vec<Condition> {
     let importing = activity.importing.contains(&def.name);
     let total = def.images.len();
     let overridden = def.pinned && !activity.overriding.is_empty();
     let mut out = Vec::new();
     let (ready, reason, message) = if !missing.is_empty() {
-        (false, "ImagesMissing", format!("{} of {total} images are not in the store", missing.len()))
+        (
+            false,
+            "ImagesMissing",
+            format!("{} of {total} images are not in the store", missing.len()),
+        )
     } else if overridden {
         (
             false,
             "PinsOverridden",
             format!(
                 "{} sets pinned_images after longshore's drop-in, replacing its pins",
-                activity.overriding.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                activity
+                    .overriding
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         )
     } else if def.pinned {
-        (true, "Pinned", format!("all {total} images are in the store and pinned"))
+        (
+            true,
+            "Pinned",
+            format!("all {total} images are in the store and pinned"),
+        )
     } else {
-        (true, "Present", format!("all {total} images are in the store (not pinned)"))
+        (
+            true,
+            "Present",
+            format!("all {total} images are in the store (not pinned)"),
+        )
     };
-    out.push(Condition { kind: "Ready", status: ready, reason, message });
+    out.push(Condition {
+        kind: "Ready",
+        status: ready,
+        reason,
+        message,
+    });
     out.push(if importing {
         Condition {
             kind: "Progressing",
@@ -334,12 +375,21 @@ fn conditions(def: &SetDef, missing: &[String], activity: &Activity, state: &Sta
             message: format!("importing its images ({} missing)", missing.len()),
         }
     } else {
-        Condition { kind: "Progressing", status: false, reason: "Idle", message: String::new() }
+        Condition {
+            kind: "Progressing",
+            status: false,
+            reason: "Idle",
+            message: String::new(),
+        }
     });
     out.push(if !missing.is_empty() {
         let from = retained_source(def, state);
         let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
-        let more = if missing.len() > shown.len() { format!(" and {} more", missing.len() - shown.len()) } else { String::new() };
+        let more = if missing.len() > shown.len() {
+            format!(" and {} more", missing.len() - shown.len())
+        } else {
+            String::new()
+        };
         Condition {
             kind: "Degraded",
             status: true,
@@ -354,9 +404,19 @@ fn conditions(def: &SetDef, missing: &[String], activity: &Activity, state: &Sta
             ),
         }
     } else if overridden {
-        Condition { kind: "Degraded", status: true, reason: "PinsOverridden", message: "CRI-O does not see longshore's pins".to_string() }
+        Condition {
+            kind: "Degraded",
+            status: true,
+            reason: "PinsOverridden",
+            message: "CRI-O does not see longshore's pins".to_string(),
+        }
     } else {
-        Condition { kind: "Degraded", status: false, reason: "AsExpected", message: String::new() }
+        Condition {
+            kind: "Degraded",
+            status: false,
+            reason: "AsExpected",
+            message: String::new(),
+        }
     });
     out
 }
@@ -369,9 +429,9 @@ fn retained_source(def: &SetDef, state: &State) -> Option<String> {
         .filter(|b| b.retained.as_ref().is_some_and(|p| p.exists()))
         .find(|b| {
             def.images.iter().all(|r| {
-                b.images
-                    .iter()
-                    .any(|i| i.names.iter().any(|n| n == r) || format!("{}@{}", i.repository, i.digest) == *r)
+                b.images.iter().any(|i| {
+                    i.names.iter().any(|n| n == r) || format!("{}@{}", i.repository, i.digest) == *r
+                })
             })
         })
         .map(|b| b.name.clone())

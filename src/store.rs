@@ -111,7 +111,10 @@ impl Store {
             let p = self.root.join(dir);
             std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
         }
-        for lock in [format!("{d}-images/images.lock"), format!("{d}-layers/layers.lock")] {
+        for lock in [
+            format!("{d}-images/images.lock"),
+            format!("{d}-layers/layers.lock"),
+        ] {
             let p = self.root.join(lock);
             std::fs::OpenOptions::new()
                 .create(true)

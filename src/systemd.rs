@@ -26,8 +26,13 @@ trait Manager {
     fn reload_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
     #[zbus(signal)]
-    fn job_removed(&self, id: u32, job: OwnedObjectPath, unit: String, result: String)
-        -> zbus::Result<()>;
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
 }
 
 #[zbus::proxy(
@@ -37,6 +42,8 @@ trait Manager {
 trait Unit {
     #[zbus(property)]
     fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn active_enter_timestamp_monotonic(&self) -> zbus::Result<u64>;
 }
 
 /// How long a reload or restart job may take before longshore stops waiting.
@@ -129,6 +136,17 @@ impl Systemd {
             .with_context(|| format!("reading ActiveState of {unit}"))
     }
 
+    /// When the unit last became active (monotonic µs; 0 if never). Unlike `ActiveState`,
+    /// this tells two activations apart even when the manager reports only the end of
+    /// a quick restart.
+    pub async fn active_since(&self, unit: &str) -> Result<u64> {
+        self.unit(unit)
+            .await?
+            .active_enter_timestamp_monotonic()
+            .await
+            .with_context(|| format!("reading ActiveEnterTimestampMonotonic of {unit}"))
+    }
+
     /// Reloads `unit` if it is active, and waits for the job to finish.
     pub async fn reload(&self, unit: &str) -> Result<Reload> {
         let state = self.active_state(unit).await?;
@@ -193,8 +211,14 @@ impl Systemd {
         &self,
         unit: &str,
     ) -> Result<impl futures_util::Stream<Item = String> + Unpin + use<>> {
+        // The manager sends unit signals, PropertiesChanged included, only to subscribers.
+        if let Err(e) = self.manager().await?.subscribe().await {
+            tracing::debug!("systemd Subscribe: {e}");
+        }
         let proxy = self.unit(unit).await?;
         let changes = proxy.receive_active_state_changed().await;
-        Ok(Box::pin(changes.filter_map(|c| async move { c.get().await.ok() })))
+        Ok(Box::pin(
+            changes.filter_map(|c| async move { c.get().await.ok() }),
+        ))
     }
 }

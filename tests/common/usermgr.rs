@@ -15,20 +15,34 @@ pub struct UserManager {
     pub bus_address: String,
     dbus_pid: i32,
     systemd: Child,
+    /// Held for the manager's life: see [`SERIAL`].
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+/// One user manager at a time. Managers of the same user share that user's cgroup, so
+/// one that stops takes the services of another with it, and their unit signals get
+/// lost; the tests that need one therefore take turns.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// How the stand-in CRI-O answers a reload.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Reload {
     /// `kill -HUP $MAINPID`, as CRI-O's unit does.
     Hup,
+    /// As `Hup`, after appending the file's content to the snapshot log, so a test sees
+    /// what CRI-O would have read at each reload.
+    HupAndSnapshot(PathBuf),
     /// A reload command that fails, so the job ends `failed`.
     Fails,
 }
 
 impl UserManager {
     pub fn start() -> UserManager {
-        let dir = tempfile::Builder::new().prefix("longshore-usermgr").tempdir().unwrap();
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("longshore-usermgr")
+            .tempdir()
+            .unwrap();
         let runtime_dir = dir.path().join("run");
         let config_home = dir.path().join("config");
         fs::create_dir_all(&runtime_dir).unwrap();
@@ -42,8 +56,15 @@ impl UserManager {
             .arg(&bus_address)
             .output()
             .expect("starting dbus-daemon");
-        assert!(out.status.success(), "dbus-daemon: {}", String::from_utf8_lossy(&out.stderr));
-        let dbus_pid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("dbus pid");
+        assert!(
+            out.status.success(),
+            "dbus-daemon: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dbus_pid: i32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("dbus pid");
         // systemd --user insists on /run/systemd/system; a private mount namespace with
         // its own /run gives it one without touching the host.
         let systemd = Command::new("unshare")
@@ -60,7 +81,15 @@ impl UserManager {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting systemd --user");
-        let um = UserManager { dir, runtime_dir, config_home, bus_address, dbus_pid, systemd };
+        let um = UserManager {
+            dir,
+            runtime_dir,
+            config_home,
+            bus_address,
+            dbus_pid,
+            systemd,
+            _serial: serial,
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !um.systemctl(&["show", "-p", "Version"]).status.success() {
             assert!(Instant::now() < deadline, "systemd --user did not come up");
@@ -76,7 +105,10 @@ impl UserManager {
             .unwrap()
             .success()
         {
-            assert!(Instant::now() < deadline, "systemd --user did not take its bus name");
+            assert!(
+                Instant::now() < deadline,
+                "systemd --user did not take its bus name"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         um
@@ -86,7 +118,10 @@ impl UserManager {
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
             ("DBUS_SESSION_BUS_ADDRESS".into(), self.bus_address.clone()),
-            ("XDG_RUNTIME_DIR".into(), self.runtime_dir.display().to_string()),
+            (
+                "XDG_RUNTIME_DIR".into(),
+                self.runtime_dir.display().to_string(),
+            ),
         ]
     }
 
@@ -104,6 +139,11 @@ impl UserManager {
         let log = self.hup_log();
         let reload_line = match reload {
             Reload::Hup => "/bin/kill -s HUP $MAINPID".to_string(),
+            Reload::HupAndSnapshot(file) => format!(
+                "/bin/sh -c 'cat {f} >> {snap}; echo ==== >> {snap}; kill -s HUP $MAINPID'",
+                f = file.display(),
+                snap = self.snapshot_log().display()
+            ),
             Reload::Fails => "/bin/false".to_string(),
         };
         fs::write(
@@ -117,21 +157,73 @@ impl UserManager {
         )
         .unwrap();
         let out = self.systemctl(&["daemon-reload"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn start_crio(&self) {
         let out = self.systemctl(&["start", "crio.service"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     pub fn stop_crio(&self) {
         let out = self.systemctl(&["stop", "crio.service"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn snapshot_log(&self) -> PathBuf {
+        self.dir.path().join("crio-snapshots.log")
+    }
+
+    /// What the watched file held at each reload, in order.
+    pub fn snapshots(&self) -> Vec<String> {
+        std::thread::sleep(Duration::from_millis(300));
+        fs::read_to_string(self.snapshot_log())
+            .unwrap_or_default()
+            .split("====\n")
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// What the manager says about the stand-in, for failure messages.
+    pub fn journal(&self) -> String {
+        let out = self.systemctl(&["status", "--no-pager", "crio.service"]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
+    /// The stand-in's main PID (changes when it is restarted).
+    pub fn crio_pid(&self) -> String {
+        let out = self.systemctl(&["show", "-p", "MainPID", "--value", "crio.service"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     fn hup_log(&self) -> PathBuf {
         self.dir.path().join("crio-hups.log")
+    }
+
+    /// Waits (up to 20 s) until the stand-in has received `n` SIGHUPs, then a little
+    /// longer to be sure no more arrive; panics with `context` if the count is not `n`.
+    pub fn expect_hups(&self, n: usize, context: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.hups() < n && Instant::now() < deadline {}
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(self.hups(), n, "{context}");
     }
 
     /// How many SIGHUPs the stand-in CRI-O has received.
