@@ -12,7 +12,9 @@ if [ -d "$demo" ]; then
 	grep -o " $demo[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" || true; done
 	rm -rf "$demo"
 fi
-mkdir -p "$demo/node"
+mkdir -p "$demo/node/etc/longshore/config.d"
+# The sandbox has no CRI-O to reload; on a node longshore reloads crio.service over D-Bus.
+printf '[crio]\nreload = false\n' > "$demo/node/etc/longshore/config.d/50-demo.toml"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
@@ -33,8 +35,11 @@ step "longshore import into the node at $demo/node (--sysroot)"
 step "Importing the same bundle again copies nothing"
 "$longshore" --sysroot "$demo/node" import "$demo/site-apps-1.0.tar.zst"
 
-step "longshore status"
+step "longshore status: bundles, image sets and images"
 "$longshore" --sysroot "$demo/node" status
+
+step "The pins CRI-O reads, so kubelet's image garbage collection keeps the images"
+cat "$demo/node/etc/crio/crio.conf.d/99-longshore-pinned-images.conf"
 
 step "The images in the node's containers-storage (podman images)"
 podman --root "$demo/node/var/lib/containers/storage" --runroot "$demo/node/run/containers/storage" \
