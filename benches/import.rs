@@ -171,6 +171,14 @@ fn main() {
     eprintln!("cold: longshore import ...");
     drop_caches();
     let node = sb.dir.join("node");
+    // No CRI-O here to reload; the pins are still computed and written.
+    let no_reload = |root: &Path| {
+        let d = root.join("etc/longshore/config.d");
+        fs::create_dir_all(&d).expect("config dir");
+        fs::write(d.join("50-bench.toml"), "[crio]\nreload = false\n").expect("config");
+    };
+    no_reload(&node);
+    no_reload(&sb.dir.join("node-tar"));
     let (import_cold, import_rss) = measure(
         Command::new(LONGSHORE)
             .arg("--sysroot")
