@@ -178,6 +178,7 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
             let opts = ImportOptions {
                 expected: a.digest,
                 hold: a.hold,
+                restore: false,
             };
             let outcome = engine.import(&a.path, &opts).await?;
             if a.json {

@@ -46,6 +46,9 @@ pub struct ImportOptions {
     pub expected: Option<Digest>,
     /// Verify and stage only; copy on `apply`.
     pub hold: bool,
+    /// Only put back missing images (healing from a retained copy): the bundle's sets
+    /// are not put in force again, so a newer definition of a set stays.
+    pub restore: bool,
 }
 
 /// What an import did, for people and for `--json`.
@@ -121,6 +124,8 @@ pub struct Engine {
 
 /// A bundle's images as the engine handles them, whatever the input was.
 struct Plan {
+    /// Whether this is a restore (see [`ImportOptions::restore`]).
+    restore: bool,
     digest: Digest,
     name: String,
     version: Option<String>,
@@ -257,6 +262,7 @@ impl Engine {
                 SourceKind::BundleDir
             },
         );
+        plan.restore = opts.restore;
         let present = self.presence(&proxy, &plan).await;
         proxy.finish().await.ok();
         let present = present?;
@@ -370,6 +376,7 @@ impl Engine {
         let digest = implicit_digest(&f, &images);
         check_expected(&f.path, &digest, opts.expected)?;
         let plan = Plan {
+            restore: opts.restore,
             digest,
             name: f.name.clone(),
             version: None,
@@ -502,6 +509,7 @@ impl Engine {
                 let opts = ImportOptions {
                     expected: Some(rec.digest),
                     hold: false,
+                    restore: false,
                 };
                 let mut r = self.import_foreign(f, &opts).await?;
                 // Recorded under the staged path by import_foreign; keep the original.
@@ -751,14 +759,21 @@ impl Engine {
             .bundles
             .get(&plan.digest)
             .is_some_and(|b| b.state == BundleState::Imported);
-        let mut rec = self.record(source, plan, BundleState::Importing, None);
-        rec.retained = self
-            .state
-            .bundles
-            .get(&plan.digest)
-            .and_then(|b| b.retained.clone());
-        self.state.bundles.insert(plan.digest, rec);
-        self.activate_sets(plan);
+        let known = self.state.bundles.contains_key(&plan.digest);
+        if plan.restore && known {
+            if let Some(b) = self.state.bundles.get_mut(&plan.digest) {
+                b.state = BundleState::Importing;
+            }
+        } else {
+            let mut rec = self.record(source, plan, BundleState::Importing, None);
+            rec.retained = self
+                .state
+                .bundles
+                .get(&plan.digest)
+                .and_then(|b| b.retained.clone());
+            self.state.bundles.insert(plan.digest, rec);
+            self.activate_sets(plan);
+        }
         self.state.save(&self.paths.state_dir)?;
 
         let missing = present.iter().filter(|p| !**p).count();
@@ -1030,6 +1045,7 @@ impl Engine {
             let opts = ImportOptions {
                 expected: Some(b.digest),
                 hold: false,
+                restore: true,
             };
             let res = match input {
                 Ok(input) => self.import_one(input, &opts).await,
@@ -1381,6 +1397,7 @@ impl VerifyReport {
 
 fn plan_from_meta(digest: Digest, meta: &BundleMeta, kind: SourceKind) -> Plan {
     Plan {
+        restore: false,
         digest,
         name: meta.name.clone(),
         version: meta.version.clone(),

@@ -685,3 +685,71 @@ impl Drop for Daemon {
 
 #[allow(dead_code)]
 fn _paths(_: &Path) {}
+
+#[test]
+fn healing_from_an_older_bundle_does_not_bring_back_its_old_sets() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    node.write_config("60-retain.toml", "[import]\nretain_bundles = true\n");
+    let all = layout(&node, "l", "example.com/restore", 3);
+    let v1 = Layout {
+        dir: all.dir.clone(),
+        images: all.images[0..2].to_vec(),
+    };
+    let v2 = Layout {
+        dir: all.dir.clone(),
+        images: all.images[1..3].to_vec(),
+    };
+    let b1 = node.scratch("v1");
+    let b2 = node.scratch("v2");
+    node.bundle_create(&v1, &b1, &["--name", "apps-1", "--set", "apps"]);
+    node.bundle_create(&v2, &b2, &["--name", "apps-2", "--set", "apps"]);
+    // v1 also declares a second set, which keeps its retained copy in use after v2
+    // replaces "apps".
+    let meta_path = b1.join("bundle.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&fs::read(&meta_path).unwrap()).unwrap();
+    let first = meta["sets"][0]["images"][0].clone();
+    meta["sets"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "base", "images": [first], "pinned": true}));
+    fs::write(&meta_path, serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+    node.ok(&["import", b1.to_str().unwrap()]);
+    node.ok(&["import", b2.to_str().unwrap()]);
+
+    wipe_store(&node);
+    node.ok(&["sync"]);
+    for img in &all.images {
+        assert!(
+            node.inspect_digest(&img.reference).is_some(),
+            "{} restored",
+            img.reference
+        );
+    }
+    let sets: serde_json::Value = serde_json::from_str(&node.ok(&["sets", "--json"])).unwrap();
+    let apps = sets["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "apps")
+        .unwrap();
+    assert_eq!(
+        apps["source"]["name"], "apps-2",
+        "the newer definition stays: {apps}"
+    );
+    let refs: Vec<&str> = apps["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["reference"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = v2.images.iter().map(|i| names(i)[1].clone()).collect();
+    assert_eq!(refs, want);
+    // img0 is pinned only for "base" now; "apps" pins img1 and img2.
+    let mut expect = stored_names(&node, &v2);
+    expect.extend(names(&all.images[0]));
+    assert_eq!(pins(&node), expect);
+}
