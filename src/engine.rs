@@ -149,6 +149,18 @@ struct PlannedImage {
     config: Option<Digest>,
 }
 
+impl Plan {
+    /// The layers of the images the store already holds.
+    fn present_layers(&self, present: &[bool]) -> HashSet<Digest> {
+        self.images
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| **p)
+            .flat_map(|(i, _)| i.layers.iter().map(|l| l.0))
+            .collect()
+    }
+}
+
 impl PlannedImage {
     fn wanted(&self) -> Wanted<'_> {
         Wanted {
@@ -559,13 +571,7 @@ impl Engine {
     /// Bytes the missing images will take in the store: each layer counted once, and not
     /// at all when an image already present has it.
     fn store_need(&self, plan: &Plan, present: &[bool]) -> SpaceNeed {
-        let have: HashSet<Digest> = plan
-            .images
-            .iter()
-            .zip(present)
-            .filter(|(_, p)| **p)
-            .flat_map(|(i, _)| i.layers.iter().map(|l| l.0))
-            .collect();
+        let have = plan.present_layers(present);
         let mut counted = HashSet::new();
         let mut bytes = 0u64;
         for (img, _) in plan.images.iter().zip(present).filter(|(_, p)| !**p) {
@@ -664,13 +670,7 @@ impl Engine {
             .collect();
         let jobs = self.settings.import_jobs.max(1);
         let total = todo.len();
-        let stored: HashSet<Digest> = plan
-            .images
-            .iter()
-            .zip(present)
-            .filter(|(_, p)| **p)
-            .flat_map(|(i, _)| i.layers.iter().map(|l| l.0))
-            .collect();
+        let stored = plan.present_layers(present);
         let sched = Mutex::new(Scheduler {
             pending: (0..total).collect(),
             busy: HashSet::new(),
