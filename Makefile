@@ -7,20 +7,26 @@ CARGO ?= cargo
 PREFIX ?= /usr
 DESTDIR ?=
 
+# What building needs besides the Rust toolchain: libudev for the udev crate.
+BUILD_PACKAGES := pkg-config libudev-dev
 # What the tests need: skopeo (copies, the image proxy), tar and zstd (listing and
-# making streams), util-linux (setpriv ties the proxy to longshore's life),
-# docker-registry (a real registry on loopback for `bundle create docker://`).
-TEST_PACKAGES := skopeo tar zstd util-linux ca-certificates docker-registry dbus systemd
+# making streams), util-linux (setpriv ties the proxy to longshore's life, losetup),
+# docker-registry (a real registry on loopback for `bundle create docker://`), dbus and
+# systemd (a private bus and a user manager), udev (systemd-udevd for media tests),
+# dosfstools, mtools, e2fsprogs and xorriso (media images).
+TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates docker-registry \
+	dbus systemd udev dosfstools mtools e2fsprogs xorriso
 # The demo shows the store with podman.
-DEMO_PACKAGES := $(TEST_PACKAGES) podman
+DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
 # The benchmark compares verification with openssl's sha256.
-BENCH_PACKAGES := $(TEST_PACKAGES) openssl
+BENCH_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates openssl
 
 .PHONY: all build test test-deps demo bench clean lint
 
 all: build
 
 build:
+	$(call apt_install,$(BUILD_PACKAGES))
 	$(CARGO) build --release --locked
 
 # Installs Debian packages that are missing; does nothing when all are there.

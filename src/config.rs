@@ -25,6 +25,40 @@ struct Fragment {
     skopeo: Option<SkopeoFragment>,
     import: Option<ImportFragment>,
     crio: Option<CrioFragment>,
+    media: Option<MediaFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MediaFragment {
+    #[serde(default, deserialize_with = "label_globs")]
+    labels: Option<Vec<String>>,
+    removable: Option<bool>,
+    raw_tar: Option<bool>,
+    policy: Option<MediaPolicy>,
+}
+
+/// What the daemon does with a bundle found on media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaPolicy {
+    /// Import it.
+    Apply,
+    /// Verify and stage it; import on `longshore apply`.
+    Hold,
+}
+
+/// Which devices the daemon takes as bundle media.
+#[derive(Debug, Clone)]
+pub struct MediaSettings {
+    /// Glob patterns (`*`, `?`) on the filesystem label.
+    pub labels: Vec<String>,
+    /// Also take any removable device with an allowed filesystem, whatever its label.
+    pub removable: bool,
+    /// Take a device with no filesystem whose first tar entry is bundle.json.
+    pub raw_tar: bool,
+    /// Import, or hold.
+    pub policy: MediaPolicy,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +191,8 @@ pub struct Settings {
     pub bus: Bus,
     /// CRI-O.
     pub crio: CrioSettings,
+    /// Bundle media.
+    pub media: MediaSettings,
     /// The fragment files that were applied, in order.
     pub sources: Vec<PathBuf>,
 }
@@ -187,6 +223,12 @@ impl Default for Settings {
                 unit: "crio.service".to_string(),
                 reload: true,
                 allow_restart: false,
+            },
+            media: MediaSettings {
+                labels: vec!["LONGSHORE*".to_string()],
+                removable: false,
+                raw_tar: true,
+                policy: MediaPolicy::Apply,
             },
             sources: Vec::new(),
         }
@@ -230,6 +272,12 @@ impl Settings {
             set(&mut self.import_jobs, i.jobs);
             set(&mut self.pin_foreign, i.pin_foreign);
             set(&mut self.retain_bundles, i.retain_bundles);
+        }
+        if let Some(m) = f.media {
+            set(&mut self.media.labels, m.labels);
+            set(&mut self.media.removable, m.removable);
+            set(&mut self.media.raw_tar, m.raw_tar);
+            set(&mut self.media.policy, m.policy);
         }
         if let Some(c) = f.crio {
             set(&mut self.crio.unit, c.unit);
@@ -281,6 +329,16 @@ fn absolute_path<'de, D: Deserializer<'de>>(d: D) -> Result<Option<PathBuf>, D::
         )));
     }
     Ok(Some(p))
+}
+
+fn label_globs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    if let Some(bad) = v.iter().find(|p| p.is_empty() || p.len() > 64) {
+        return Err(serde::de::Error::custom(format!(
+            "label pattern {bad:?} must be 1 to 64 characters"
+        )));
+    }
+    Ok(Some(v))
 }
 
 fn copy_jobs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -463,6 +521,10 @@ mod tests {
         assert_eq!(shipped.crio.unit, built_in.crio.unit);
         assert_eq!(shipped.crio.reload, built_in.crio.reload);
         assert_eq!(shipped.crio.allow_restart, built_in.crio.allow_restart);
+        assert_eq!(shipped.media.labels, built_in.media.labels);
+        assert_eq!(shipped.media.removable, built_in.media.removable);
+        assert_eq!(shipped.media.raw_tar, built_in.media.raw_tar);
+        assert_eq!(shipped.media.policy, built_in.media.policy);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `longshore daemon`: keeps CRI-O's pins in line with the image sets and with CRI-O's
 //! other drop-ins, and heals the store when CRI-O (re)starts.
 //!
-//! It reacts to three things:
+//! It reacts to four things:
+//! - a block device that udev reports (see [`crate::media`]): bundle media are mounted
+//!   read-only, their bundles imported (or held, by `[media] policy`), and unmounted;
 //! - a change in `/etc/crio/crio.conf.d`, `/etc/crio` or a `sets.d` directory (inotify):
 //!   another file's pins or a set changed, so the pin file is synced;
 //! - CRI-O's unit becoming active again (its `ActiveState` over D-Bus): an unclean
@@ -20,8 +22,9 @@ use futures_util::StreamExt;
 use inotify::WatchMask;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::Settings;
-use crate::engine::Engine;
+use crate::config::{MediaPolicy, Settings};
+use crate::engine::{Engine, ImportOptions};
+use crate::media::{self, Verdict};
 use crate::paths::HostPaths;
 use crate::systemd::Systemd;
 
@@ -36,6 +39,15 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let mut last_state = systemd.active_state(&unit).await?;
     let mut last_since = systemd.active_since(&unit).await?;
     let mut watcher = Watcher::new(&watched_dirs(&paths))?;
+    let (media_tx, mut media_rx) = tokio::sync::mpsc::unbounded_channel();
+    let media_on = match media::spawn_monitor(media_tx) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!("bundle media will not be noticed: {e:#}");
+            false
+        }
+    };
+    let mut seen = media::Seen::default();
     let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     tracing::info!("longshore daemon started; {unit} is {last_state}");
@@ -65,6 +77,11 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                     last_since = since;
                 }
                 last_state = state;
+            }
+            Some(dev) = media_rx.recv(), if media_on => {
+                if seen.is_new(&dev) {
+                    on_device(&paths, &settings, dev).await;
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -103,6 +120,61 @@ async fn work(paths: &HostPaths, settings: &Settings, what: Work) {
             }
         }
         Err(e) => tracing::error!("{e:#}"),
+    }
+}
+
+/// Imports what a device carries, if it is bundle media.
+async fn on_device(paths: &HostPaths, settings: &Settings, dev: media::BlockDevice) {
+    let what = format!(
+        "{} ({}, label {:?})",
+        dev.devnode.display(),
+        dev.fs_type.as_deref().unwrap_or("no filesystem"),
+        dev.label.as_deref().unwrap_or("")
+    );
+    let opts = ImportOptions {
+        hold: settings.media.policy == MediaPolicy::Hold,
+        ..Default::default()
+    };
+    match media::judge(&dev, &settings.media) {
+        Verdict::Ignore(why) => tracing::debug!("not bundle media: {what}: {why}"),
+        Verdict::RawTar => {
+            tracing::info!("bundle media: {what} holds a bundle written raw");
+            import(paths, settings, &dev.devnode.clone(), &opts).await;
+        }
+        Verdict::Mount(fs_type) => {
+            tracing::info!("bundle media: {what}");
+            match media::mount(&dev, &fs_type, &paths.run_dir.join("media")) {
+                Ok(m) => {
+                    import(paths, settings, &m.point.clone(), &opts).await;
+                    m.unmount();
+                }
+                Err(e) => tracing::error!("{e:#}"),
+            }
+        }
+    }
+}
+
+async fn import(
+    paths: &HostPaths,
+    settings: &Settings,
+    path: &std::path::Path,
+    opts: &ImportOptions,
+) {
+    let res = async {
+        let mut engine = Engine::open(paths.clone(), settings.clone())?;
+        engine.import(path, opts).await
+    }
+    .await;
+    match res {
+        Ok(outcome) => {
+            for r in &outcome.reports {
+                tracing::info!("{}", r.summary());
+            }
+            for (p, e) in &outcome.failures {
+                tracing::error!("{}: {e:#}", p.display());
+            }
+        }
+        Err(e) => tracing::error!("{}: {e:#}", path.display()),
     }
 }
 

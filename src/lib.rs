@@ -12,6 +12,7 @@ pub mod crio;
 pub mod daemon;
 pub mod digest;
 pub mod engine;
+pub mod media;
 pub mod paths;
 pub mod process;
 pub mod proxy;

@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod loopdev;
 pub mod node;
 pub mod usermgr;

@@ -1,0 +1,115 @@
+//! Block devices for media tests: image files with a filesystem (or a raw tar) attached
+//! to loop devices, seen by a real systemd-udevd.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Starts systemd-udevd if it is not running (TESTING.md: `--daemon` when
+/// /run/udev/control is absent) and waits for it.
+pub fn ensure_udevd() {
+    let control = Path::new("/run/udev/control");
+    if !control.exists() {
+        let st = Command::new("/lib/systemd/systemd-udevd")
+            .arg("--daemon")
+            .status()
+            .expect("starting systemd-udevd");
+        assert!(st.success(), "systemd-udevd --daemon failed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !control.exists() {
+        assert!(Instant::now() < deadline, "systemd-udevd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    settle();
+}
+
+pub fn settle() {
+    let _ = Command::new("udevadm")
+        .args(["settle", "--timeout=30"])
+        .status();
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("running a media tool");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A loop device, detached when dropped.
+pub struct Loop {
+    pub dev: PathBuf,
+    pub image: PathBuf,
+}
+
+impl Loop {
+    /// Attaches `image`.
+    pub fn attach(image: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(image)
+            .output()
+            .expect("losetup");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        Loop {
+            dev,
+            image: image.to_path_buf(),
+        }
+    }
+
+    pub fn detach(&mut self) {
+        if !self.dev.as_os_str().is_empty() {
+            let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
+            self.dev = PathBuf::new();
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        self.detach();
+    }
+}
+
+/// A FAT image labelled `label` holding `content` (a file or directory) at its root.
+pub fn vfat_image(path: &Path, label: &str, content: &Path, size_mb: u64) {
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{size_mb}M"))
+        .arg(path));
+    run(Command::new("mkfs.vfat").args(["-n", label]).arg(path));
+    run(Command::new("mcopy")
+        .args(["-s", "-i"])
+        .arg(path)
+        .arg(content)
+        .arg("::/"));
+}
+
+/// An ext4 image labelled `label` holding `content` (built with mkfs.ext4 -d).
+pub fn ext4_image(path: &Path, label: &str, content_dir: &Path, size_mb: u64) {
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{size_mb}M"))
+        .arg(path));
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-L", label, "-d"])
+        .arg(content_dir)
+        .arg(path));
+}
+
+/// An ISO 9660 image with volume id `label` holding `content_dir` (Rock Ridge names).
+pub fn iso_image(path: &Path, label: &str, content_dir: &Path) {
+    run(Command::new("xorriso")
+        .args(["-as", "mkisofs", "-quiet", "-R", "-V", label, "-o"])
+        .arg(path)
+        .arg(content_dir));
+}

@@ -1,0 +1,285 @@
+//! Bundle media with a real systemd-udevd and loop devices: the daemon notices them,
+//! mounts read-only, imports, pins and unmounts; other media are left alone.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fixture::{self, Layout};
+use common::loopdev::{ensure_udevd, ext4_image, iso_image, vfat_image, Loop};
+use common::node::{require, Node};
+use common::usermgr::{Reload, UserManager};
+
+const TOOLS: &[&str] = &[
+    "skopeo",
+    "dbus-daemon",
+    "systemctl",
+    "unshare",
+    "busctl",
+    "losetup",
+    "udevadm",
+    "mkfs.vfat",
+    "mcopy",
+    "mkfs.ext4",
+    "xorriso",
+];
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(node: &Node) -> Daemon {
+        let log = node.scratch("daemon.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_longshore"))
+            .arg("--sysroot")
+            .arg(&node.sysroot)
+            .arg("daemon")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
+            .env("LONGSHORE_LOG", "longshore=debug")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the daemon");
+        let d = Daemon { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !d.log().contains("ready: following") {
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not get ready:\n{}",
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle`.
+    fn wait_for(&self, needle: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "waited for {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn setup() -> Option<(UserManager, Node)> {
+    if !require(TOOLS) {
+        return None;
+    }
+    ensure_udevd();
+    let um = UserManager::start();
+    um.install_crio(Reload::Hup);
+    um.start_crio();
+    let mut node = Node::new();
+    node.env.extend(um.env());
+    node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
+    Some((um, node))
+}
+
+fn layout(node: &Node, prefix: &str) -> Layout {
+    fixture::write_oci_layout(&node.scratch("layout"), &fixture::small_images(prefix, 2)).unwrap()
+}
+
+fn assert_in_store_and_pinned(node: &Node, layout: &Layout) {
+    let pins = fs::read_to_string(
+        node.sysroot
+            .join("etc/crio/crio.conf.d/99-longshore-pinned-images.conf"),
+    )
+    .unwrap();
+    for img in &layout.images {
+        assert_eq!(
+            node.inspect_digest(&img.reference).as_deref(),
+            Some(img.manifest_digest.as_str())
+        );
+        assert!(
+            pins.contains(&img.reference),
+            "{} not pinned:\n{pins}",
+            img.reference
+        );
+    }
+}
+
+fn media_mounts(node: &Node) -> Vec<String> {
+    let base = node
+        .sysroot
+        .join("run/longshore/media")
+        .display()
+        .to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| p.starts_with(&base))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether the running kernel can mount `fs` (some VMs' kernels carry ext4 alone).
+fn kernel_has(fs: &str) -> bool {
+    fs::read_to_string("/proc/filesystems")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some(fs))
+}
+
+#[test]
+fn an_ext4_stick_labelled_longshore_is_imported_pinned_and_unmounted() {
+    let Some((um, node)) = setup() else { return };
+    let layout = layout(&node, "example.com/stick");
+    let content = node.scratch("content");
+    fs::create_dir_all(&content).unwrap();
+    node.bundle_create(&layout, &content.join("site-1.0"), &["--name", "site"]);
+    let image = node.scratch("stick.img");
+    ext4_image(&image, "LONGSHORE", &content, 64);
+    let daemon = Daemon::start(&node);
+    let stick = Loop::attach(&image);
+    daemon.wait_for("bundle site (", 60);
+    daemon.wait_for("unmounted", 30);
+    assert_in_store_and_pinned(&node, &layout);
+    assert!(media_mounts(&node).is_empty(), "{:?}", media_mounts(&node));
+    assert!(
+        daemon.log().contains(&format!(
+            "{} (ext4, label \"LONGSHORE\")",
+            stick.dev.display()
+        )),
+        "{}",
+        daemon.log()
+    );
+    um.expect_hups(1, "one reload for the stick's pins");
+    drop(stick);
+}
+
+#[test]
+fn an_ext4_stick_with_a_zstd_bundle_is_imported() {
+    let Some((_um, node)) = setup() else { return };
+    let layout = layout(&node, "example.com/ext4");
+    let content = node.scratch("content");
+    fs::create_dir_all(&content).unwrap();
+    node.bundle_create(&layout, &content.join("apps.tar.zst"), &["--name", "apps"]);
+    let image = node.scratch("ext4.img");
+    ext4_image(&image, "LONGSHORE_X", &content, 64);
+    let daemon = Daemon::start(&node);
+    let stick = Loop::attach(&image);
+    daemon.wait_for("bundle apps (", 60);
+    daemon.wait_for("unmounted", 30);
+    assert_in_store_and_pinned(&node, &layout);
+    drop(stick);
+}
+
+/// vfat sticks and ISO images are recognised from udev's view of them; where the kernel
+/// can mount them they are imported, and where it cannot the mount error says so.
+#[test]
+fn vfat_and_iso_media_are_recognised() {
+    let Some((_um, node)) = setup() else { return };
+    node.write_config(
+        "60-media.toml",
+        "[media]\nlabels = [\"LONGSHORE*\", \"upgrade_*\"]\n",
+    );
+    let layout = layout(&node, "example.com/fat");
+    let content = node.scratch("content");
+    fs::create_dir_all(&content).unwrap();
+    node.bundle_create(&layout, &content.join("release"), &["--name", "release"]);
+    let fat = node.scratch("fat.img");
+    vfat_image(&fat, "LONGSHORE", &content.join("release"), 64);
+    let iso = node.scratch("release.iso");
+    iso_image(&iso, "upgrade_4_16", &content);
+    let daemon = Daemon::start(&node);
+    for (image, fs_type, label) in [
+        (&fat, "vfat", "LONGSHORE"),
+        (&iso, "iso9660", "upgrade_4_16"),
+    ] {
+        let dev = Loop::attach(image);
+        let seen = format!(
+            "bundle media: {} ({fs_type}, label \"{label}\")",
+            dev.dev.display()
+        );
+        daemon.wait_for(&seen, 60);
+        if kernel_has(fs_type) {
+            daemon.wait_for("unmounted", 60);
+            assert_in_store_and_pinned(&node, &layout);
+        } else {
+            daemon.wait_for(
+                &format!("mounting {} ({fs_type}) read-only", dev.dev.display()),
+                30,
+            );
+            eprintln!("this kernel cannot mount {fs_type}; recognised, mount refused as expected");
+        }
+    }
+}
+
+#[test]
+fn a_raw_tar_on_a_device_is_imported_and_another_label_is_left_alone() {
+    let Some((_um, node)) = setup() else { return };
+    let layout = layout(&node, "example.com/raw");
+    let tar = node.scratch("raw.tar");
+    node.bundle_create(&layout, &tar, &["--name", "raw"]);
+    // A device image: the tar written from its first byte, padded as dd onto a stick.
+    let image = node.scratch("raw.img");
+    fs::copy(&tar, &image).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&image).unwrap();
+    f.set_len(32 << 20).unwrap();
+    drop(f);
+
+    let other_content = node.scratch("photos");
+    fs::create_dir_all(&other_content).unwrap();
+    let other_layout = fixture::write_oci_layout(
+        &node.scratch("other-layout"),
+        &fixture::small_images("example.com/photos", 1),
+    )
+    .unwrap();
+    node.bundle_create(
+        &other_layout,
+        &other_content.join("b"),
+        &["--name", "photos"],
+    );
+    let other = node.scratch("photos.img");
+    ext4_image(&other, "PHOTOS", &other_content, 64);
+
+    let daemon = Daemon::start(&node);
+    let other_dev = Loop::attach(&other);
+    let raw_dev = Loop::attach(&image);
+    daemon.wait_for("bundle raw (", 60);
+    assert!(
+        daemon.log().contains(&format!(
+            "{} (no filesystem, label \"\") holds a bundle written raw",
+            raw_dev.dev.display()
+        )),
+        "{}",
+        daemon.log()
+    );
+    assert_in_store_and_pinned(&node, &layout);
+    assert!(
+        daemon.log().contains(&format!(
+            "not bundle media: {} (ext4, label \"PHOTOS\")",
+            other_dev.dev.display()
+        )),
+        "{}",
+        daemon.log()
+    );
+    assert!(node
+        .inspect_digest(&other_layout.images[0].reference)
+        .is_none());
+    assert!(media_mounts(&node).is_empty());
+}
