@@ -26,7 +26,8 @@ use crate::config::{MediaPolicy, Settings};
 use crate::engine::{Engine, ImportOptions};
 use crate::media::{self, Verdict};
 use crate::paths::HostPaths;
-use crate::systemd::Systemd;
+use crate::sets::SetView;
+use crate::systemd::{self, message_id};
 
 /// How long a burst of file events is gathered before one sync.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -34,10 +35,10 @@ const SETTLE: Duration = Duration::from_millis(200);
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let unit = settings.crio.unit.clone();
-    let systemd = Systemd::connect(settings.bus).await?;
-    let mut states = systemd.watch_active_state(&unit).await?;
-    let mut last_state = systemd.active_state(&unit).await?;
-    let mut last_since = systemd.active_since(&unit).await?;
+    let manager = systemd::Systemd::connect(settings.bus).await?;
+    let mut states = manager.watch_active_state(&unit).await?;
+    let mut last_state = manager.active_state(&unit).await?;
+    let mut last_since = manager.active_since(&unit).await?;
     let mut watcher = Watcher::new(&watched_dirs(&paths))?;
     let (media_tx, mut media_rx) = tokio::sync::mpsc::unbounded_channel();
     let media_on = match media::spawn_monitor(media_tx) {
@@ -52,27 +53,39 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     tracing::info!("longshore daemon started; {unit} is {last_state}");
 
-    work(&paths, &settings, Work::Heal).await;
+    let mut sets = SetStates::default();
+    let views = work(&paths, &settings, Work::Heal).await;
+    sets.update(&views);
     tracing::info!("ready: following {unit} and the configuration directories");
+    systemd::notify_ready(&sets.summary());
+    let mut watchdog = systemd::watchdog_interval().map(|d| tokio::time::interval(d / 2));
     loop {
         tokio::select! {
+            _ = async { watchdog.as_mut().expect("checked by the guard").tick().await }, if watchdog.is_some() => {
+                systemd::notify_watchdog();
+            }
             r = watcher.changed() => {
                 r?;
                 // Gather the rest of a burst (a rename is several events).
                 while let Ok(r) = tokio::time::timeout(SETTLE, watcher.changed()).await {
                     r?;
                 }
-                work(&paths, &settings, Work::Sync).await;
+                let views = work(&paths, &settings, Work::Sync).await;
+                sets.update(&views);
+                systemd::notify_status(&sets.summary());
             }
             state = states.next() => {
                 let Some(state) = state else {
                     anyhow::bail!("lost the D-Bus connection to systemd");
                 };
                 if state == "active" {
-                    let since = systemd.active_since(&unit).await.unwrap_or_default();
+                    let since = manager.active_since(&unit).await.unwrap_or_default();
                     if last_state != "active" || since != last_since {
                         tracing::info!("{unit} became active; checking that the store still holds every set");
-                        work(&paths, &settings, Work::Heal).await;
+                        systemd::notify_status(&format!("Checking image sets: {unit} became active"));
+                        let views = work(&paths, &settings, Work::Heal).await;
+                        sets.update(&views);
+                        systemd::notify_status(&sets.summary());
                     }
                     last_since = since;
                 }
@@ -81,6 +94,9 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
             Some(dev) = media_rx.recv(), if media_on => {
                 if seen.is_new(&dev) {
                     on_device(&paths, &settings, dev).await;
+                    let views = work(&paths, &settings, Work::Sync).await;
+                    sets.update(&views);
+                    systemd::notify_status(&sets.summary());
                 }
             }
             _ = term.recv() => break,
@@ -88,7 +104,56 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         }
     }
     tracing::info!("longshore daemon stopping");
+    systemd::notify_stopping();
     Ok(())
+}
+
+/// What the daemon last knew of each set, to log when one becomes ready or degraded and
+/// to say it in one line for `systemctl status`.
+#[derive(Default)]
+struct SetStates {
+    ready: std::collections::BTreeMap<String, bool>,
+    degraded: Vec<String>,
+}
+
+impl SetStates {
+    fn update(&mut self, views: &Option<Vec<SetView>>) {
+        let Some(views) = views else { return };
+        let mut now = std::collections::BTreeMap::new();
+        self.degraded.clear();
+        for v in views {
+            let cond = |k: &str| v.conditions.iter().find(|c| c.kind == k);
+            let ready = cond("Ready").is_some_and(|c| c.status);
+            if let Some(d) = cond("Degraded").filter(|c| c.status) {
+                self.degraded.push(format!("{}: {}", v.name, d.message));
+            }
+            if self.ready.get(&v.name) != Some(&ready) {
+                if ready {
+                    tracing::info!(message_id = message_id::SET_READY, set = %v.name, "image set {} is ready", v.name);
+                } else if let Some(d) = cond("Degraded").filter(|c| c.status) {
+                    tracing::warn!(
+                        message_id = message_id::SET_DEGRADED, set = %v.name, reason = d.reason,
+                        "image set {} is degraded: {}", v.name, d.message
+                    );
+                }
+            }
+            now.insert(v.name.clone(), ready);
+        }
+        self.ready = now;
+    }
+
+    fn summary(&self) -> String {
+        let total = self.ready.len();
+        let ready = self.ready.values().filter(|r| **r).count();
+        let mut s = format!("Idle: {ready} of {total} image sets ready");
+        if let Some(first) = self.degraded.first() {
+            s.push_str(&format!("; degraded: {first}"));
+            if self.degraded.len() > 1 {
+                s.push_str(&format!(" (and {} more)", self.degraded.len() - 1));
+            }
+        }
+        s
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -99,7 +164,7 @@ enum Work {
 
 /// Does one piece of work under the state lock. A failure is logged, not fatal: the
 /// next event tries again.
-async fn work(paths: &HostPaths, settings: &Settings, what: Work) {
+async fn work(paths: &HostPaths, settings: &Settings, what: Work) -> Option<Vec<SetView>> {
     let res = async {
         let mut engine = Engine::open(paths.clone(), settings.clone())?;
         match what {
@@ -109,17 +174,11 @@ async fn work(paths: &HostPaths, settings: &Settings, what: Work) {
     }
     .await;
     match res {
-        Ok(views) => {
-            for v in views.iter().filter(|v| !v.missing.is_empty()) {
-                tracing::warn!(
-                    "set {} is degraded: {} of {} images missing",
-                    v.name,
-                    v.missing.len(),
-                    v.images.len()
-                );
-            }
+        Ok(views) => Some(views),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            None
         }
-        Err(e) => tracing::error!("{e:#}"),
     }
 }
 
@@ -138,11 +197,19 @@ async fn on_device(paths: &HostPaths, settings: &Settings, dev: media::BlockDevi
     match media::judge(&dev, &settings.media) {
         Verdict::Ignore(why) => tracing::debug!("not bundle media: {what}: {why}"),
         Verdict::RawTar => {
-            tracing::info!("bundle media: {what} holds a bundle written raw");
+            tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what} holds a bundle written raw");
+            systemd::notify_status(&format!(
+                "Importing the bundle on {}",
+                dev.devnode.display()
+            ));
             import(paths, settings, &dev.devnode.clone(), &opts).await;
         }
         Verdict::Mount(fs_type) => {
-            tracing::info!("bundle media: {what}");
+            tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what}");
+            systemd::notify_status(&format!(
+                "Importing the bundles on {}",
+                dev.devnode.display()
+            ));
             match media::mount(&dev, &fs_type, &paths.run_dir.join("media")) {
                 Ok(m) => {
                     import(paths, settings, &m.point.clone(), &opts).await;
@@ -171,10 +238,12 @@ async fn import(
                 tracing::info!("{}", r.summary());
             }
             for (p, e) in &outcome.failures {
-                tracing::error!("{}: {e:#}", p.display());
+                tracing::error!(message_id = message_id::BUNDLE_FAILED, input = %p.display(), "{}: {e:#}", p.display());
             }
         }
-        Err(e) => tracing::error!("{}: {e:#}", path.display()),
+        Err(e) => {
+            tracing::error!(message_id = message_id::BUNDLE_FAILED, input = %path.display(), "{}: {e:#}", path.display())
+        }
     }
 }
 

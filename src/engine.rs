@@ -670,6 +670,8 @@ impl Engine {
             .collect();
         let jobs = self.settings.import_jobs.max(1);
         let total = todo.len();
+        let total_bytes: u64 = todo.iter().map(|i| i.size).sum();
+        let bytes_done = std::sync::atomic::AtomicU64::new(0);
         let stored = plan.present_layers(present);
         let sched = Mutex::new(Scheduler {
             pending: (0..total).collect(),
@@ -725,7 +727,18 @@ impl Engine {
                     match res {
                         Ok(()) => {
                             g.done += 1;
-                            tracing::info!("copied {}/{} images", g.done, total);
+                            let bytes = bytes_done
+                                .fetch_add(img.size, std::sync::atomic::Ordering::Relaxed)
+                                + img.size;
+                            let line = format!(
+                                "Importing bundle {}: {}/{total} images, {}/{}",
+                                plan.name,
+                                g.done,
+                                human_size(bytes),
+                                human_size(total_bytes)
+                            );
+                            tracing::info!("{line}");
+                            crate::systemd::notify_status(&line);
                         }
                         Err(e) => {
                             g.failed.get_or_insert(e.context(format!("copying {}@{}", img.repository, img.digest)));
@@ -819,6 +832,13 @@ impl Engine {
             tracing::info!(bundle = %plan.name, "already imported; nothing to copy");
         }
         self.sync().await?;
+        tracing::info!(
+            message_id = crate::systemd::message_id::BUNDLE_IMPORTED,
+            bundle = %plan.name, digest = %plan.digest,
+            "bundle {} imported: {copied} images copied, {} already present",
+            plan.name,
+            plan.images.len() - copied
+        );
         Ok(ImportReport {
             digest: plan.digest,
             name: plan.name.clone(),

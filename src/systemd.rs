@@ -1,5 +1,7 @@
-//! systemd over D-Bus (`org.freedesktop.systemd1`): reload or restart a unit and wait for
-//! the job to finish, and follow a unit's `ActiveState`.
+//! systemd: over D-Bus (`org.freedesktop.systemd1`), reload or restart a unit and wait
+//! for the job to finish, and follow a unit's `ActiveState`; over `$NOTIFY_SOCKET`
+//! (sd_notify), tell the service manager how the daemon is doing; and the journal's
+//! fixed message IDs.
 //!
 //! A job is followed by its `JobRemoved` signal, whose `result` says how it ended (`done`,
 //! `canceled`, `timeout`, `failed`, `dependency`, `skipped`); see
@@ -221,4 +223,57 @@ impl Systemd {
             changes.filter_map(|c| async move { c.get().await.ok() }),
         ))
     }
+}
+
+/// Tells the service manager the daemon is ready, with a status line.
+pub fn notify_ready(status: &str) {
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ]);
+}
+
+/// Sets the status line `systemctl status` shows.
+pub fn notify_status(status: &str) {
+    notify(&[sd_notify::NotifyState::Status(status)]);
+}
+
+/// Tells the service manager the daemon is stopping.
+pub fn notify_stopping() {
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("Stopping"),
+    ]);
+}
+
+/// Pings the service manager's watchdog.
+pub fn notify_watchdog() {
+    notify(&[sd_notify::NotifyState::Watchdog]);
+}
+
+/// The watchdog interval the service manager asks for (`WatchdogSec=`), if any.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    // Without $NOTIFY_SOCKET (a command run by hand) this does nothing.
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// Fixed `MESSAGE_ID`s of the journal entries people search for
+/// (`journalctl MESSAGE_ID=…`); listed in docs/journal.md.
+pub mod message_id {
+    /// Bundle media (or a bundle on them) was detected.
+    pub const BUNDLE_DETECTED: &str = "0694dbaaaeb14384977c32f6c298f544";
+    /// A bundle was imported: every image is in the store.
+    pub const BUNDLE_IMPORTED: &str = "dace14cd1ca4471f8697171a376ea349";
+    /// A bundle could not be imported.
+    pub const BUNDLE_FAILED: &str = "2fb6a1ccf3be4217bfe8bf4d0cd12a1c";
+    /// An image set became ready: every image present (and pinned).
+    pub const SET_READY: &str = "df616eee526b4fe6a680ffd21c99cea5";
+    /// An image set became degraded: images missing, or its pins overridden.
+    pub const SET_DEGRADED: &str = "328f2117836047cca39fa15ca07e43e1";
 }
