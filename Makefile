@@ -19,7 +19,8 @@ TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates do
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
 # The benchmark compares verification with openssl's sha256.
-BENCH_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates openssl
+BENCH_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates openssl \
+	dbus systemd udev e2fsprogs
 
 .PHONY: all build test test-deps demo bench clean lint
 
@@ -57,6 +58,7 @@ bench:
 	$(call apt_install,$(BENCH_PACKAGES))
 	$(CARGO) build --release --locked --bin longshore
 	$(CARGO) bench --locked --bench import
+	$(CARGO) bench --locked --bench daemon
 
 clean:
 	$(CARGO) clean
