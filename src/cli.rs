@@ -163,7 +163,10 @@ pub fn run() -> Result<ExitCode> {
         None => PathBuf::from("/"),
     };
     let paths = HostPaths::new(&sysroot);
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // Two workers: the copies block a thread while skopeo runs (see engine), and the
+    // daemon's D-Bus service must keep answering meanwhile.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;

@@ -805,10 +805,12 @@ impl Engine {
             }
             self.busy = plan.sets.iter().map(|s| s.name.clone()).collect();
             let marker = Busy::mark(&self.paths, &self.busy);
-            let res = match layout {
+            // The copies wait on skopeo processes; other tasks (the daemon's D-Bus
+            // service) move to the other worker meanwhile.
+            let res = tokio::task::block_in_place(|| match layout {
                 Some(l) => self.copy_from_layout(plan, present, l),
                 None => self.copy_missing(plan, present),
-            };
+            });
             drop(marker);
             self.busy.clear();
             copied = res?;
