@@ -1,7 +1,9 @@
 //! `longshore daemon`: keeps CRI-O's pins in line with the image sets and with CRI-O's
 //! other drop-ins, and heals the store when CRI-O (re)starts.
 //!
-//! It reacts to four things:
+//! It serves `io.longshore.Longshore1` on D-Bus (see [`crate::api`]) and reacts to five
+//! things, one at a time:
+//! - a method call of that service (an import, a verification, …);
 //! - a block device that udev reports (see [`crate::media`]): bundle media are mounted
 //!   read-only, their bundles imported (or held, by `[media] policy`), and unmounted;
 //! - a change in `/etc/crio/crio.conf.d`, `/etc/crio` or a `sets.d` directory (inotify):
@@ -22,11 +24,15 @@ use futures_util::StreamExt;
 use inotify::WatchMask;
 use tokio::signal::unix::{signal, SignalKind};
 
+use tokio::sync::mpsc;
+
+use crate::api::{self, Api, Request};
 use crate::config::{MediaPolicy, Settings};
-use crate::engine::{Engine, ImportOptions};
+use crate::engine::{self, Engine, ImportOptions};
 use crate::media::{self, Verdict};
 use crate::paths::HostPaths;
 use crate::sets::SetView;
+use crate::state::State;
 use crate::systemd::{self, message_id};
 
 /// How long a burst of file events is gathered before one sync.
@@ -40,8 +46,8 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let mut last_state = manager.active_state(&unit).await?;
     let mut last_since = manager.active_since(&unit).await?;
     let mut watcher = Watcher::new(&watched_dirs(&paths))?;
-    let (media_tx, mut media_rx) = tokio::sync::mpsc::unbounded_channel();
-    let media_on = match media::spawn_monitor(media_tx) {
+    let (media_tx, mut media_rx) = mpsc::unbounded_channel();
+    let media_on = match media::spawn_monitor(media_tx.clone()) {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!("bundle media will not be noticed: {e:#}");
@@ -49,20 +55,41 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         }
     };
     let mut seen = media::Seen::default();
+    let (requests_tx, mut requests) = mpsc::channel(16);
+    let api = Api::serve(settings.bus, requests_tx).await?;
+    let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+    api::forward_progress(api.connection(), progress_rx);
     let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     tracing::info!("longshore daemon started; {unit} is {last_state}");
 
-    let mut sets = SetStates::default();
-    let views = work(&paths, &settings, Work::Heal).await;
-    sets.update(&views);
+    let mut d = Daemon {
+        paths,
+        settings,
+        api,
+        progress: progress_tx,
+        sets: SetStates::default(),
+    };
+    d.work("checking", Work::Heal).await;
     tracing::info!("ready: following {unit} and the configuration directories");
-    systemd::notify_ready(&sets.summary());
-    let mut watchdog = systemd::watchdog_interval().map(|d| tokio::time::interval(d / 2));
+    systemd::notify_ready(&d.sets.summary());
+    let mut watchdog = systemd::watchdog_interval().map(|p| tokio::time::interval(p / 2));
     loop {
         tokio::select! {
             _ = async { watchdog.as_mut().expect("checked by the guard").tick().await }, if watchdog.is_some() => {
                 systemd::notify_watchdog();
+            }
+            Some(req) = requests.recv() => {
+                if let Some(rescan) = d.on_request(req).await {
+                    // A rescan looks at every device again.
+                    seen = media::Seen::default();
+                    if media_on {
+                        if let Err(e) = media::enumerate(&media_tx) {
+                            tracing::warn!("rescanning block devices: {e:#}");
+                        }
+                    }
+                    let _ = rescan.send(Ok(()));
+                }
             }
             r = watcher.changed() => {
                 r?;
@@ -70,9 +97,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                 while let Ok(r) = tokio::time::timeout(SETTLE, watcher.changed()).await {
                     r?;
                 }
-                let views = work(&paths, &settings, Work::Sync).await;
-                sets.update(&views);
-                systemd::notify_status(&sets.summary());
+                d.work("checking", Work::Sync).await;
             }
             state = states.next() => {
                 let Some(state) = state else {
@@ -82,10 +107,8 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                     let since = manager.active_since(&unit).await.unwrap_or_default();
                     if last_state != "active" || since != last_since {
                         tracing::info!("{unit} became active; checking that the store still holds every set");
-                        systemd::notify_status(&format!("Checking image sets: {unit} became active"));
-                        let views = work(&paths, &settings, Work::Heal).await;
-                        sets.update(&views);
-                        systemd::notify_status(&sets.summary());
+                        d.status("checking", &format!("Checking image sets: {unit} became active")).await;
+                        d.work("checking", Work::Heal).await;
                     }
                     last_since = since;
                 }
@@ -93,10 +116,8 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
             }
             Some(dev) = media_rx.recv(), if media_on => {
                 if seen.is_new(&dev) {
-                    on_device(&paths, &settings, dev).await;
-                    let views = work(&paths, &settings, Work::Sync).await;
-                    sets.update(&views);
-                    systemd::notify_status(&sets.summary());
+                    d.on_device(dev).await;
+                    d.work("checking", Work::Sync).await;
                 }
             }
             _ = term.recv() => break,
@@ -105,7 +126,197 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     }
     tracing::info!("longshore daemon stopping");
     systemd::notify_stopping();
+    d.status("stopping", "Stopping").await;
     Ok(())
+}
+
+/// The daemon's parts, for the handlers.
+struct Daemon {
+    paths: HostPaths,
+    settings: Settings,
+    api: Api,
+    progress: mpsc::UnboundedSender<api::Progress>,
+    sets: SetStates,
+}
+
+#[derive(Clone, Copy)]
+enum Work {
+    Sync,
+    Heal,
+}
+
+impl Daemon {
+    /// Says what the daemon does, on D-Bus and to systemd.
+    async fn status(&self, state: &str, text: &str) {
+        systemd::notify_status(text);
+        if let Err(e) = self.api.set_status(state, text).await {
+            tracing::debug!("D-Bus status: {e:#}");
+        }
+    }
+
+    fn engine(&self) -> Result<Engine> {
+        let mut e = Engine::open(self.paths.clone(), self.settings.clone())?;
+        e.report_progress(self.progress.clone());
+        Ok(e)
+    }
+
+    /// Does one piece of work under the state lock, then publishes the result. A failure
+    /// is logged, not fatal: the next event tries again.
+    async fn work(&mut self, state: &str, what: Work) {
+        let res = async {
+            let mut engine = self.engine()?;
+            match what {
+                Work::Sync => engine.sync().await,
+                Work::Heal => engine.heal().await,
+            }
+        };
+        self.status(state, "Checking image sets").await;
+        let views = match res.await {
+            Ok(v) => Some(v),
+            Err(e) => {
+                tracing::error!("{e:#}");
+                None
+            }
+        };
+        self.publish(views).await;
+    }
+
+    /// Updates the set states, the D-Bus objects and the status line.
+    async fn publish(&mut self, views: Option<Vec<SetView>>) {
+        self.sets.update(&views);
+        if let Some(views) = &views {
+            let res = match State::load(&self.paths.state_dir) {
+                Ok(state) => self.api.publish(&state, views).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                tracing::warn!("publishing on D-Bus: {e:#}");
+            }
+        }
+        let summary = self.sets.summary();
+        self.status("idle", &summary).await;
+    }
+
+    /// Answers a method call. A `Rescan` is answered by the caller, once it has
+    /// restarted the device scan: its reply is handed back.
+    async fn on_request(
+        &mut self,
+        req: Request,
+    ) -> Option<tokio::sync::oneshot::Sender<Result<()>>> {
+        match req {
+            Request::Import {
+                path,
+                hold,
+                digest,
+                reply,
+            } => {
+                self.status("importing", &format!("Importing {path}")).await;
+                let opts = ImportOptions {
+                    expected: digest,
+                    hold,
+                    restore: false,
+                };
+                let res = async {
+                    self.engine()?
+                        .import(std::path::Path::new(&path), &opts)
+                        .await
+                }
+                .await;
+                log_outcome(&path, &res);
+                let _ = reply.send(res);
+                self.work("checking", Work::Sync).await;
+            }
+            Request::Verify {
+                path,
+                digest,
+                reply,
+            } => {
+                self.status("checking", &format!("Verifying {path}")).await;
+                let res = engine::verify(std::path::Path::new(&path), digest, &self.settings).await;
+                let _ = reply.send(res);
+                self.publish(None).await;
+            }
+            Request::Apply { bundle, reply } => {
+                self.status("importing", &format!("Importing held bundle {bundle}"))
+                    .await;
+                let res = async { self.engine()?.apply(&bundle).await }.await;
+                let _ = reply.send(res);
+                self.work("checking", Work::Sync).await;
+            }
+            Request::RemoveSet { name, reply } => {
+                let res = async { self.engine()?.remove_set(&name).await }.await;
+                let _ = reply.send(res);
+                self.work("checking", Work::Sync).await;
+            }
+            Request::Rescan { reply } => {
+                self.work("checking", Work::Heal).await;
+                return Some(reply);
+            }
+        }
+        None
+    }
+
+    /// Imports what a device carries, if it is bundle media.
+    async fn on_device(&mut self, dev: media::BlockDevice) {
+        let what = format!(
+            "{} ({}, label {:?})",
+            dev.devnode.display(),
+            dev.fs_type.as_deref().unwrap_or("no filesystem"),
+            dev.label.as_deref().unwrap_or("")
+        );
+        let opts = ImportOptions {
+            hold: self.settings.media.policy == MediaPolicy::Hold,
+            ..Default::default()
+        };
+        match media::judge(&dev, &self.settings.media) {
+            Verdict::Ignore(why) => tracing::debug!("not bundle media: {what}: {why}"),
+            Verdict::RawTar => {
+                tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what} holds a bundle written raw");
+                self.status(
+                    "importing",
+                    &format!("Importing the bundle on {}", dev.devnode.display()),
+                )
+                .await;
+                self.import(&dev.devnode, &opts).await;
+            }
+            Verdict::Mount(fs_type) => {
+                tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what}");
+                self.status(
+                    "importing",
+                    &format!("Importing the bundles on {}", dev.devnode.display()),
+                )
+                .await;
+                match media::mount(&dev, &fs_type, &self.paths.run_dir.join("media")) {
+                    Ok(m) => {
+                        self.import(&m.point.clone(), &opts).await;
+                        m.unmount();
+                    }
+                    Err(e) => tracing::error!("{e:#}"),
+                }
+            }
+        }
+    }
+
+    async fn import(&mut self, path: &std::path::Path, opts: &ImportOptions) {
+        let res = async { self.engine()?.import(path, opts).await }.await;
+        log_outcome(&path.display().to_string(), &res);
+    }
+}
+
+fn log_outcome(path: &str, res: &Result<engine::ImportOutcome>) {
+    match res {
+        Ok(outcome) => {
+            for r in &outcome.reports {
+                tracing::info!("{}", r.summary());
+            }
+            for (p, e) in &outcome.failures {
+                tracing::error!(message_id = message_id::BUNDLE_FAILED, input = %p.display(), "{}: {e:#}", p.display());
+            }
+        }
+        Err(e) => {
+            tracing::error!(message_id = message_id::BUNDLE_FAILED, input = %path, "{path}: {e:#}")
+        }
+    }
 }
 
 /// What the daemon last knew of each set, to log when one becomes ready or degraded and
@@ -153,97 +364,6 @@ impl SetStates {
             }
         }
         s
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Work {
-    Sync,
-    Heal,
-}
-
-/// Does one piece of work under the state lock. A failure is logged, not fatal: the
-/// next event tries again.
-async fn work(paths: &HostPaths, settings: &Settings, what: Work) -> Option<Vec<SetView>> {
-    let res = async {
-        let mut engine = Engine::open(paths.clone(), settings.clone())?;
-        match what {
-            Work::Sync => engine.sync().await,
-            Work::Heal => engine.heal().await,
-        }
-    }
-    .await;
-    match res {
-        Ok(views) => Some(views),
-        Err(e) => {
-            tracing::error!("{e:#}");
-            None
-        }
-    }
-}
-
-/// Imports what a device carries, if it is bundle media.
-async fn on_device(paths: &HostPaths, settings: &Settings, dev: media::BlockDevice) {
-    let what = format!(
-        "{} ({}, label {:?})",
-        dev.devnode.display(),
-        dev.fs_type.as_deref().unwrap_or("no filesystem"),
-        dev.label.as_deref().unwrap_or("")
-    );
-    let opts = ImportOptions {
-        hold: settings.media.policy == MediaPolicy::Hold,
-        ..Default::default()
-    };
-    match media::judge(&dev, &settings.media) {
-        Verdict::Ignore(why) => tracing::debug!("not bundle media: {what}: {why}"),
-        Verdict::RawTar => {
-            tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what} holds a bundle written raw");
-            systemd::notify_status(&format!(
-                "Importing the bundle on {}",
-                dev.devnode.display()
-            ));
-            import(paths, settings, &dev.devnode.clone(), &opts).await;
-        }
-        Verdict::Mount(fs_type) => {
-            tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what}");
-            systemd::notify_status(&format!(
-                "Importing the bundles on {}",
-                dev.devnode.display()
-            ));
-            match media::mount(&dev, &fs_type, &paths.run_dir.join("media")) {
-                Ok(m) => {
-                    import(paths, settings, &m.point.clone(), &opts).await;
-                    m.unmount();
-                }
-                Err(e) => tracing::error!("{e:#}"),
-            }
-        }
-    }
-}
-
-async fn import(
-    paths: &HostPaths,
-    settings: &Settings,
-    path: &std::path::Path,
-    opts: &ImportOptions,
-) {
-    let res = async {
-        let mut engine = Engine::open(paths.clone(), settings.clone())?;
-        engine.import(path, opts).await
-    }
-    .await;
-    match res {
-        Ok(outcome) => {
-            for r in &outcome.reports {
-                tracing::info!("{}", r.summary());
-            }
-            for (p, e) in &outcome.failures {
-                tracing::error!(message_id = message_id::BUNDLE_FAILED, input = %p.display(), "{}: {e:#}", p.display());
-            }
-        }
-        Err(e) => {
-            tracing::error!(message_id = message_id::BUNDLE_FAILED, input = %path.display(), "{}: {e:#}", path.display())
-        }
     }
 }
 

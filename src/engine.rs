@@ -119,6 +119,8 @@ pub struct Engine {
     systemd: Option<Systemd>,
     /// Sets whose images this engine is copying now.
     busy: std::collections::BTreeSet<String>,
+    /// Where copy progress goes (the daemon's `Progress` signal).
+    progress: Option<tokio::sync::mpsc::UnboundedSender<crate::api::Progress>>,
     _lock: StateLock,
 }
 
@@ -200,8 +202,17 @@ impl Engine {
             state,
             systemd: None,
             busy: Default::default(),
+            progress: None,
             _lock: lock,
         })
+    }
+
+    /// Sends copy progress to `tx` from now on.
+    pub fn report_progress(
+        &mut self,
+        tx: tokio::sync::mpsc::UnboundedSender<crate::api::Progress>,
+    ) {
+        self.progress = Some(tx);
     }
 
     /// The recorded state.
@@ -739,6 +750,14 @@ impl Engine {
                             );
                             tracing::info!("{line}");
                             crate::systemd::notify_status(&line);
+                            if let Some(tx) = &self.progress {
+                                let _ = tx.send(crate::api::Progress {
+                                    bundle: plan.name.clone(),
+                                    image: format!("{}@{}", img.repository, img.digest),
+                                    done: bytes,
+                                    total: total_bytes,
+                                });
+                            }
                         }
                         Err(e) => {
                             g.failed.get_or_insert(e.context(format!("copying {}@{}", img.repository, img.digest)));

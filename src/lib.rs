@@ -5,6 +5,7 @@
 //! the node's containers-storage with `skopeo copy`. The modules below each own one part
 //! of that path; `cli` ties them to the `longshore` command.
 
+pub mod api;
 pub mod bundle;
 pub mod cli;
 pub mod config;

@@ -181,27 +181,11 @@ pub fn spawn_monitor(tx: tokio::sync::mpsc::UnboundedSender<BlockDevice>) -> Res
             };
             // Listen first, then enumerate: a device that appears in between is reported
             // twice rather than missed.
-            let present = udev::Enumerator::new()
-                .and_then(|mut en| {
-                    en.match_subsystem("block")?;
-                    Ok(en.scan_devices()?.collect::<Vec<_>>())
-                })
-                .context("listing block devices");
-            let present = match present {
-                Ok(p) => p,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            for d in present {
-                if let Some(dev) = describe(&d, "present") {
-                    if tx.send(dev).is_err() {
-                        return;
-                    }
-                }
+            if let Err(e) = enumerate(&tx) {
+                let _ = ready_tx.send(Err(e));
+                return;
             }
+            let _ = ready_tx.send(Ok(()));
             loop {
                 let mut fds = [nix::poll::PollFd::new(
                     socket.as_fd(),
@@ -233,6 +217,21 @@ pub fn spawn_monitor(tx: tokio::sync::mpsc::UnboundedSender<BlockDevice>) -> Res
     ready_rx
         .recv()
         .unwrap_or_else(|_| Err(anyhow::anyhow!("the udev monitor thread stopped")))
+}
+
+/// Sends every block device present now, with action `present`.
+pub fn enumerate(tx: &tokio::sync::mpsc::UnboundedSender<BlockDevice>) -> Result<()> {
+    let mut en = udev::Enumerator::new().context("listing block devices")?;
+    en.match_subsystem("block")
+        .context("listing block devices")?;
+    for d in en.scan_devices().context("listing block devices")? {
+        if let Some(dev) = describe(&d, "present") {
+            if tx.send(dev).is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A filesystem mounted read-only for as long as it is needed.

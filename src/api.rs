@@ -1,0 +1,649 @@
+//! The D-Bus service `io.longshore.Longshore1`: the daemon's state as properties, its
+//! actions as methods, a `Progress` signal while images are copied, and one object per
+//! bundle and per image set below `/io/longshore/Longshore1`, which carries
+//! `org.freedesktop.DBus.ObjectManager`.
+//!
+//! Methods hand their work to the daemon's loop over a channel and wait for the answer,
+//! so D-Bus calls, media and file events are done one after another, never over each
+//! other. Errors are named D-Bus errors under `io.longshore.Longshore1.Error`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{Context, Result};
+use tokio::sync::{mpsc, oneshot};
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{OwnedObjectPath, OwnedValue};
+use zbus::{interface, Connection};
+
+use crate::bundle::Rejected;
+use crate::config::Bus;
+use crate::engine::{ImportOutcome, ImportReport, VerifyReport};
+use crate::sets::{SetView, Source};
+use crate::state::State;
+use crate::store::NoSpace;
+
+/// The service's well-known name.
+pub const BUS_NAME: &str = "io.longshore.Longshore1";
+/// The manager object.
+pub const PATH: &str = "/io/longshore/Longshore1";
+
+/// The named errors of the API.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "io.longshore.Longshore1.Error")]
+pub enum ApiError {
+    /// A D-Bus failure.
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// The input was refused: malformed, not a bundle, a digest or size that does not
+    /// match, a hostile tar entry, or not the digest required.
+    Rejected(String),
+    /// Not enough free space.
+    NoSpace(String),
+    /// No such bundle or set.
+    NotFound(String),
+    /// The options are wrong.
+    InvalidArgs(String),
+    /// Anything else; the message says what.
+    Failed(String),
+}
+
+impl ApiError {
+    /// Classifies an engine error.
+    pub fn from_anyhow(e: &anyhow::Error) -> ApiError {
+        let text = format!("{e:#}");
+        if e.chain().any(|c| c.downcast_ref::<Rejected>().is_some()) {
+            ApiError::Rejected(text)
+        } else if e.chain().any(|c| c.downcast_ref::<NoSpace>().is_some()) {
+            ApiError::NoSpace(text)
+        } else if text.contains("no bundle named") || text.contains("no set named") {
+            ApiError::NotFound(text)
+        } else {
+            ApiError::Failed(text)
+        }
+    }
+}
+
+/// One import's result, as D-Bus carries it: digest, name, state, images copied, images
+/// already present.
+pub type ImportResult = (String, String, String, u32, u32);
+
+fn import_result(r: &ImportReport) -> ImportResult {
+    let state = serde_json::to_value(r.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    (
+        r.digest.to_string(),
+        r.name.clone(),
+        state,
+        r.copied as u32,
+        r.present as u32,
+    )
+}
+
+/// Work the daemon's loop does for a method call.
+pub enum Request {
+    /// `Import`.
+    Import {
+        /// What to import.
+        path: String,
+        /// `--hold`.
+        hold: bool,
+        /// `--digest`.
+        digest: Option<crate::digest::Digest>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<ImportOutcome>>,
+    },
+    /// `Verify`.
+    Verify {
+        /// What to verify.
+        path: String,
+        /// `--digest`.
+        digest: Option<crate::digest::Digest>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<Vec<VerifyReport>>>,
+    },
+    /// `Apply`.
+    Apply {
+        /// The held bundle.
+        bundle: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<ImportReport>>,
+    },
+    /// `RemoveSet`.
+    RemoveSet {
+        /// The set.
+        name: String,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// `Rescan`.
+    Rescan {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+mod iface {
+    //! The manager interface, kept in its own module: the interface macro also makes a
+    //! public `ManagerSignals` trait, which is no part of longshore's API.
+    use super::*;
+
+    /// `io.longshore.Longshore1.Manager`.
+    pub(crate) struct Manager {
+        pub(super) requests: mpsc::Sender<Request>,
+        pub(super) state: String,
+        pub(super) status_text: String,
+        pub(super) bundles: Vec<OwnedObjectPath>,
+        pub(super) sets: Vec<OwnedObjectPath>,
+    }
+
+    impl Manager {
+        async fn ask<T>(
+            &self,
+            make: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
+        ) -> Result<T, ApiError> {
+            let (tx, rx) = oneshot::channel();
+            self.requests
+                .send(make(tx))
+                .await
+                .map_err(|_| ApiError::Failed("the daemon is stopping".into()))?;
+            match rx.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(ApiError::from_anyhow(&e)),
+                Err(_) => Err(ApiError::Failed("the daemon dropped the request".into())),
+            }
+        }
+    }
+
+    fn option_digest(
+        options: &HashMap<String, OwnedValue>,
+    ) -> Result<Option<crate::digest::Digest>, ApiError> {
+        match options.get("digest") {
+            None => Ok(None),
+            Some(v) => {
+                let s: String = v
+                    .try_clone()
+                    .ok()
+                    .and_then(|v| String::try_from(v).ok())
+                    .ok_or_else(|| {
+                        ApiError::InvalidArgs("option digest must be a string".into())
+                    })?;
+                s.parse()
+                    .map(Some)
+                    .map_err(|e: crate::digest::InvalidDigest| ApiError::InvalidArgs(e.to_string()))
+            }
+        }
+    }
+
+    fn check_options(
+        options: &HashMap<String, OwnedValue>,
+        known: &[&str],
+    ) -> Result<(), ApiError> {
+        match options.keys().find(|k| !known.contains(&k.as_str())) {
+            Some(k) => Err(ApiError::InvalidArgs(format!(
+                "unknown option {k:?}; known: {}",
+                known.join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    #[interface(name = "io.longshore.Longshore1.Manager")]
+    impl Manager {
+        /// `idle`, `importing` or `checking`.
+        #[zbus(property)]
+        fn state(&self) -> String {
+            self.state.clone()
+        }
+
+        /// What the daemon is doing, for people (what `systemctl status` shows).
+        #[zbus(property)]
+        fn status_text(&self) -> String {
+            self.status_text.clone()
+        }
+
+        /// The bundle objects.
+        #[zbus(property)]
+        fn bundles(&self) -> Vec<OwnedObjectPath> {
+            self.bundles.clone()
+        }
+
+        /// The image set objects.
+        #[zbus(property)]
+        fn image_sets(&self) -> Vec<OwnedObjectPath> {
+            self.sets.clone()
+        }
+
+        /// Imports what `path` holds, as `longshore import` does. Options: `hold` (b),
+        /// `digest` (s). Returns one (digest, name, state, copied, present) per input.
+        async fn import(
+            &self,
+            path: String,
+            options: HashMap<String, OwnedValue>,
+        ) -> Result<Vec<ImportResult>, ApiError> {
+            check_options(&options, &["hold", "digest"])?;
+            let hold = match options.get("hold") {
+                None => false,
+                Some(v) => v
+                    .try_clone()
+                    .ok()
+                    .and_then(|v| bool::try_from(v).ok())
+                    .ok_or_else(|| ApiError::InvalidArgs("option hold must be a boolean".into()))?,
+            };
+            let digest = option_digest(&options)?;
+            let outcome = self
+                .ask(|reply| Request::Import {
+                    path,
+                    hold,
+                    digest,
+                    reply,
+                })
+                .await?;
+            if let Some((p, e)) = outcome.failures.first() {
+                let err = ApiError::from_anyhow(e);
+                return Err(match err {
+                    ApiError::Rejected(m) => ApiError::Rejected(format!("{}: {m}", p.display())),
+                    other => other,
+                });
+            }
+            Ok(outcome.reports.iter().map(import_result).collect())
+        }
+
+        /// Verifies what `path` holds without importing it. Option: `digest` (s). Returns one
+        /// (digest, name, images, bytes verified) per input.
+        async fn verify(
+            &self,
+            path: String,
+            options: HashMap<String, OwnedValue>,
+        ) -> Result<Vec<(String, String, u32, u64)>, ApiError> {
+            check_options(&options, &["digest"])?;
+            let digest = option_digest(&options)?;
+            let reports = self
+                .ask(|reply| Request::Verify {
+                    path,
+                    digest,
+                    reply,
+                })
+                .await?;
+            Ok(reports
+                .iter()
+                .map(|r| {
+                    (
+                        r.digest.to_string(),
+                        r.name.clone(),
+                        r.images as u32,
+                        r.bytes_verified,
+                    )
+                })
+                .collect())
+        }
+
+        /// Imports a held bundle (by name or digest).
+        async fn apply(&self, bundle: String) -> Result<ImportResult, ApiError> {
+            let r = self.ask(|reply| Request::Apply { bundle, reply }).await?;
+            Ok(import_result(&r))
+        }
+
+        /// Removes a set that came from a bundle; its images are unpinned.
+        async fn remove_set(&self, name: String) -> Result<(), ApiError> {
+            self.ask(|reply| Request::RemoveSet { name, reply }).await
+        }
+
+        /// Checks every set again and looks at the block devices present for bundle media.
+        async fn rescan(&self) -> Result<(), ApiError> {
+            self.ask(|reply| Request::Rescan { reply }).await
+        }
+
+        /// Sent as images are copied: the bundle, the image, bytes done and bytes in all.
+        #[zbus(signal)]
+        pub async fn progress(
+            emitter: &SignalEmitter<'_>,
+            bundle: &str,
+            image: &str,
+            done: u64,
+            total: u64,
+        ) -> zbus::Result<()>;
+    }
+}
+
+use iface::Manager;
+
+/// `io.longshore.Longshore1.Bundle`, one object per bundle.
+#[derive(Clone, PartialEq)]
+struct BundleObject {
+    name: String,
+    version: String,
+    digest: String,
+    state: String,
+    kind: String,
+    source: String,
+    images: u32,
+}
+
+#[interface(name = "io.longshore.Longshore1.Bundle")]
+impl BundleObject {
+    #[zbus(property)]
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    #[zbus(property)]
+    fn version(&self) -> String {
+        self.version.clone()
+    }
+    #[zbus(property)]
+    fn digest(&self) -> String {
+        self.digest.clone()
+    }
+    /// `held`, `importing` or `imported`.
+    #[zbus(property)]
+    fn state(&self) -> String {
+        self.state.clone()
+    }
+    #[zbus(property)]
+    fn kind(&self) -> String {
+        self.kind.clone()
+    }
+    #[zbus(property)]
+    fn source(&self) -> String {
+        self.source.clone()
+    }
+    #[zbus(property)]
+    fn images(&self) -> u32 {
+        self.images
+    }
+}
+
+/// `io.longshore.Longshore1.ImageSet`, one object per set in force.
+#[derive(Clone, PartialEq)]
+struct SetObject {
+    name: String,
+    source: String,
+    pinned: bool,
+    ready: bool,
+    progressing: bool,
+    degraded: bool,
+    reason: String,
+    message: String,
+    images: Vec<String>,
+    missing: Vec<String>,
+    bytes_on_disk: u64,
+}
+
+#[interface(name = "io.longshore.Longshore1.ImageSet")]
+impl SetObject {
+    #[zbus(property)]
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    /// `bundle NAME` or the set file's path.
+    #[zbus(property)]
+    fn source(&self) -> String {
+        self.source.clone()
+    }
+    #[zbus(property)]
+    fn pinned(&self) -> bool {
+        self.pinned
+    }
+    #[zbus(property)]
+    fn ready(&self) -> bool {
+        self.ready
+    }
+    #[zbus(property)]
+    fn progressing(&self) -> bool {
+        self.progressing
+    }
+    #[zbus(property)]
+    fn degraded(&self) -> bool {
+        self.degraded
+    }
+    /// The reason of the condition that matters most (Degraded, else Ready).
+    #[zbus(property)]
+    fn reason(&self) -> String {
+        self.reason.clone()
+    }
+    #[zbus(property)]
+    fn message(&self) -> String {
+        self.message.clone()
+    }
+    #[zbus(property)]
+    fn images(&self) -> Vec<String> {
+        self.images.clone()
+    }
+    #[zbus(property)]
+    fn missing(&self) -> Vec<String> {
+        self.missing.clone()
+    }
+    #[zbus(property)]
+    fn bytes_on_disk(&self) -> u64 {
+        self.bytes_on_disk
+    }
+}
+
+/// The service, as the daemon drives it.
+pub struct Api {
+    conn: Connection,
+    bundles: BTreeMap<String, BundleObject>,
+    sets: BTreeMap<String, SetObject>,
+}
+
+/// A D-Bus path element for `name`: characters other than letters and digits become
+/// `_xx` (their hex), as systemd escapes unit names.
+pub fn path_element(name: &str) -> String {
+    let mut out = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("_{b:02x}"));
+        }
+    }
+    out
+}
+
+impl Api {
+    /// Serves the objects, then takes the bus name (so a client that sees the name finds
+    /// the objects).
+    pub async fn serve(bus: Bus, requests: mpsc::Sender<Request>) -> Result<Api> {
+        let manager = Manager {
+            requests,
+            state: "idle".into(),
+            status_text: "Starting".into(),
+            bundles: vec![],
+            sets: vec![],
+        };
+        let builder = match bus {
+            Bus::System => zbus::connection::Builder::system(),
+            Bus::Session => zbus::connection::Builder::session(),
+        }
+        .with_context(|| format!("connecting to the {} bus", bus.name()))?;
+        let conn = builder
+            .serve_at(PATH, manager)?
+            .serve_at(PATH, zbus::fdo::ObjectManager)?
+            .name(BUS_NAME)?
+            .build()
+            .await
+            .with_context(|| format!("serving {BUS_NAME} on the {} bus", bus.name()))?;
+        Ok(Api {
+            conn,
+            bundles: BTreeMap::new(),
+            sets: BTreeMap::new(),
+        })
+    }
+
+    /// The connection, for signals sent from elsewhere.
+    pub fn connection(&self) -> Connection {
+        self.conn.clone()
+    }
+
+    /// Sets `State` and `StatusText`.
+    pub async fn set_status(&self, state: &str, text: &str) -> Result<()> {
+        let iface = self
+            .conn
+            .object_server()
+            .interface::<_, Manager>(PATH)
+            .await?;
+        let mut m = iface.get_mut().await;
+        if m.state != state {
+            m.state = state.to_string();
+            m.state_changed(iface.signal_emitter()).await?;
+        }
+        if m.status_text != text {
+            m.status_text = text.to_string();
+            m.status_text_changed(iface.signal_emitter()).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings the bundle and set objects in line with the state and the sets' views. An
+    /// object that changed is replaced (InterfacesRemoved, then InterfacesAdded).
+    pub async fn publish(&mut self, state: &State, views: &[SetView]) -> Result<()> {
+        let server = self.conn.object_server();
+        let mut bundles = BTreeMap::new();
+        for b in state.bundles.values() {
+            let path = format!("{PATH}/bundle/{}", b.digest.hex());
+            let obj = BundleObject {
+                name: b.name.clone(),
+                version: b.version.clone().unwrap_or_default(),
+                digest: b.digest.to_string(),
+                state: json_word(&b.state),
+                kind: json_word(&b.kind),
+                source: b.source.display().to_string(),
+                images: b.images.len() as u32,
+            };
+            bundles.insert(path, obj);
+        }
+        let mut sets = BTreeMap::new();
+        for v in views {
+            let path = format!("{PATH}/set/{}", path_element(&v.name));
+            let cond = |k: &str| v.conditions.iter().find(|c| c.kind == k).cloned();
+            let degraded = cond("Degraded").filter(|c| c.status);
+            let main = degraded.clone().or_else(|| cond("Ready"));
+            let obj = SetObject {
+                name: v.name.clone(),
+                source: match &v.source {
+                    Source::Bundle { name, .. } => format!("bundle {name}"),
+                    Source::File { path } => path.display().to_string(),
+                },
+                pinned: v.pinned,
+                ready: cond("Ready").is_some_and(|c| c.status),
+                progressing: cond("Progressing").is_some_and(|c| c.status),
+                degraded: degraded.is_some(),
+                reason: main
+                    .as_ref()
+                    .map(|c| c.reason.to_string())
+                    .unwrap_or_default(),
+                message: main.map(|c| c.message).unwrap_or_default(),
+                images: v.images.iter().map(|i| i.reference.clone()).collect(),
+                missing: v.missing.clone(),
+                bytes_on_disk: v.bytes_on_disk,
+            };
+            sets.insert(path, obj);
+        }
+        let bundles_changed = sync_objects(server, &mut self.bundles, bundles).await?;
+        let sets_changed = sync_objects(server, &mut self.sets, sets).await?;
+        if bundles_changed || sets_changed {
+            let iface = server.interface::<_, Manager>(PATH).await?;
+            let mut m = iface.get_mut().await;
+            if bundles_changed {
+                m.bundles = self
+                    .bundles
+                    .keys()
+                    .filter_map(|p| OwnedObjectPath::try_from(p.as_str()).ok())
+                    .collect();
+                m.bundles_changed(iface.signal_emitter()).await?;
+            }
+            if sets_changed {
+                m.sets = self
+                    .sets
+                    .keys()
+                    .filter_map(|p| OwnedObjectPath::try_from(p.as_str()).ok())
+                    .collect();
+                m.image_sets_changed(iface.signal_emitter()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn json_word<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Makes the objects at the paths of `want` what `want` says; returns whether the set of
+/// paths changed.
+async fn sync_objects<T>(
+    server: &zbus::ObjectServer,
+    have: &mut BTreeMap<String, T>,
+    want: BTreeMap<String, T>,
+) -> Result<bool>
+where
+    T: zbus::object_server::Interface + Clone + PartialEq,
+{
+    let mut paths_changed = false;
+    let gone: Vec<String> = have
+        .keys()
+        .filter(|p| !want.contains_key(*p))
+        .cloned()
+        .collect();
+    for p in gone {
+        server.remove::<T, _>(p.as_str()).await?;
+        have.remove(&p);
+        paths_changed = true;
+    }
+    for (p, obj) in want {
+        match have.get(&p) {
+            Some(old) if *old == obj => continue,
+            Some(_) => {
+                server.remove::<T, _>(p.as_str()).await?;
+            }
+            None => paths_changed = true,
+        }
+        server.at(p.as_str(), obj.clone()).await?;
+        have.insert(p, obj);
+    }
+    Ok(paths_changed)
+}
+
+/// Sends `Progress` signals from a channel, so the copy threads need no bus handle.
+pub fn forward_progress(conn: Connection, mut rx: mpsc::UnboundedReceiver<Progress>) {
+    tokio::spawn(async move {
+        let Ok(emitter) = SignalEmitter::new(&conn, PATH) else {
+            return;
+        };
+        while let Some(p) = rx.recv().await {
+            if let Err(e) = Manager::progress(&emitter, &p.bundle, &p.image, p.done, p.total).await
+            {
+                tracing::debug!("sending Progress: {e}");
+            }
+        }
+    });
+}
+
+/// One step of a copy, for the `Progress` signal.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The bundle's name.
+    pub bundle: String,
+    /// The image just copied.
+    pub image: String,
+    /// Bytes copied so far.
+    pub done: u64,
+    /// Bytes to copy in all.
+    pub total: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_elements() {
+        assert_eq!(path_element("edge-critical"), "edge_2dcritical");
+        assert_eq!(path_element("ocp_4.16"), "ocp_5f4_2e16");
+        assert_eq!(path_element("abc123"), "abc123");
+    }
+}
