@@ -8,6 +8,7 @@
 //! other. Errors are named D-Bus errors under `io.longshore.Longshore1.Error`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use tokio::sync::{mpsc, oneshot};
@@ -132,10 +133,25 @@ mod iface {
     /// `io.longshore.Longshore1.Manager`.
     pub(crate) struct Manager {
         pub(super) requests: mpsc::Sender<Request>,
+        /// Shared with [`Api`], which updates it while a method call may hold this
+        /// interface: zbus keeps an interface borrowed during each call, so the daemon must
+        /// never need `&mut Manager`.
+        pub(super) props: Arc<Mutex<ManagerProps>>,
+    }
+
+    /// The manager's properties.
+    #[derive(Default)]
+    pub(super) struct ManagerProps {
         pub(super) state: String,
         pub(super) status_text: String,
         pub(super) bundles: Vec<OwnedObjectPath>,
         pub(super) sets: Vec<OwnedObjectPath>,
+    }
+
+    impl Manager {
+        fn props(&self) -> std::sync::MutexGuard<'_, ManagerProps> {
+            self.props.lock().unwrap_or_else(|p| p.into_inner())
+        }
     }
 
     impl Manager {
@@ -194,25 +210,25 @@ mod iface {
         /// `idle`, `importing` or `checking`.
         #[zbus(property)]
         fn state(&self) -> String {
-            self.state.clone()
+            self.props().state.clone()
         }
 
         /// What the daemon is doing, for people (what `systemctl status` shows).
         #[zbus(property)]
         fn status_text(&self) -> String {
-            self.status_text.clone()
+            self.props().status_text.clone()
         }
 
         /// The bundle objects.
         #[zbus(property)]
         fn bundles(&self) -> Vec<OwnedObjectPath> {
-            self.bundles.clone()
+            self.props().bundles.clone()
         }
 
         /// The image set objects.
         #[zbus(property)]
         fn image_sets(&self) -> Vec<OwnedObjectPath> {
-            self.sets.clone()
+            self.props().sets.clone()
         }
 
         /// Imports what `path` holds, as `longshore import` does. Options: `hold` (b),
@@ -423,6 +439,7 @@ impl SetObject {
 /// The service, as the daemon drives it.
 pub struct Api {
     conn: Connection,
+    props: Arc<Mutex<iface::ManagerProps>>,
     bundles: BTreeMap<String, BundleObject>,
     sets: BTreeMap<String, SetObject>,
 }
@@ -445,12 +462,14 @@ impl Api {
     /// Serves the objects, then takes the bus name (so a client that sees the name finds
     /// the objects).
     pub async fn serve(bus: Bus, requests: mpsc::Sender<Request>) -> Result<Api> {
-        let manager = Manager {
-            requests,
+        let props = Arc::new(Mutex::new(iface::ManagerProps {
             state: "idle".into(),
             status_text: "Starting".into(),
-            bundles: vec![],
-            sets: vec![],
+            ..Default::default()
+        }));
+        let manager = Manager {
+            requests,
+            props: props.clone(),
         };
         let builder = match bus {
             Bus::System => zbus::connection::Builder::system(),
@@ -466,6 +485,7 @@ impl Api {
             .with_context(|| format!("serving {BUS_NAME} on the {} bus", bus.name()))?;
         Ok(Api {
             conn,
+            props,
             bundles: BTreeMap::new(),
             sets: BTreeMap::new(),
         })
@@ -478,19 +498,26 @@ impl Api {
 
     /// Sets `State` and `StatusText`.
     pub async fn set_status(&self, state: &str, text: &str) -> Result<()> {
-        let iface = self
-            .conn
-            .object_server()
-            .interface::<_, Manager>(PATH)
-            .await?;
-        let mut m = iface.get_mut().await;
-        if m.state != state {
-            m.state = state.to_string();
-            m.state_changed(iface.signal_emitter()).await?;
-        }
-        if m.status_text != text {
-            m.status_text = text.to_string();
-            m.status_text_changed(iface.signal_emitter()).await?;
+        let (state_changed, text_changed) = {
+            let mut p = self.props.lock().unwrap_or_else(|p| p.into_inner());
+            let changes = (p.state != state, p.status_text != text);
+            p.state = state.to_string();
+            p.status_text = text.to_string();
+            changes
+        };
+        if state_changed || text_changed {
+            let iface = self
+                .conn
+                .object_server()
+                .interface::<_, Manager>(PATH)
+                .await?;
+            let m = iface.get().await;
+            if state_changed {
+                m.state_changed(iface.signal_emitter()).await?;
+            }
+            if text_changed {
+                m.status_text_changed(iface.signal_emitter()).await?;
+            }
         }
         Ok(())
     }
@@ -543,22 +570,22 @@ impl Api {
         let bundles_changed = sync_objects(server, &mut self.bundles, bundles).await?;
         let sets_changed = sync_objects(server, &mut self.sets, sets).await?;
         if bundles_changed || sets_changed {
-            let iface = server.interface::<_, Manager>(PATH).await?;
-            let mut m = iface.get_mut().await;
-            if bundles_changed {
-                m.bundles = self
-                    .bundles
-                    .keys()
+            let paths = |m: Vec<&String>| -> Vec<OwnedObjectPath> {
+                m.into_iter()
                     .filter_map(|p| OwnedObjectPath::try_from(p.as_str()).ok())
-                    .collect();
+                    .collect()
+            };
+            {
+                let mut p = self.props.lock().unwrap_or_else(|p| p.into_inner());
+                p.bundles = paths(self.bundles.keys().collect());
+                p.sets = paths(self.sets.keys().collect());
+            }
+            let iface = server.interface::<_, Manager>(PATH).await?;
+            let m = iface.get().await;
+            if bundles_changed {
                 m.bundles_changed(iface.signal_emitter()).await?;
             }
             if sets_changed {
-                m.sets = self
-                    .sets
-                    .keys()
-                    .filter_map(|p| OwnedObjectPath::try_from(p.as_str()).ok())
-                    .collect();
                 m.image_sets_changed(iface.signal_emitter()).await?;
             }
         }

@@ -1,0 +1,271 @@
+//! The daemon's D-Bus service on a private bus, driven with busctl (and a zbus client
+//! where the error's name matters): properties, methods, objects, signals, named errors,
+//! and the CLI going through the daemon.
+
+mod common;
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fixture::{self, Layout};
+use common::node::{require, Node};
+use common::usermgr::{Reload, UserManager};
+
+const DEST: &str = "io.longshore.Longshore1";
+const PATH: &str = "/io/longshore/Longshore1";
+const IFACE: &str = "io.longshore.Longshore1.Manager";
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(node: &Node) -> Daemon {
+        let log = node.scratch("daemon.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_longshore"))
+            .arg("--sysroot")
+            .arg(&node.sysroot)
+            .arg("daemon")
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("starting the daemon");
+        let d = Daemon { child, log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !fs::read_to_string(&d.log)
+            .unwrap_or_default()
+            .contains("ready: following")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "not ready: {}",
+                fs::read_to_string(&d.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+fn busctl(node: &Node, args: &[&str]) -> Output {
+    Command::new("busctl")
+        .arg("--user")
+        .args(args)
+        .envs(node.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap()
+}
+
+fn busctl_ok(node: &Node, args: &[&str]) -> String {
+    let out = busctl(node, args);
+    assert!(
+        out.status.success(),
+        "busctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn bundle(node: &Node, dir: &str, prefix: &str, name: &str) -> (Layout, PathBuf) {
+    let layout =
+        fixture::write_oci_layout(&node.scratch(dir), &fixture::small_images(prefix, 2)).unwrap();
+    let out = node.scratch(&format!("{name}.tar"));
+    node.bundle_create(&layout, &out, &["--name", name]);
+    (layout, out)
+}
+
+/// Calls a manager method with a zbus client; returns the D-Bus error name on failure.
+fn call_error_name(bus: &str, method: &str, path: &str) -> Option<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = zbus::connection::Builder::address(bus)
+            .unwrap()
+            .build()
+            .await
+            .unwrap();
+        let options: HashMap<String, zbus::zvariant::Value> = HashMap::new();
+        match conn
+            .call_method(Some(DEST), PATH, Some(IFACE), method, &(path, options))
+            .await
+        {
+            Ok(_) => None,
+            Err(zbus::Error::MethodError(name, _, _)) => Some(name.to_string()),
+            Err(e) => panic!("{e}"),
+        }
+    })
+}
+
+#[test]
+fn properties_methods_objects_signals_and_errors() {
+    if !require(&["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"]) {
+        return;
+    }
+    let um = UserManager::start();
+    um.install_crio(Reload::Hup);
+    um.start_crio();
+    let mut node = Node::new();
+    node.env.extend(um.env());
+    node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
+    let (layout, tar) = bundle(&node, "la", "example.com/api", "api");
+    let _daemon = Daemon::start(&node);
+
+    assert_eq!(
+        busctl_ok(&node, &["get-property", DEST, PATH, IFACE, "State"]).trim(),
+        "s \"idle\""
+    );
+    let status = busctl_ok(&node, &["get-property", DEST, PATH, IFACE, "StatusText"]);
+    assert!(status.contains("Idle: 0 of 0 image sets ready"), "{status}");
+
+    // Watch the signals while importing over D-Bus.
+    let monitor = Command::new("busctl")
+        .args(["--user", "monitor", DEST])
+        .envs(node.env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let reply = busctl_ok(
+        &node,
+        &[
+            "--timeout=120",
+            "call",
+            DEST,
+            PATH,
+            IFACE,
+            "Import",
+            "sa{sv}",
+            tar.to_str().unwrap(),
+            "1",
+            "hold",
+            "b",
+            "false",
+        ],
+    );
+    assert!(reply.starts_with("a(sssuu) 1 \""), "{reply}");
+    assert!(reply.contains("\"api\" \"imported\" 2 0"), "{reply}");
+    for img in &layout.images {
+        assert_eq!(
+            node.inspect_digest(&img.reference).as_deref(),
+            Some(img.manifest_digest.as_str())
+        );
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(monitor.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let seen = String::from_utf8_lossy(&monitor.wait_with_output().unwrap().stdout).into_owned();
+    assert!(
+        seen.contains("Member=Progress"),
+        "no Progress signal:\n{seen}"
+    );
+    assert!(
+        seen.contains("Member=PropertiesChanged"),
+        "no PropertiesChanged:\n{seen}"
+    );
+    assert!(
+        seen.contains("Member=InterfacesAdded"),
+        "no InterfacesAdded:\n{seen}"
+    );
+
+    // One object per bundle and per set, listed by the manager and the ObjectManager.
+    let tree = busctl_ok(&node, &["tree", "--list", DEST]);
+    assert!(tree.contains(&format!("{PATH}/set/api")), "{tree}");
+    assert!(
+        tree.lines()
+            .any(|l| l.starts_with(&format!("{PATH}/bundle/"))),
+        "{tree}"
+    );
+    let sets = busctl_ok(&node, &["get-property", DEST, PATH, IFACE, "ImageSets"]);
+    assert!(sets.contains(&format!("{PATH}/set/api")), "{sets}");
+    let ready = busctl_ok(
+        &node,
+        &[
+            "get-property",
+            DEST,
+            &format!("{PATH}/set/api"),
+            "io.longshore.Longshore1.ImageSet",
+            "Ready",
+        ],
+    );
+    assert_eq!(ready.trim(), "b true");
+    let managed = busctl_ok(
+        &node,
+        &[
+            "call",
+            DEST,
+            PATH,
+            "org.freedesktop.DBus.ObjectManager",
+            "GetManagedObjects",
+        ],
+    );
+    assert!(
+        managed.contains("io.longshore.Longshore1.ImageSet")
+            && managed.contains("io.longshore.Longshore1.Bundle"),
+        "{managed}"
+    );
+
+    // Named errors.
+    let junk = node.scratch("junk.txt");
+    fs::write(&junk, "not a bundle").unwrap();
+    let bus = um.bus_address.clone();
+    assert_eq!(
+        call_error_name(&bus, "Import", junk.to_str().unwrap()).as_deref(),
+        Some("io.longshore.Longshore1.Error.Rejected")
+    );
+    let out = busctl(
+        &node,
+        &["call", DEST, PATH, IFACE, "Apply", "s", "no-such-bundle"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no bundle named"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = busctl(
+        &node,
+        &[
+            "call",
+            DEST,
+            PATH,
+            IFACE,
+            "Import",
+            "sa{sv}",
+            tar.to_str().unwrap(),
+            "1",
+            "colour",
+            "s",
+            "blue",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown option \"colour\""),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // RemoveSet unpins over D-Bus, and the set object goes away.
+    busctl_ok(&node, &["call", DEST, PATH, IFACE, "RemoveSet", "s", "api"]);
+    let tree = busctl_ok(&node, &["tree", "--list", DEST]);
+    assert!(!tree.contains(&format!("{PATH}/set/api")), "{tree}");
+    busctl_ok(&node, &["call", DEST, PATH, IFACE, "Rescan"]);
+}
