@@ -269,3 +269,70 @@ fn properties_methods_objects_signals_and_errors() {
     assert!(!tree.contains(&format!("{PATH}/set/api")), "{tree}");
     busctl_ok(&node, &["call", DEST, PATH, IFACE, "Rescan"]);
 }
+
+/// The shipped bus policy loads into a real dbus-daemon as a system bus would load it,
+/// and a bus started with it lets root own the name.
+#[test]
+fn the_bus_policy_loads() {
+    if !require(&["dbus-daemon", "busctl"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("systemd/io.longshore.Longshore1.conf");
+    let socket = dir.path().join("bus");
+    let config = dir.path().join("bus.conf");
+    fs::write(
+        &config,
+        format!(
+            "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN\" \
+             \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n<busconfig>\n\
+             <type>system</type>\n<listen>unix:path={}</listen>\n<auth>EXTERNAL</auth>\n\
+             <policy context=\"default\"><allow user=\"*\"/><deny own=\"*\"/>\
+             <deny send_type=\"method_call\"/><allow send_type=\"signal\"/>\
+             <allow send_requested_reply=\"true\" send_type=\"method_return\"/>\
+             <allow send_requested_reply=\"true\" send_type=\"error\"/>\
+             <allow receive_type=\"method_call\"/><allow receive_type=\"method_return\"/>\
+             <allow receive_type=\"error\"/><allow receive_type=\"signal\"/>\
+             <allow send_destination=\"org.freedesktop.DBus\"/></policy>\n\
+             <include>{}</include>\n</busconfig>\n",
+            socket.display(),
+            policy.display()
+        ),
+    )
+    .unwrap();
+    let mut bus = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", config.display()))
+        .arg("--nofork")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(st) = bus.try_wait().unwrap() {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut bus.stderr.take().unwrap(), &mut err).unwrap();
+            panic!("dbus-daemon refused the policy ({st}): {err}");
+        }
+        assert!(Instant::now() < deadline, "dbus-daemon did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Root may own the name on that bus.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let owned = rt.block_on(async {
+        let conn =
+            zbus::connection::Builder::address(format!("unix:path={}", socket.display()).as_str())
+                .unwrap()
+                .build()
+                .await
+                .unwrap();
+        conn.request_name(DEST).await.is_ok()
+    });
+    let _ = bus.kill();
+    let _ = bus.wait();
+    assert!(owned, "root could not own {DEST} under the shipped policy");
+}
