@@ -91,7 +91,7 @@ enum SetsCommand {
 }
 
 #[derive(Debug, Args)]
-struct ImportArgs {
+pub(crate) struct ImportArgs {
     /// A bundle directory, a tar bundle (.tar, .tar.gz, .tar.zst or a device), an image
     /// archive or layout, or a directory holding several.
     path: PathBuf,
@@ -177,6 +177,9 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
     let settings = Settings::load(&paths)?;
     match cmd {
         Command::Import(a) => {
+            if let Some(conn) = daemon_connection(&settings).await {
+                return via_daemon::import(&conn, &a).await;
+            }
             let mut engine = Engine::open(paths, settings)?;
             let opts = ImportOptions {
                 expected: a.digest,
@@ -223,6 +226,9 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
             }
         }
         Command::Apply { bundle, json } => {
+            if let Some(conn) = daemon_connection(&settings).await {
+                return via_daemon::apply(&conn, &bundle, json).await;
+            }
             let mut engine = Engine::open(paths, settings)?;
             let r = engine.apply(&bundle).await?;
             if json {
@@ -243,6 +249,9 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
             action: Some(SetsCommand::Remove { name }),
             ..
         } => {
+            if let Some(conn) = daemon_connection(&settings).await {
+                return via_daemon::remove_set(&conn, &name).await;
+            }
             let mut engine = Engine::open(paths, settings)?;
             engine.remove_set(&name).await?;
             println!("removed set {name}: its images are no longer pinned");
@@ -293,6 +302,132 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A connection to the bus when the daemon serves its API there: then commands that
+/// change the state go through it, so there is one writer.
+async fn daemon_connection(settings: &Settings) -> Option<zbus::Connection> {
+    let conn = match settings.bus {
+        crate::config::Bus::System => zbus::Connection::system().await,
+        crate::config::Bus::Session => zbus::Connection::session().await,
+    }
+    .ok()?;
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await.ok()?;
+    let name = zbus::names::BusName::try_from(crate::api::BUS_NAME).ok()?;
+    let owned = dbus.name_has_owner(name).await.ok()?;
+    owned.then(|| {
+        tracing::info!("the longshore daemon is running; asking it to do this");
+        conn
+    })
+}
+
+/// The commands that change the state, through the daemon's D-Bus API.
+mod via_daemon {
+    use std::collections::HashMap;
+    use std::process::ExitCode;
+
+    use anyhow::{Context, Result};
+    use zbus::zvariant::Value;
+
+    use super::{print_json, EXIT_NO_SPACE, EXIT_REJECTED};
+    use crate::api::{ImportResult, BUS_NAME, PATH};
+    use crate::engine::ImportReport;
+
+    const IFACE: &str = "io.longshore.Longshore1.Manager";
+
+    async fn call<B, R>(
+        conn: &zbus::Connection,
+        method: &str,
+        body: &B,
+    ) -> Result<std::result::Result<R, ExitCode>>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+        R: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type,
+    {
+        match conn
+            .call_method(Some(BUS_NAME), PATH, Some(IFACE), method, body)
+            .await
+        {
+            Ok(reply) => Ok(Ok(reply
+                .body()
+                .deserialize::<R>()
+                .with_context(|| format!("reading the daemon's answer to {method}"))?)),
+            Err(zbus::Error::MethodError(name, message, _)) => {
+                eprintln!("error: {}", message.unwrap_or_else(|| name.to_string()));
+                let code = match name.as_str() {
+                    "io.longshore.Longshore1.Error.Rejected" => EXIT_REJECTED,
+                    "io.longshore.Longshore1.Error.NoSpace" => EXIT_NO_SPACE,
+                    _ => 1,
+                };
+                Ok(Err(ExitCode::from(code)))
+            }
+            Err(e) => Err(e).with_context(|| format!("calling {method} on the longshore daemon")),
+        }
+    }
+
+    fn report(r: &ImportResult) -> Result<ImportReport> {
+        Ok(ImportReport {
+            digest: r.0.parse().context("digest from the daemon")?,
+            name: r.1.clone(),
+            images: (r.3 + r.4) as usize,
+            copied: r.3 as usize,
+            present: r.4 as usize,
+            bytes_verified: 0,
+            state: serde_json::from_value(serde_json::Value::String(r.2.clone()))
+                .context("bundle state from the daemon")?,
+        })
+    }
+
+    pub async fn import(conn: &zbus::Connection, a: &super::ImportArgs) -> Result<ExitCode> {
+        // The daemon resolves paths on its own, from its own working directory.
+        let path = std::path::absolute(&a.path)
+            .with_context(|| format!("resolving {}", a.path.display()))?;
+        let mut options: HashMap<&str, Value> = HashMap::new();
+        if a.hold {
+            options.insert("hold", Value::from(true));
+        }
+        if let Some(d) = &a.digest {
+            options.insert("digest", Value::from(d.to_string()));
+        }
+        let path = path.to_string_lossy().into_owned();
+        let results: Vec<ImportResult> = match call(conn, "Import", &(path, options)).await? {
+            Ok(r) => r,
+            Err(code) => return Ok(code),
+        };
+        let reports = results.iter().map(report).collect::<Result<Vec<_>>>()?;
+        if a.json {
+            print_json(&reports)?;
+        } else {
+            for r in &reports {
+                println!("{}", r.summary());
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn apply(conn: &zbus::Connection, bundle: &str, json: bool) -> Result<ExitCode> {
+        let result: ImportResult = match call(conn, "Apply", &(bundle,)).await? {
+            Ok(r) => r,
+            Err(code) => return Ok(code),
+        };
+        let r = report(&result)?;
+        if json {
+            print_json(&r)?;
+        } else {
+            println!("{}", r.summary());
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    pub async fn remove_set(conn: &zbus::Connection, name: &str) -> Result<ExitCode> {
+        match call::<_, ()>(conn, "RemoveSet", &(name,)).await? {
+            Ok(()) => {
+                println!("removed set {name}: its images are no longer pinned");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(code) => Ok(code),
+        }
+    }
 }
 
 /// The exit code for an error: refused input and lack of space have their own.

@@ -268,6 +268,30 @@ fn properties_methods_objects_signals_and_errors() {
     let tree = busctl_ok(&node, &["tree", "--list", DEST]);
     assert!(!tree.contains(&format!("{PATH}/set/api")), "{tree}");
     busctl_ok(&node, &["call", DEST, PATH, IFACE, "Rescan"]);
+
+    // With the daemon running, the CLI's import goes through it (one writer of the state).
+    let (layout2, tar2) = bundle(&node, "lb", "example.com/api-cli", "cli");
+    let out = node.run(&["import", tar2.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the longshore daemon is running; asking it to do this"),
+        "{stderr}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("bundle cli ("),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let log = fs::read_to_string(&_daemon.log).unwrap();
+    assert!(
+        log.contains(&format!("Importing {}", tar2.display())) || log.contains("bundle cli ("),
+        "{log}"
+    );
+    assert!(node.inspect_digest(&layout2.images[0].reference).is_some());
+    // Its errors keep their exit codes.
+    node.fails(&["import", junk.to_str().unwrap()], 3);
+    node.ok(&["sets", "remove", "cli"]);
 }
 
 /// The shipped bus policy loads into a real dbus-daemon as a system bus would load it,
