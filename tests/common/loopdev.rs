@@ -6,11 +6,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-/// Starts systemd-udevd if it is not running (TESTING.md: `--daemon` when
-/// /run/udev/control is absent) and waits for it.
+/// Starts systemd-udevd if it is not answering (TESTING.md: `--daemon`), and waits until
+/// it does. A socket left by a udevd that was killed is no sign of a running one, so
+/// udevd is asked (`udevadm control --ping`).
 pub fn ensure_udevd() {
-    let control = Path::new("/run/udev/control");
-    if !control.exists() {
+    let ping = || {
+        Command::new("udevadm")
+            .args(["control", "--ping", "--timeout=2"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ping() {
+        let _ = std::fs::remove_file("/run/udev/control");
         let st = Command::new("/lib/systemd/systemd-udevd")
             .arg("--daemon")
             .status()
@@ -18,9 +27,9 @@ pub fn ensure_udevd() {
         assert!(st.success(), "systemd-udevd --daemon failed");
     }
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !control.exists() {
-        assert!(Instant::now() < deadline, "systemd-udevd did not start");
-        std::thread::sleep(Duration::from_millis(50));
+    while !ping() {
+        assert!(Instant::now() < deadline, "systemd-udevd does not answer");
+        std::thread::sleep(Duration::from_millis(100));
     }
     settle();
 }
