@@ -9,7 +9,7 @@ longshore=$PWD/target/release/longshore
 
 # A previous run's store may still be mounted (overlay keeps its home mounted).
 if [ -d "$demo" ]; then
-	grep -o " $demo[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" || true; done
+	{ grep -o " $demo[^ ]*" /proc/self/mountinfo || true; } | sort -r | while read -r m; do umount -l "$m" || true; done
 	rm -rf "$demo"
 fi
 mkdir -p "$demo/node/etc/longshore/config.d"
