@@ -7,9 +7,10 @@ mod common;
 use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::fixture::{self, Layout};
 use common::node::{require, Node};
 use common::usermgr::{Reload, UserManager};
@@ -17,48 +18,6 @@ use common::usermgr::{Reload, UserManager};
 const DEST: &str = "io.longshore.Longshore1";
 const PATH: &str = "/io/longshore/Longshore1";
 const IFACE: &str = "io.longshore.Longshore1.Manager";
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(node: &Node) -> Daemon {
-        let log = node.scratch("daemon.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_longshore"))
-            .arg("--sysroot")
-            .arg(&node.sysroot)
-            .arg("daemon")
-            .envs(node.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting the daemon");
-        let d = Daemon { child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !fs::read_to_string(&d.log)
-            .unwrap_or_default()
-            .contains("ready: following")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "not ready: {}",
-                fs::read_to_string(&d.log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
-    }
-}
 
 fn busctl(node: &Node, args: &[&str]) -> Output {
     Command::new("busctl")

@@ -4,10 +4,8 @@
 mod common;
 
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::fixture::{self, Layout};
 use common::loopdev::{ensure_udevd, ext4_image, iso_image, vfat_image, Loop};
 use common::node::{require, Node};
@@ -26,63 +24,6 @@ const TOOLS: &[&str] = &[
     "mkfs.ext4",
     "xorriso",
 ];
-
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(node: &Node) -> Daemon {
-        let log = node.scratch("daemon.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_longshore"))
-            .arg("--sysroot")
-            .arg(&node.sysroot)
-            .arg("daemon")
-            .envs(node.env.iter().map(|(k, v)| (k, v)))
-            .env("LONGSHORE_LOG", "longshore=debug")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting the daemon");
-        let d = Daemon { child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !d.log().contains("ready: following") {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not get ready:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log holds `needle`.
-    fn wait_for(&self, needle: &str, secs: u64) {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while !self.log().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "waited for {needle:?}:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
-    }
-}
 
 fn setup() -> Option<(UserManager, Node)> {
     if !require(TOOLS) {

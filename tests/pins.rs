@@ -8,9 +8,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::fixture::{self, Layout};
 use common::node::{require, Node};
 use common::usermgr::{Reload, UserManager};
@@ -636,51 +637,6 @@ fn additional_store_mode_writes_the_store_dropin_and_restarts_only_when_allowed(
     node.ok(&["sync"]);
     assert!(!dropin.exists());
     assert_ne!(um.crio_pid(), pid_before, "restarted");
-}
-
-/// `longshore daemon` for the length of a test.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    fn start(node: &Node) -> Daemon {
-        let log = node.scratch("daemon.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_longshore"))
-            .arg("--sysroot")
-            .arg(&node.sysroot)
-            .arg("daemon")
-            .envs(node.env.iter().map(|(k, v)| (k, v)))
-            .env("LONGSHORE_LOG", "longshore=debug")
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting the daemon");
-        let d = Daemon { child, log };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !d.log().contains("ready: following") {
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not get ready:\n{}",
-                d.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        d
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
-    }
 }
 
 #[allow(dead_code)]
