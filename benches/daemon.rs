@@ -35,9 +35,7 @@ fn main() {
     let um = usermgr::UserManager::start();
     um.install_crio(usermgr::Reload::Hup);
     um.start_crio();
-    let mut node = node::Node::new();
-    node.env.extend(um.env());
-    node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
+    let node = um.node();
     let layout = fixture::write_oci_layout(
         &node.scratch("layout"),
         &fixture::small_images("bench.example.com/stick", 2),

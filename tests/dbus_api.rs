@@ -78,9 +78,7 @@ fn properties_methods_objects_signals_and_errors() {
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
     um.start_crio();
-    let mut node = Node::new();
-    node.env.extend(um.env());
-    node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
+    let node = um.node();
     let (layout, tar) = bundle(&node, "la", "example.com/api", "api");
     let _daemon = Daemon::start(&node);
 

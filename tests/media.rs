@@ -33,9 +33,7 @@ fn setup() -> Option<(UserManager, Node)> {
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
     um.start_crio();
-    let mut node = Node::new();
-    node.env.extend(um.env());
-    node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
+    let node = um.node();
     Some((um, node))
 }
 

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixture;
-use common::node::{require, Node};
+use common::node::require;
 use common::usermgr::{Reload, UserManager};
 
 struct Notifications {
@@ -53,9 +53,7 @@ fn ready_status_watchdog_and_stopping() {
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
     um.start_crio();
-    let mut node = Node::new();
-    node.env.extend(um.env());
-    node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
+    let node = um.node();
     let layout = fixture::write_oci_layout(
         &node.scratch("layout"),
         &fixture::small_images("example.com/notify", 2),

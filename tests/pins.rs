@@ -18,14 +18,6 @@ use common::usermgr::{Reload, UserManager};
 
 const TOOLS: &[&str] = &["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"];
 
-/// A node whose longshore reaches the user manager's systemd on the session bus.
-fn node_with(um: &UserManager) -> Node {
-    let mut node = Node::new();
-    node.env.extend(um.env());
-    node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
-    node
-}
-
 fn pin_file(node: &Node) -> PathBuf {
     node.sysroot
         .join("etc/crio/crio.conf.d/99-longshore-pinned-images.conf")
@@ -108,7 +100,7 @@ fn one_reload_per_change_of_pins_and_none_without_change() {
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
     um.start_crio();
-    let node = node_with(&um);
+    let node = um.node();
     let a = layout(&node, "la", "example.com/pin-a", 2);
     let bundle_a = node.scratch("a.tar");
     node.bundle_create(&a, &bundle_a, &["--name", "a"]);
@@ -159,7 +151,7 @@ fn an_inactive_unit_is_not_reloaded() {
     }
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
-    let node = node_with(&um);
+    let node = um.node();
     let a = layout(&node, "la", "example.com/inactive", 1);
     let bundle = node.scratch("a");
     node.bundle_create(&a, &bundle, &["--name", "a"]);
@@ -184,7 +176,7 @@ fn a_failed_reload_job_is_reported_as_a_failure() {
     let um2 = UserManager::start();
     um2.install_crio(Reload::Fails);
     um2.start_crio();
-    let node2 = node_with(&um2);
+    let node2 = um2.node();
     let a = layout(&node2, "la", "example.com/failed-reload", 1);
     let bundle = node2.scratch("a");
     node2.bundle_create(&a, &bundle, &["--name", "a"]);
@@ -209,7 +201,7 @@ fn pins_of_crio_conf_and_earlier_dropins_survive_and_are_resynced_by_the_daemon(
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
     um.start_crio();
-    let node = node_with(&um);
+    let node = um.node();
     let crio = node.sysroot.join("etc/crio");
     fs::create_dir_all(crio.join("crio.conf.d")).unwrap();
     fs::write(
@@ -267,7 +259,7 @@ fn a_replaced_set_unpins_what_left_before_the_new_images_come_in() {
         return;
     }
     let um = UserManager::start();
-    let node = node_with(&um);
+    let node = um.node();
     um.install_crio(Reload::HupAndSnapshot(pin_file(&node)));
     um.start_crio();
     let all = layout(&node, "l", "example.com/order", 3);
@@ -390,7 +382,7 @@ fn a_wiped_store_is_healed_from_the_retained_bundle() {
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
     um.start_crio();
-    let node = node_with(&um);
+    let node = um.node();
     node.write_config("60-retain.toml", "[import]\nretain_bundles = true\n");
     let a = layout(&node, "la", "example.com/heal", 2);
     let bundle = node.scratch("heal.tar.zst");
@@ -578,7 +570,7 @@ fn additional_store_mode_writes_the_store_dropin_and_restarts_only_when_allowed(
     let um = UserManager::start();
     um.install_crio(Reload::Hup);
     um.start_crio();
-    let node = node_with(&um);
+    let node = um.node();
     node.write_config("60-store.toml", "[store]\nmode = \"additional\"\n");
     let a = layout(&node, "la", "example.com/extra-store", 1);
     let bundle = node.scratch("a");

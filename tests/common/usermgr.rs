@@ -114,6 +114,15 @@ impl UserManager {
         um
     }
 
+    /// A node whose longshore reaches this manager's systemd on its session bus and
+    /// reloads CRI-O through it.
+    pub fn node(&self) -> super::node::Node {
+        let mut node = super::node::Node::new();
+        node.env.extend(self.env());
+        node.write_config("50-bus.toml", "bus = \"session\"\n[crio]\nreload = true\n");
+        node
+    }
+
     /// The environment that points a client at this manager's bus.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
