@@ -3,9 +3,8 @@
 //! bundle and per image set below `/io/longshore/Longshore1`, which carries
 //! `org.freedesktop.DBus.ObjectManager`.
 //!
-//! Methods hand their work to the daemon's loop over a channel and wait for the answer,
-//! so D-Bus calls, media and file events are done one after another, never over each
-//! other. Errors are named D-Bus errors under `io.longshore.Longshore1.Error`.
+//! Methods hand their work to the daemon over a channel and wait for the answer; the
+//! daemon queues it with media and file events and does one piece of work at a time. Errors are named D-Bus errors under `io.longshore.Longshore1.Error`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -44,6 +43,9 @@ pub enum ApiError {
     NotFound(String),
     /// The options are wrong.
     InvalidArgs(String),
+    /// The work was abandoned before it finished: the daemon is stopping, or the device
+    /// it read from went away. What was copied stays; the same call later resumes.
+    Abandoned(String),
     /// Anything else; the message says what.
     Failed(String),
 }
@@ -54,6 +56,8 @@ impl ApiError {
         let text = format!("{e:#}");
         if e.chain().any(|c| c.downcast_ref::<Rejected>().is_some()) {
             ApiError::Rejected(text)
+        } else if crate::cancel::is_cancelled(e) {
+            ApiError::Abandoned(text)
         } else if e.chain().any(|c| c.downcast_ref::<NoSpace>().is_some()) {
             ApiError::NoSpace(text)
         } else if text.contains("no bundle named") || text.contains("no set named") {

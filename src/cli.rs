@@ -142,6 +142,10 @@ struct CreateArgs {
     /// Do not ask for the images to be pinned in CRI-O.
     #[arg(long)]
     no_pin: bool,
+    /// Mark the set critical: a node's daemon imports it from media present at boot
+    /// before it reports ready, so CRI-O and kubelet start with it in place.
+    #[arg(long)]
+    critical: bool,
     /// Require HTTPS and verified certificates from registries (`false` for a mirror
     /// that speaks plain HTTP).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
@@ -209,7 +213,7 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
             }
         }
         Command::Verify(a) => {
-            let reports = engine::verify(&a.path, a.digest, &settings).await?;
+            let reports = engine::verify(&a.path, a.digest, &settings, &Default::default()).await?;
             if a.json {
                 print_json(&reports)?;
             } else {
@@ -289,6 +293,7 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 name,
                 version: a.version,
                 pinned: !a.no_pin,
+                critical: a.critical,
                 tls_verify: a.tls_verify,
             };
             let (digest, meta) =

@@ -1,8 +1,9 @@
 //! `longshore daemon`: keeps CRI-O's pins in line with the image sets and with CRI-O's
-//! other drop-ins, and heals the store when CRI-O (re)starts.
+//! other drop-ins, imports what bundle media carry, and heals the store when CRI-O
+//! (re)starts.
 //!
-//! It serves `io.longshore.Longshore1` on D-Bus (see [`crate::api`]) and reacts to five
-//! things, one at a time:
+//! It serves `io.longshore.Longshore1` on D-Bus (see [`crate::api`]). Its loop turns
+//! what happens into work, queued and done one piece at a time by a worker task:
 //! - a method call of that service (an import, a verification, …);
 //! - a block device that udev reports (see [`crate::media`]): bundle media are mounted
 //!   read-only, their bundles imported (or held, by `[media] policy`), and unmounted;
@@ -10,26 +11,37 @@
 //!   another file's pins or a set changed, so the pin file is synced;
 //! - CRI-O's unit becoming active again (its `ActiveState` over D-Bus): an unclean
 //!   shutdown may have made CRI-O wipe its storage, so every set is checked and lost
-//!   images are put back from retained bundles;
-//! - SIGTERM or SIGINT: it stops.
+//!   images are put back from retained bundles.
 //!
+//! The loop stays free while the worker copies, so it can abandon the work in hand: when
+//! the device being read goes away, and on SIGTERM or SIGINT, which stop the daemon. An
+//! abandoned import keeps the images it finished (the next import of the same bundle
+//! copies only the rest) and pins nothing that is not complete.
+//!
+//! At start, before it reports ready, the daemon checks every set and imports the
+//! bundles that carry critical sets from the media present; everything else follows.
 //! The state lock is taken for each piece of work, so `longshore import` can run beside
 //! the daemon.
 
-use std::path::PathBuf;
+use std::collections::{BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 use inotify::WatchMask;
 use tokio::signal::unix::{signal, SignalKind};
-
 use tokio::sync::mpsc;
 
 use crate::api::{self, Api, Request};
+use crate::bundle::{self, read, Input};
+use crate::cancel::Cancel;
 use crate::config::{MediaPolicy, Settings};
+use crate::digest::Digest;
 use crate::engine::{self, Engine, ImportOptions};
-use crate::media::{self, Verdict};
+use crate::media::{self, BlockDevice, Verdict};
 use crate::paths::HostPaths;
 use crate::sets::SetView;
 use crate::state::State;
@@ -37,6 +49,8 @@ use crate::systemd::{self, message_id};
 
 /// How long a burst of file events is gathered before one sync.
 const SETTLE: Duration = Duration::from_millis(200);
+/// How long the work in hand gets to stop when the daemon is told to.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs until SIGTERM or SIGINT.
 pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
@@ -63,16 +77,55 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     tracing::info!("longshore daemon started; {unit} is {last_state}");
 
-    let mut d = Daemon {
+    let current = Arc::new(Mutex::new(Current::default()));
+    let sync_queued = Arc::new(AtomicBool::new(false));
+    let mut worker = Worker {
         paths,
         settings,
         api,
         progress: progress_tx,
         sets: SetStates::default(),
+        current: current.clone(),
+        sync_queued: sync_queued.clone(),
+        cancel: Cancel::default(),
+        announced: BTreeSet::new(),
     };
-    d.work("checking", Work::Heal).await;
+
+    // Boot: the sets are checked and the critical ones brought in from the media present
+    // before systemd hears that the daemon is ready.
+    worker.run(Job::Heal).await;
+    let mut later = VecDeque::new();
+    if media_on {
+        // The monitor thread reports the devices present before it says it listens, so
+        // they are all in the channel now.
+        let mut present = Vec::new();
+        while let Ok(dev) = media_rx.try_recv() {
+            if seen.is_new(&dev) {
+                present.push(dev);
+            }
+        }
+        later = worker.boot(present).await;
+    }
+    for name in &worker.sets.critical_waiting {
+        tracing::warn!(
+            set = %name,
+            "critical image set {name} is not ready; reporting ready anyway, as no medium present holds what it lacks"
+        );
+    }
     tracing::info!("ready: following {unit} and the configuration directories");
-    systemd::notify_ready(&d.sets.summary());
+    systemd::notify_ready(&worker.sets.summary());
+
+    let stopping = Cancel::default();
+    let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+    for dev in later {
+        let _ = jobs_tx.send(Job::Device(dev));
+    }
+    let worker = tokio::spawn(worker.serve(jobs_rx, stopping.clone()));
+    let queue = |job: Job| {
+        if jobs_tx.send(job).is_err() {
+            tracing::error!("the worker stopped; work is no longer done");
+        }
+    };
     let mut watchdog = systemd::watchdog_interval().map(|p| tokio::time::interval(p / 2));
     loop {
         tokio::select! {
@@ -80,16 +133,17 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                 systemd::notify_watchdog();
             }
             Some(req) = requests.recv() => {
-                if let Some(rescan) = d.on_request(req).await {
-                    // A rescan looks at every device again.
+                if let Request::Rescan { .. } = &req {
+                    // A rescan looks at every device again; they are queued after the
+                    // check of the sets that answers the call.
                     seen = media::Seen::default();
                     if media_on {
                         if let Err(e) = media::enumerate(&media_tx) {
                             tracing::warn!("rescanning block devices: {e:#}");
                         }
                     }
-                    let _ = rescan.send(Ok(()));
                 }
+                queue(Job::Request(req));
             }
             r = watcher.changed() => {
                 r?;
@@ -97,7 +151,10 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                 while let Ok(r) = tokio::time::timeout(SETTLE, watcher.changed()).await {
                     r?;
                 }
-                d.work("checking", Work::Sync).await;
+                // One sync waiting is enough: it reads everything when it runs.
+                if !sync_queued.swap(true, Ordering::SeqCst) {
+                    queue(Job::Sync);
+                }
             }
             state = states.next() => {
                 let Some(state) = state else {
@@ -107,17 +164,18 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                     let since = manager.active_since(&unit).await.unwrap_or_default();
                     if last_state != "active" || since != last_since {
                         tracing::info!("{unit} became active; checking that the store still holds every set");
-                        d.status("checking", &format!("Checking image sets: {unit} became active")).await;
-                        d.work("checking", Work::Heal).await;
+                        queue(Job::Heal);
                     }
                     last_since = since;
                 }
                 last_state = state;
             }
             Some(dev) = media_rx.recv(), if media_on => {
+                if dev.is_gone() {
+                    lock(&current).device_gone(&dev.devnode);
+                }
                 if seen.is_new(&dev) {
-                    d.on_device(dev).await;
-                    d.work("checking", Work::Sync).await;
+                    queue(Job::Device(dev));
                 }
             }
             _ = term.recv() => break,
@@ -126,26 +184,117 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     }
     tracing::info!("longshore daemon stopping");
     systemd::notify_stopping();
-    d.status("stopping", "Stopping").await;
+    stopping.cancel("longshore is stopping");
+    lock(&current).cancel.cancel("longshore is stopping");
+    drop(jobs_tx);
+    match tokio::time::timeout(STOP_TIMEOUT, worker).await {
+        Ok(Ok(worker)) => worker.status("stopping", "Stopping").await,
+        Ok(Err(e)) => tracing::error!("the worker failed: {e}"),
+        Err(_) => tracing::error!(
+            "the work in hand did not stop within {}s; leaving it",
+            STOP_TIMEOUT.as_secs()
+        ),
+    }
     Ok(())
 }
 
-/// The daemon's parts, for the handlers.
-struct Daemon {
+/// A piece of work for the worker.
+enum Job {
+    /// Bring the pin file in line with the sets.
+    Sync,
+    /// Check every set and put back what is missing.
+    Heal,
+    /// Import what a device carries, if it is bundle media.
+    Device(BlockDevice),
+    /// Answer a method call.
+    Request(Request),
+}
+
+/// The work in hand, so the loop can abandon it.
+#[derive(Default)]
+struct Current {
+    /// The device it reads, if it reads one.
+    device: Option<PathBuf>,
+    cancel: Cancel,
+}
+
+impl Current {
+    fn device_gone(&self, devnode: &Path) {
+        if self.device.as_deref() == Some(devnode) {
+            tracing::warn!(
+                "{} went away during the import; abandoning it",
+                devnode.display()
+            );
+            self.cancel
+                .cancel(&format!("{} went away", devnode.display()));
+        }
+    }
+}
+
+fn lock(c: &Mutex<Current>) -> std::sync::MutexGuard<'_, Current> {
+    c.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Does the daemon's work, one job at a time.
+struct Worker {
     paths: HostPaths,
     settings: Settings,
     api: Api,
     progress: mpsc::UnboundedSender<api::Progress>,
     sets: SetStates,
+    current: Arc<Mutex<Current>>,
+    sync_queued: Arc<AtomicBool>,
+    /// The job in hand's token.
+    cancel: Cancel,
+    /// Devices whose detection was logged at start and which wait for the rest of their
+    /// import, so it is not logged twice.
+    announced: BTreeSet<PathBuf>,
 }
 
-#[derive(Clone, Copy)]
-enum Work {
-    Sync,
-    Heal,
-}
+impl Worker {
+    /// Takes jobs until the queue closes. Once the daemon stops, what is still queued is
+    /// dropped (a waiting caller hears that the request was dropped).
+    async fn serve(mut self, mut jobs: mpsc::UnboundedReceiver<Job>, stopping: Cancel) -> Self {
+        while let Some(job) = jobs.recv().await {
+            if stopping.is_cancelled() {
+                continue;
+            }
+            self.run(job).await;
+        }
+        self
+    }
 
-impl Daemon {
+    /// Does one job with a fresh token, which the loop can raise.
+    async fn run(&mut self, job: Job) {
+        self.cancel = Cancel::default();
+        {
+            let mut c = lock(&self.current);
+            c.cancel = self.cancel.clone();
+            c.device = match &job {
+                Job::Device(d) => Some(d.devnode.clone()),
+                _ => None,
+            };
+        }
+        match job {
+            Job::Sync => {
+                self.sync_queued.store(false, Ordering::SeqCst);
+                self.work(Work::Sync).await;
+            }
+            Job::Heal => {
+                self.status("checking", "Checking image sets").await;
+                self.work(Work::Heal).await;
+            }
+            Job::Device(dev) => {
+                // Most block devices are no bundle media and call for nothing.
+                if self.on_device(dev, None).await != Handled::Ignored {
+                    self.work(Work::Sync).await;
+                }
+            }
+            Job::Request(req) => self.on_request(req).await,
+        }
+        lock(&self.current).device = None;
+    }
+
     /// Says what the daemon does, on D-Bus and to systemd.
     async fn status(&self, state: &str, text: &str) {
         systemd::notify_status(text);
@@ -157,12 +306,13 @@ impl Daemon {
     fn engine(&self) -> Result<Engine> {
         let mut e = Engine::open(self.paths.clone(), self.settings.clone())?;
         e.report_progress(self.progress.clone());
+        e.cancel_with(self.cancel.clone());
         Ok(e)
     }
 
     /// Does one piece of work under the state lock, then publishes the result. A failure
     /// is logged, not fatal: the next event tries again.
-    async fn work(&mut self, state: &str, what: Work) {
+    async fn work(&mut self, what: Work) {
         let res = async {
             let mut engine = self.engine()?;
             match what {
@@ -170,7 +320,6 @@ impl Daemon {
                 Work::Heal => engine.heal().await,
             }
         };
-        self.status(state, "Checking image sets").await;
         let views = match res.await {
             Ok(v) => Some(v),
             Err(e) => {
@@ -197,12 +346,8 @@ impl Daemon {
         self.status("idle", &summary).await;
     }
 
-    /// Answers a method call. A `Rescan` is answered by the caller, once it has
-    /// restarted the device scan: its reply is handed back.
-    async fn on_request(
-        &mut self,
-        req: Request,
-    ) -> Option<tokio::sync::oneshot::Sender<Result<()>>> {
+    /// Answers a method call.
+    async fn on_request(&mut self, req: Request) {
         match req {
             Request::Import {
                 path,
@@ -216,15 +361,10 @@ impl Daemon {
                     hold,
                     restore: false,
                 };
-                let res = async {
-                    self.engine()?
-                        .import(std::path::Path::new(&path), &opts)
-                        .await
-                }
-                .await;
+                let res = async { self.engine()?.import(Path::new(&path), &opts).await }.await;
                 log_outcome(&path, &res);
                 let _ = reply.send(res);
-                self.work("checking", Work::Sync).await;
+                self.work(Work::Sync).await;
             }
             Request::Verify {
                 path,
@@ -232,7 +372,8 @@ impl Daemon {
                 reply,
             } => {
                 self.status("checking", &format!("Verifying {path}")).await;
-                let res = engine::verify(std::path::Path::new(&path), digest, &self.settings).await;
+                let res =
+                    engine::verify(Path::new(&path), digest, &self.settings, &self.cancel).await;
                 let _ = reply.send(res);
                 self.publish(None).await;
             }
@@ -241,23 +382,72 @@ impl Daemon {
                     .await;
                 let res = async { self.engine()?.apply(&bundle).await }.await;
                 let _ = reply.send(res);
-                self.work("checking", Work::Sync).await;
+                self.work(Work::Sync).await;
             }
             Request::RemoveSet { name, reply } => {
                 let res = async { self.engine()?.remove_set(&name).await }.await;
                 let _ = reply.send(res);
-                self.work("checking", Work::Sync).await;
+                self.work(Work::Sync).await;
             }
             Request::Rescan { reply } => {
-                self.work("checking", Work::Heal).await;
-                return Some(reply);
+                self.status("checking", "Checking image sets").await;
+                self.work(Work::Heal).await;
+                let _ = reply.send(Ok(()));
             }
         }
-        None
     }
 
-    /// Imports what a device carries, if it is bundle media.
-    async fn on_device(&mut self, dev: media::BlockDevice) {
+    /// At start: imports, from the devices present, the bundles that carry a critical
+    /// set or an image a critical set names. Returns the devices that still have work
+    /// for later (everything else they carry).
+    async fn boot(&mut self, present: Vec<BlockDevice>) -> VecDeque<BlockDevice> {
+        let critical = match self.critical_images() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("reading the critical sets: {e:#}");
+                BTreeSet::new()
+            }
+        };
+        let mut later = VecDeque::new();
+        let mut imported = false;
+        for dev in present {
+            lock(&self.current).device = Some(dev.devnode.clone());
+            match self.on_device(dev.clone(), Some(&critical)).await {
+                Handled::Left => later.push_back(dev),
+                Handled::Done => imported = true,
+                Handled::Ignored => {}
+            }
+            lock(&self.current).device = None;
+        }
+        if imported || !later.is_empty() {
+            self.work(Work::Sync).await;
+        }
+        later
+    }
+
+    /// The digests of the images the node's critical sets name.
+    fn critical_images(&self) -> Result<BTreeSet<Digest>> {
+        let state = State::load(&self.paths.state_dir)?;
+        let files = crate::sets::load_files(&self.paths)?;
+        Ok(crate::sets::effective(&state, files)
+            .iter()
+            .filter(|s| s.critical)
+            .flat_map(|s| s.images.iter())
+            .filter_map(|r| match bundle::format::split_reference(r) {
+                Some((_, bundle::format::RefTail::Digest(d))) => Some(d),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Imports what a device carries, if it is bundle media. With `critical` (at start),
+    /// only the bundles that carry critical sets are imported, and the device is
+    /// [`Handled::Left`] when it carries others.
+    async fn on_device(
+        &mut self,
+        dev: BlockDevice,
+        critical: Option<&BTreeSet<Digest>>,
+    ) -> Handled {
         let what = format!(
             "{} ({}, label {:?})",
             dev.devnode.display(),
@@ -268,39 +458,147 @@ impl Daemon {
             hold: self.settings.media.policy == MediaPolicy::Hold,
             ..Default::default()
         };
-        match media::judge(&dev, &self.settings.media) {
-            Verdict::Ignore(why) => tracing::debug!("not bundle media: {what}: {why}"),
+        let verdict = media::judge(&dev, &self.settings.media);
+        if let Verdict::Ignore(why) = &verdict {
+            tracing::debug!("not bundle media: {what}: {why}");
+            return Handled::Ignored;
+        }
+        // A device left for later at start was announced then.
+        if !self.announced.remove(&dev.devnode) {
+            let raw = if verdict == Verdict::RawTar {
+                " holds a bundle written raw"
+            } else {
+                ""
+            };
+            tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what}{raw}");
+        }
+        let mut left = false;
+        match verdict {
+            Verdict::Ignore(_) => {}
             Verdict::RawTar => {
-                tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what} holds a bundle written raw");
-                self.status(
-                    "importing",
-                    &format!("Importing the bundle on {}", dev.devnode.display()),
-                )
-                .await;
-                self.import(&dev.devnode, &opts).await;
+                let path = dev.devnode.clone();
+                if critical.is_some_and(|c| !carries_critical(&path, c)) {
+                    left = true;
+                } else {
+                    self.status(
+                        "importing",
+                        &format!("Importing the bundle on {}", dev.devnode.display()),
+                    )
+                    .await;
+                    self.import(&path, None, &opts).await;
+                }
             }
             Verdict::Mount(fs_type) => {
-                tracing::info!(message_id = message_id::BUNDLE_DETECTED, device = %dev.devnode.display(), "bundle media: {what}");
-                self.status(
-                    "importing",
-                    &format!("Importing the bundles on {}", dev.devnode.display()),
-                )
-                .await;
                 match media::mount(&dev, &fs_type, &self.paths.run_dir.join("media")) {
                     Ok(m) => {
-                        self.import(&m.point.clone(), &opts).await;
+                        self.status(
+                            "importing",
+                            &format!("Importing the bundles on {}", dev.devnode.display()),
+                        )
+                        .await;
+                        match critical {
+                            None => self.import(&m.point.clone(), None, &opts).await,
+                            Some(c) => {
+                                left = self.import_critical(&m.point.clone(), c, &opts).await
+                            }
+                        }
                         m.unmount();
                     }
                     Err(e) => tracing::error!("{e:#}"),
                 }
             }
         }
+        if left {
+            self.announced.insert(dev.devnode.clone());
+            Handled::Left
+        } else {
+            Handled::Done
+        }
     }
 
-    async fn import(&mut self, path: &std::path::Path, opts: &ImportOptions) {
-        let res = async { self.engine()?.import(path, opts).await }.await;
+    /// Imports the inputs below `root` that carry critical sets; returns whether others
+    /// were left.
+    async fn import_critical(
+        &mut self,
+        root: &Path,
+        critical: &BTreeSet<Digest>,
+        opts: &ImportOptions,
+    ) -> bool {
+        let items = match bundle::detect(root) {
+            Ok(Input::Collection(_, items)) => items,
+            Ok(_) => vec![root.to_path_buf()],
+            Err(e) => {
+                log_outcome(&root.display().to_string(), &Err(e));
+                return false;
+            }
+        };
+        let mut left = false;
+        for item in items {
+            if carries_critical(&item, critical) {
+                tracing::info!(
+                    "{} carries a critical set; importing it before reporting ready",
+                    item.display()
+                );
+                let within = (item != root).then_some(root);
+                self.import(&item, within, opts).await;
+            } else {
+                left = true;
+            }
+        }
+        left
+    }
+
+    /// Imports `path` (an item of the collection `root`, when given).
+    async fn import(&mut self, path: &Path, root: Option<&Path>, opts: &ImportOptions) {
+        let res = async {
+            let mut engine = self.engine()?;
+            match root {
+                Some(root) => {
+                    engine
+                        .import_item(path, root, opts)
+                        .await
+                        .map(|r| engine::ImportOutcome {
+                            reports: vec![r],
+                            failures: vec![],
+                        })
+                }
+                None => engine.import(path, opts).await,
+            }
+        }
+        .await;
         log_outcome(&path.display().to_string(), &res);
     }
+}
+
+/// Whether the bundle at `path` declares a critical set or holds an image of one.
+/// Foreign inputs declare no sets; anything unreadable is left for the import to report.
+fn carries_critical(path: &Path, critical: &BTreeSet<Digest>) -> bool {
+    let head = match bundle::detect(path) {
+        Ok(Input::BundleDir(d)) => read::read_head_dir(&d, None),
+        Ok(Input::BundleStream(p)) => read::read_head_stream(&p, None),
+        _ => return false,
+    };
+    head.is_ok_and(|h| {
+        h.meta.sets.iter().any(|s| s.critical)
+            || h.meta.images.iter().any(|i| critical.contains(&i.digest))
+    })
+}
+
+/// What became of a device.
+#[derive(Debug, PartialEq, Eq)]
+enum Handled {
+    /// No bundle media.
+    Ignored,
+    /// Its bundles were imported (or failed, which is logged).
+    Done,
+    /// At start: some of its bundles wait until the daemon is ready.
+    Left,
+}
+
+#[derive(Clone, Copy)]
+enum Work {
+    Sync,
+    Heal,
 }
 
 fn log_outcome(path: &str, res: &Result<engine::ImportOutcome>) {
@@ -325,6 +623,8 @@ fn log_outcome(path: &str, res: &Result<engine::ImportOutcome>) {
 struct SetStates {
     ready: std::collections::BTreeMap<String, bool>,
     degraded: Vec<String>,
+    /// Critical sets that are not ready.
+    critical_waiting: Vec<String>,
 }
 
 impl SetStates {
@@ -332,6 +632,7 @@ impl SetStates {
         let Some(views) = views else { return };
         let mut now = std::collections::BTreeMap::new();
         self.degraded.clear();
+        self.critical_waiting.clear();
         for v in views {
             let cond = |k: &str| v.conditions.iter().find(|c| c.kind == k);
             let ready = cond("Ready").is_some_and(|c| c.status);
@@ -347,6 +648,9 @@ impl SetStates {
                         "image set {} is degraded: {}", v.name, d.message
                     );
                 }
+            }
+            if v.critical && !ready {
+                self.critical_waiting.push(v.name.clone());
             }
             now.insert(v.name.clone(), ready);
         }

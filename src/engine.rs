@@ -27,6 +27,7 @@ use crate::bundle::foreign::Foreign;
 use crate::bundle::format::{BundleMeta, ImageMeta};
 use crate::bundle::read::{self, Verified};
 use crate::bundle::{self, Input, Rejected};
+use crate::cancel::Cancel;
 use crate::config::{human_size, Settings, StoreMode};
 use crate::crio::{CrioConfig, FileChange};
 use crate::digest::Digest;
@@ -121,6 +122,8 @@ pub struct Engine {
     busy: std::collections::BTreeSet<String>,
     /// Where copy progress goes (the daemon's `Progress` signal).
     progress: Option<tokio::sync::mpsc::UnboundedSender<crate::api::Progress>>,
+    /// Raised to abandon the work (the daemon's device went away, or it is stopping).
+    cancel: Cancel,
     _lock: StateLock,
 }
 
@@ -203,6 +206,7 @@ impl Engine {
             systemd: None,
             busy: Default::default(),
             progress: None,
+            cancel: Cancel::default(),
             _lock: lock,
         })
     }
@@ -213,6 +217,15 @@ impl Engine {
         tx: tokio::sync::mpsc::UnboundedSender<crate::api::Progress>,
     ) {
         self.progress = Some(tx);
+    }
+
+    /// Abandons the work when `cancel` is raised: verification stops within a buffer, a
+    /// `skopeo copy` is stopped, and no further image is started. What was copied stays
+    /// in the store and is found there next time; nothing incomplete is recorded or
+    /// pinned.
+    pub fn cancel_with(&mut self, cancel: Cancel) {
+        self.store.cancel_with(cancel.clone());
+        self.cancel = cancel;
     }
 
     /// The recorded state.
@@ -248,6 +261,17 @@ impl Engine {
                 failures: vec![],
             }),
         }
+    }
+
+    /// Imports one input of the collection `root` (as [`Engine::import`] does for each).
+    pub async fn import_item(
+        &mut self,
+        item: &Path,
+        root: &Path,
+        opts: &ImportOptions,
+    ) -> Result<ImportReport> {
+        let input = bundle::detect_in(item, Some(root))?;
+        self.import_one(input, opts).await
     }
 
     async fn import_one(&mut self, input: Input, opts: &ImportOptions) -> Result<ImportReport> {
@@ -309,9 +333,9 @@ impl Engine {
 
         let tmp = self.temp_staging(&digest)?;
         let verified = match (stream, opts.hold) {
-            (true, _) => read::verify_stream(path, Some(&tmp), opts.expected),
-            (false, false) => read::verify_dir(path, opts.expected),
-            (false, true) => stage_dir(path, &tmp, opts.expected),
+            (true, _) => read::verify_stream(path, Some(&tmp), opts.expected, &self.cancel),
+            (false, false) => read::verify_dir(path, opts.expected, &self.cancel),
+            (false, true) => stage_dir(path, &tmp, opts.expected, &self.cancel),
         };
         let verified = verified.inspect_err(|_| {
             let _ = fs::remove_dir_all(&tmp);
@@ -411,6 +435,7 @@ impl Engine {
                     .map(|i| format!("{}@{}", i.repository, i.digest))
                     .collect(),
                 pinned: self.settings.pin_foreign,
+                critical: false,
             }],
             images,
         };
@@ -462,7 +487,7 @@ impl Engine {
             let staged_input =
                 tmp.join(f.path.file_name().unwrap_or(std::ffi::OsStr::new("input")));
             fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            copy_tree(&f.path, &staged_input).inspect_err(|_| {
+            copy_tree(&f.path, &staged_input, &self.cancel).inspect_err(|_| {
                 let _ = fs::remove_dir_all(&tmp);
             })?;
             let final_dir = self.paths.staging_dir().join(digest.hex());
@@ -494,7 +519,7 @@ impl Engine {
             .with_context(|| format!("bundle {} is held but has no staged copy", rec.name))?;
         let report = match rec.kind {
             SourceKind::BundleDir | SourceKind::BundleTar => {
-                let verified = read::verify_dir(&staged, Some(rec.digest))?;
+                let verified = read::verify_dir(&staged, Some(rec.digest), &self.cancel)?;
                 let mut plan = plan_from_meta(verified.digest, &verified.meta, rec.kind);
                 let proxy = Proxy::start(&self.settings.skopeo).await?;
                 let present = self.presence(&proxy, &plan).await;
@@ -701,6 +726,11 @@ impl Engine {
                             if g.failed.is_some() || g.pending.is_empty() {
                                 return;
                             }
+                            if let Err(c) = self.cancel.check() {
+                                g.failed = Some(c.into());
+                                wake.notify_all();
+                                return;
+                            }
                             // A layer another copy is writing now is waited for, then
                             // reused; a layer already stored is no reason to wait.
                             let pick = g.pending.iter().position(|&i| {
@@ -893,6 +923,7 @@ impl Engine {
                     name: s.name.clone(),
                     images: s.images.clone(),
                     pinned: s.pinned,
+                    critical: s.critical,
                     bundle: plan.digest,
                     previous,
                 },
@@ -1121,7 +1152,7 @@ impl Engine {
             Retain::Move(p) => replace_dir(&p, &dest)?,
             Retain::CopyDir(p) if p == dest => return Ok(dest),
             Retain::CopyDir(p) => {
-                copy_tree(&p, &tmp).inspect_err(|_| {
+                copy_tree(&p, &tmp, &self.cancel).inspect_err(|_| {
                     let _ = fs::remove_dir_all(&tmp);
                 })?;
                 replace_dir(&tmp, &dest)?;
@@ -1130,7 +1161,7 @@ impl Engine {
             Retain::CopyInput(p) => {
                 fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
                 let name = p.file_name().unwrap_or(std::ffi::OsStr::new("input"));
-                copy_tree(&p, &tmp.join(name)).inspect_err(|_| {
+                copy_tree(&p, &tmp.join(name), &self.cancel).inspect_err(|_| {
                     let _ = fs::remove_dir_all(&tmp);
                 })?;
                 replace_dir(&tmp, &dest)?;
@@ -1327,6 +1358,7 @@ pub async fn verify(
     path: &Path,
     expected: Option<Digest>,
     settings: &Settings,
+    cancel: &Cancel,
 ) -> Result<Vec<VerifyReport>> {
     let inputs = match bundle::detect(path)? {
         Input::Collection(dir, items) => items
@@ -1339,9 +1371,9 @@ pub async fn verify(
     let mut out = Vec::new();
     for input in inputs {
         out.push(match input {
-            Input::BundleDir(d) => VerifyReport::from(&d, read::verify_dir(&d, expected)?),
+            Input::BundleDir(d) => VerifyReport::from(&d, read::verify_dir(&d, expected, cancel)?),
             Input::BundleStream(p) => {
-                VerifyReport::from(&p, read::verify_stream(&p, None, expected)?)
+                VerifyReport::from(&p, read::verify_stream(&p, None, expected, cancel)?)
             }
             Input::Foreign(f) => {
                 let proxy = Proxy::start(&settings.skopeo).await?;
@@ -1451,6 +1483,7 @@ fn plan_from_meta(digest: Digest, meta: &BundleMeta, kind: SourceKind) -> Plan {
                 name: s.name.clone(),
                 images: s.images.clone(),
                 pinned: s.pinned,
+                critical: s.critical,
             })
             .collect(),
     }
@@ -1553,18 +1586,24 @@ fn ensure_same(v: &Verified, digest: &Digest, path: &Path) -> Result<()> {
 
 /// Copies a bundle directory into `tmp` and verifies the copy, so what is held is exactly
 /// what was checked.
-fn stage_dir(src: &Path, tmp: &Path, expected: Option<Digest>) -> Result<Verified> {
-    copy_tree(src, tmp)?;
-    read::verify_dir(tmp, expected)
+fn stage_dir(
+    src: &Path,
+    tmp: &Path,
+    expected: Option<Digest>,
+    cancel: &Cancel,
+) -> Result<Verified> {
+    copy_tree(src, tmp, cancel)?;
+    read::verify_dir(tmp, expected, cancel)
 }
 
-fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
+fn copy_tree(src: &Path, dst: &Path, cancel: &Cancel) -> Result<()> {
+    cancel.check()?;
     let md = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
     if md.is_dir() {
         fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
         for e in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
             let e = e.with_context(|| format!("reading {}", src.display()))?;
-            copy_tree(&e.path(), &dst.join(e.file_name()))?;
+            copy_tree(&e.path(), &dst.join(e.file_name()), cancel)?;
         }
     } else if md.is_file() {
         fs::copy(src, dst)

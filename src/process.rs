@@ -3,9 +3,13 @@
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
+use std::io::Read;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::cancel::{Cancel, Cancelled};
 
 /// Runs `cmd` to completion with stdin closed and stdout and stderr captured; fails with
 /// the command line, the exit status and the end of stderr when it does not succeed.
@@ -27,6 +31,89 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
     }
     Ok(out)
 }
+
+/// Like [`run`], but stops the program when `cancel` is raised: SIGTERM, then SIGKILL if it
+/// is still there after a grace period. The error is then [`Cancelled`].
+pub fn run_cancellable(cmd: &mut Command, cancel: &Cancel) -> Result<Output> {
+    let line = command_line(cmd);
+    tracing::debug!(command = %line, "running");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {line}"))?;
+    // Both pipes are drained on their own threads, so a chatty program never blocks.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let mut stopped_at: Option<Instant> = None;
+    let status = loop {
+        if let Some(st) = child
+            .try_wait()
+            .with_context(|| format!("waiting for {line}"))?
+        {
+            break st;
+        }
+        if cancel.is_cancelled() {
+            match stopped_at {
+                None => {
+                    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                    stopped_at = Some(Instant::now());
+                }
+                Some(t) if t.elapsed() > STOP_GRACE => {
+                    let _ = child.kill();
+                }
+                Some(_) => {}
+            }
+        }
+        std::thread::sleep(POLL);
+    };
+    let out = Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    };
+    if stopped_at.is_some() {
+        let why = cancel
+            .check()
+            .err()
+            .unwrap_or_else(|| Cancelled(String::new()));
+        return Err(anyhow::Error::new(why).context(format!("stopped {line}")));
+    }
+    if !out.status.success() {
+        bail!(
+            "{line} failed ({}): {}",
+            out.status,
+            stderr_tail(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+/// How often a cancellable program is looked at.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a program asked to stop gets before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The command as a person would type it, for logs and errors.
 pub fn command_line(cmd: &Command) -> String {
@@ -72,5 +159,31 @@ mod tests {
         assert!(msg.contains("sh -c 'echo oops >&2; exit 3'"), "{msg}");
         assert!(msg.contains("oops"), "{msg}");
         assert!(msg.contains("exit status: 3"), "{msg}");
+    }
+
+    #[test]
+    fn a_cancelled_program_is_stopped() {
+        let cancel = Cancel::default();
+        let c = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            c.cancel("the device went away");
+        });
+        let started = Instant::now();
+        let err = run_cancellable(Command::new("sleep").arg("30"), &cancel).unwrap_err();
+        t.join().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(crate::cancel::is_cancelled(&err), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("the device went away"),
+            "{err:#}"
+        );
+        // Not cancelled: a normal run, output kept.
+        let out = run_cancellable(Command::new("echo").arg("hi"), &Cancel::default()).unwrap();
+        assert_eq!(out.stdout, b"hi\n");
     }
 }

@@ -32,6 +32,8 @@ struct SetFile {
     pinned: bool,
     #[serde(default)]
     allow_tags: bool,
+    #[serde(default)]
+    critical: bool,
 }
 
 fn yes() -> bool {
@@ -65,6 +67,8 @@ pub struct SetDef {
     pub images: Vec<String>,
     /// Whether its images are pinned once all are present.
     pub pinned: bool,
+    /// Whether the node needs it before the container runtime starts.
+    pub critical: bool,
     /// Where it comes from.
     pub source: Source,
     /// The images of the definition it replaces, while it is not complete yet.
@@ -118,6 +122,7 @@ fn load_file(path: &Path) -> Result<SetDef> {
         name,
         images: f.images,
         pinned: f.pinned,
+        critical: f.critical,
         source: Source::File {
             path: path.to_path_buf(),
         },
@@ -141,6 +146,7 @@ pub fn effective(state: &State, files: Vec<SetDef>) -> Vec<SetDef> {
                 name: s.name.clone(),
                 images: s.images.clone(),
                 pinned: s.pinned,
+                critical: s.critical,
                 source: Source::Bundle {
                     name: bundle_name,
                     digest: s.bundle,
@@ -204,6 +210,8 @@ pub struct SetView {
     pub source: Source,
     /// Whether it asks to be pinned.
     pub pinned: bool,
+    /// Whether the node needs it before the container runtime starts.
+    pub critical: bool,
     /// Its images.
     pub images: Vec<ImageView>,
     /// References of the images the store lacks.
@@ -308,6 +316,7 @@ pub async fn evaluate(
             name: def.name.clone(),
             source: def.source.clone(),
             pinned: def.pinned,
+            critical: def.critical,
             images,
             missing,
             bytes_on_disk: bytes,

@@ -110,6 +110,9 @@ pub struct SetRecord {
     pub images: Vec<String>,
     /// Whether it is to be pinned.
     pub pinned: bool,
+    /// Whether it is needed before the container runtime starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub critical: bool,
 }
 
 /// A bundle longshore has seen through.
@@ -153,6 +156,9 @@ pub struct ActiveSet {
     pub images: Vec<String>,
     /// Whether it is to be pinned.
     pub pinned: bool,
+    /// Whether it is needed before the container runtime starts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub critical: bool,
     /// The bundle that declared it.
     pub bundle: Digest,
     /// While a new definition replaces an older one and its images are not all in yet:

@@ -7,6 +7,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
+use crate::cancel::Cancel;
 use crate::config::{human_size, Settings, StoreMode};
 use crate::digest::Digest;
 use crate::paths::HostPaths;
@@ -24,6 +25,7 @@ pub struct Store {
     pub run_root: PathBuf,
     skopeo: String,
     policy: Option<PathBuf>,
+    cancel: Cancel,
 }
 
 /// An image as the store should hold it.
@@ -60,6 +62,7 @@ impl Store {
             run_root,
             skopeo: settings.skopeo.clone(),
             policy,
+            cancel: Cancel::default(),
         }
     }
 
@@ -145,6 +148,11 @@ impl Store {
         Ok(Some(d))
     }
 
+    /// Stops copies when `cancel` is raised.
+    pub fn cancel_with(&mut self, cancel: Cancel) {
+        self.cancel = cancel;
+    }
+
     /// Copies `source` (any transport skopeo reads) into the store under `name`, keeping
     /// the manifest byte for byte so the image keeps its digest.
     pub fn copy(&self, source: &str, name: &str) -> Result<()> {
@@ -154,7 +162,7 @@ impl Store {
         }
         cmd.args(["copy", "--quiet", "--preserve-digests", source])
             .arg(self.reference(name));
-        process::run(&mut cmd).map(|_| ())
+        process::run_cancellable(&mut cmd, &self.cancel).map(|_| ())
     }
 
     /// Copies one image and gives it every name it should carry: the digest name first,

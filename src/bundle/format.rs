@@ -111,6 +111,10 @@ pub struct SetMeta {
     /// Whether CRI-O should pin the set's images.
     #[serde(default = "yes")]
     pub pinned: bool,
+    /// Whether the node needs the set before its container runtime starts: the daemon
+    /// imports it from media present at boot before it reports ready.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub critical: bool,
 }
 
 fn yes() -> bool {

@@ -17,6 +17,7 @@ use anyhow::{anyhow, Context, Result};
 
 use super::format::*;
 use super::Rejected;
+use crate::cancel::{Cancel, Checked};
 use crate::digest::{hash_reader, Digest, Hasher, HASH_BUFFER};
 
 /// A bundle whose digest chain has been checked end to end.
@@ -92,18 +93,20 @@ pub fn read_meta_dir(dir: &Path) -> Result<(Digest, BundleMeta)> {
 /// Reads just the first entry of a tar bundle, which must be `bundle.json`.
 pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
     let mut found = None;
-    walk_stream(path, |name, entry| match name.as_str() {
-        "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => Ok(Flow::Next),
-        BUNDLE_JSON => {
-            let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
-            found = Some(parse_meta(&path.join(BUNDLE_JSON), &bytes)?);
-            Ok(Flow::Stop)
+    walk_stream(path, &Cancel::default(), |name, entry| {
+        match name.as_str() {
+            "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => Ok(Flow::Next),
+            BUNDLE_JSON => {
+                let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
+                found = Some(parse_meta(&path.join(BUNDLE_JSON), &bytes)?);
+                Ok(Flow::Stop)
+            }
+            _ => Err(Rejected::new(
+                path,
+                format!("has {name:?} as its first entry; a bundle starts with bundle.json"),
+            )
+            .into()),
         }
-        _ => Err(Rejected::new(
-            path,
-            format!("has {name:?} as its first entry; a bundle starts with bundle.json"),
-        )
-        .into()),
     })?;
     found.ok_or_else(|| Rejected::new(path, "is an empty tar stream").into())
 }
@@ -118,9 +121,25 @@ enum Flow {
 /// checked, normalised name (see [`entry_name`]), until `visit` stops or the stream ends.
 fn walk_stream(
     path: &Path,
+    cancel: &Cancel,
+    visit: impl FnMut(String, tar::Entry<'_, Box<dyn Read + Send>>) -> Result<Flow>,
+) -> Result<()> {
+    let res = walk_stream_entries(path, cancel, visit);
+    // A read stopped from outside surfaces as whatever the tar reader made of it; say
+    // what it was.
+    match cancel.check() {
+        Err(c) if res.is_err() => Err(c.into()),
+        _ => res,
+    }
+}
+
+fn walk_stream_entries(
+    path: &Path,
+    cancel: &Cancel,
     mut visit: impl FnMut(String, tar::Entry<'_, Box<dyn Read + Send>>) -> Result<Flow>,
 ) -> Result<()> {
     let (_, stream) = open_stream(path)?;
+    let stream: Box<dyn Read + Send> = Box::new(Checked::new(stream, cancel));
     let mut archive = tar::Archive::new(stream);
     let entries = archive
         .entries()
@@ -171,7 +190,7 @@ pub fn read_head_stream(path: &Path, expected: Option<Digest>) -> Result<Head> {
     let (digest, meta) = read_meta_stream(path)?;
     check_expected(&path.join(BUNDLE_JSON), &digest, expected)?;
     let mut index_checked = false;
-    walk_stream(path, |name, entry| {
+    walk_stream(path, &Cancel::default(), |name, entry| {
         if name == "index.json" {
             if entry.size() != meta.index.size {
                 return Err(Rejected::new(
@@ -378,7 +397,7 @@ pub fn valid_set_name(n: &str) -> bool {
 ///
 /// `expected` is the digest the caller requires; it is checked before anything else is
 /// read.
-pub fn verify_dir(dir: &Path, expected: Option<Digest>) -> Result<Verified> {
+pub fn verify_dir(dir: &Path, expected: Option<Digest>, cancel: &Cancel) -> Result<Verified> {
     let (digest, meta) = read_meta_dir(dir)?;
     check_expected(&dir.join(BUNDLE_JSON), &digest, expected)?;
     check_oci_layout(
@@ -428,7 +447,7 @@ pub fn verify_dir(dir: &Path, expected: Option<Digest>) -> Result<Verified> {
         }
         files.push((digest, md.len(), path));
     }
-    let blobs = hash_files(files)?;
+    let blobs = hash_files(files, cancel)?;
     let bytes_verified = blobs.values().sum();
     let mut manifests = HashMap::new();
     for img in &meta.images {
@@ -470,7 +489,10 @@ fn check_dir_entries(dir: &Path, allowed: &[&str]) -> Result<()> {
 }
 
 /// Hashes blob files on all cores, largest first, and checks each against its name.
-fn hash_files(mut files: Vec<(Digest, u64, PathBuf)>) -> Result<HashMap<Digest, u64>> {
+fn hash_files(
+    mut files: Vec<(Digest, u64, PathBuf)>,
+    cancel: &Cancel,
+) -> Result<HashMap<Digest, u64>> {
     files.sort_by_key(|f| std::cmp::Reverse(f.1));
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -485,7 +507,7 @@ fn hash_files(mut files: Vec<(Digest, u64, PathBuf)>) -> Result<HashMap<Digest, 
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some((want, _, path)) = files.get(i) else { return };
                     let res = File::open(path)
-                        .and_then(|f| hash_reader(f, &mut buf))
+                        .and_then(|f| hash_reader(Checked::new(f, cancel), &mut buf))
                         .with_context(|| format!("reading {}", path.display()))
                         .and_then(|(got, _)| {
                             if got == *want {
@@ -504,6 +526,7 @@ fn hash_files(mut files: Vec<(Digest, u64, PathBuf)>) -> Result<HashMap<Digest, 
         }
     });
     if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        cancel.check()?;
         return Err(e);
     }
     Ok(files.into_iter().map(|(d, len, _)| (d, len)).collect())
@@ -516,13 +539,14 @@ pub fn verify_stream(
     path: &Path,
     staging: Option<&Path>,
     expected: Option<Digest>,
+    cancel: &Cancel,
 ) -> Result<Verified> {
     let Some(staging) = staging else {
-        return extract_verified(path, None, expected);
+        return extract_verified(path, None, expected, cancel);
     };
     fs::create_dir(staging)
         .with_context(|| format!("creating staging directory {}", staging.display()))?;
-    let res = extract_verified(path, Some(staging), expected);
+    let res = extract_verified(path, Some(staging), expected, cancel);
     if res.is_err() {
         if let Err(e) = fs::remove_dir_all(staging) {
             tracing::warn!("removing staging directory {}: {e}", staging.display());
@@ -535,6 +559,7 @@ fn extract_verified(
     path: &Path,
     staging: Option<&Path>,
     expected: Option<Digest>,
+    cancel: &Cancel,
 ) -> Result<Verified> {
     if let Some(staging) = staging {
         fs::create_dir_all(staging.join("blobs/sha256"))
@@ -550,7 +575,7 @@ fn extract_verified(
     let mut seen: HashSet<String> = HashSet::new();
     let mut buf = vec![0u8; HASH_BUFFER];
 
-    walk_stream(path, |name, entry| {
+    walk_stream(path, cancel, |name, entry| {
         let kind = entry.header().entry_type();
         if kind.is_dir() {
             if !matches!(name.as_str(), "" | "blobs" | "blobs/sha256") {

@@ -56,6 +56,8 @@ pub struct CreateOptions {
     pub set: String,
     /// Whether that set is pinned.
     pub pinned: bool,
+    /// Whether that set is needed before the container runtime starts.
+    pub critical: bool,
     /// Whether registries must speak HTTPS with certificates that verify.
     pub tls_verify: bool,
 }
@@ -297,6 +299,7 @@ async fn build_layout(
             name: opts.set.clone(),
             images: dedup(set_images),
             pinned: opts.pinned,
+            critical: opts.critical,
         }],
     };
     let mut meta_bytes = serde_json::to_vec_pretty(&meta).context("serialising bundle.json")?;
