@@ -248,10 +248,8 @@ impl Engine {
                     };
                     match res {
                         Ok(r) => outcome.reports.push(r),
-                        Err(e) => {
-                            tracing::error!("{}: {e:#}", item.display());
-                            outcome.failures.push((item, e));
-                        }
+                        // Reported by the caller, which has the whole outcome.
+                        Err(e) => outcome.failures.push((item, e)),
                     }
                 }
                 Ok(outcome)

@@ -222,3 +222,92 @@ fn a_raw_tar_on_a_device_is_imported_and_another_label_is_left_alone() {
         .is_none());
     assert!(media_mounts(&node).is_empty());
 }
+
+/// The copies a slowed skopeo finished, by destination, from its log.
+fn copies_done(log: &std::path::Path) -> Vec<String> {
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("done "))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_stick_pulled_mid_import_pins_nothing_and_resumes_when_it_is_back() {
+    let Some((_um, node)) = setup() else { return };
+    node.write_config(
+        "60-media.toml",
+        "[media]\nlabels = [\"LSRESUME\"]\n[import]\njobs = 1\n",
+    );
+    let copies = node.slow_copies(0.4);
+    let layout = fixture::write_oci_layout(
+        &node.scratch("layout"),
+        &fixture::small_images("example.com/resume", 4),
+    )
+    .unwrap();
+    let content = node.scratch("content");
+    fs::create_dir_all(&content).unwrap();
+    node.bundle_create(
+        &layout,
+        &content.join("resume-1"),
+        &["--name", "resume", "--set", "line-3"],
+    );
+    let image = node.scratch("resume.img");
+    ext4_image(&image, "LSRESUME", &content, 64);
+    let daemon = Daemon::start(&node);
+    let stick = Loop::attach(&image);
+
+    // One image in (its digest name and its tag), then the stick goes.
+    daemon.wait_for("Importing bundle resume: 1/4 images", 60);
+    stick.uevent("remove");
+    daemon.wait_for("went away during the import", 30);
+    daemon.wait_for("abandoned:", 30);
+    daemon.wait_for("unmounted", 30);
+    assert!(media_mounts(&node).is_empty(), "{:?}", media_mounts(&node));
+    let first = copies_done(&copies);
+    assert!(
+        (2..8).contains(&first.len()),
+        "the import should stop part-way: {first:?}"
+    );
+    // Nothing of the incomplete set is pinned; the set says what it waits for.
+    let pins = node
+        .sysroot
+        .join("etc/crio/crio.conf.d/99-longshore-pinned-images.conf");
+    let pinned = fs::read_to_string(&pins).unwrap_or_default();
+    assert!(!pinned.contains("example.com/resume"), "{pinned}");
+    let status = node.status();
+    let set = status["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "line-3")
+        .expect("the set is known");
+    assert!(!set["missing"].as_array().unwrap().is_empty(), "{set}");
+    let bundle = &status["bundles"][0];
+    assert_eq!(bundle["state"], "importing", "{bundle}");
+
+    // The stick comes back: only what was not copied is copied.
+    stick.uevent("add");
+    daemon.wait_for("bundle resume imported", 60);
+    daemon.wait_for("unmounted /", 30);
+    let all = copies_done(&copies);
+    let second = &all[first.len()..];
+    for done in &first {
+        assert!(!second.contains(done), "{done} copied twice: {all:?}");
+    }
+    assert_eq!(all.len(), 8, "each image by digest and by tag: {all:?}");
+    let log = daemon.log();
+    // A destination is `containers-storage:[…]NAME`; a digest name carries `@`.
+    let by_digest = |d: &&String| d.rsplit(']').next().is_some_and(|n| n.contains('@'));
+    let copied = 4 - first.iter().filter(by_digest).count();
+    assert!(
+        log.contains(&format!(
+            "bundle resume imported: {copied} images copied, {} already present",
+            4 - copied
+        )),
+        "{log}"
+    );
+    assert_in_store_and_pinned(&node, &layout);
+    assert!(media_mounts(&node).is_empty());
+}

@@ -83,6 +83,16 @@ impl Loop {
         }
     }
 
+    /// Has udev report `action` for the device (`remove`, `add`), as the kernel does when
+    /// a stick is pulled or plugged in. The kernel here keeps a mounted loop device
+    /// attached until it is unmounted, so a test cannot pull it for real while it is
+    /// read; the event the daemon sees is the same.
+    pub fn uevent(&self, action: &str) {
+        run(Command::new("udevadm")
+            .args(["trigger", "--settle", "--action", action])
+            .arg(&self.dev));
+    }
+
     pub fn detach(&mut self) {
         if !self.dev.as_os_str().is_empty() {
             let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();

@@ -209,6 +209,41 @@ impl Node {
         p
     }
 
+    /// Makes every `skopeo copy` of this node take `delay` seconds longer and leave a
+    /// line in a log (`start DEST`, then `done DEST` once it succeeded), so a test can
+    /// act while an import is under way and see which copies ran. Returns the log.
+    pub fn slow_copies(&self, delay: f32) -> PathBuf {
+        let log = self.scratch("copies.log");
+        let wrapper = self.scratch("slow-skopeo");
+        fs::write(
+            &wrapper,
+            format!(
+                r#"#!/bin/bash
+for a in "$@"; do
+  if [ "$a" = copy ]; then
+    dest="${{@: -1}}"
+    echo "start $dest" >> '{log}'
+    sleep {delay}
+    skopeo "$@" || exit $?
+    echo "done $dest" >> '{log}'
+    exit 0
+  fi
+done
+exec skopeo "$@"
+"#,
+                log = log.display()
+            ),
+        )
+        .expect("writing the skopeo wrapper");
+        fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .expect("making the wrapper executable");
+        self.write_config(
+            "50-slow-skopeo.toml",
+            &format!("[skopeo]\ncommand = \"{}\"\n", wrapper.display()),
+        );
+        log
+    }
+
     /// `status --json`, parsed.
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
