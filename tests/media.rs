@@ -9,6 +9,7 @@ use common::daemon::Daemon;
 use common::fixture::{self, Layout};
 use common::loopdev::{ensure_udevd, ext4_image, iso_image, vfat_image, Loop};
 use common::node::{require, Node};
+use common::notify::NotifyingDaemon;
 use common::usermgr::{Reload, UserManager};
 
 const TOOLS: &[&str] = &[
@@ -310,4 +311,106 @@ fn a_stick_pulled_mid_import_pins_nothing_and_resumes_when_it_is_back() {
     );
     assert_in_store_and_pinned(&node, &layout);
     assert!(media_mounts(&node).is_empty());
+}
+
+#[test]
+fn critical_sets_on_media_present_at_start_are_in_before_ready() {
+    let Some((_um, node)) = setup() else { return };
+    node.write_config(
+        "60-media.toml",
+        "[media]\nlabels = [\"LSBOOT\"]\n[import]\njobs = 1\n",
+    );
+    let copies = node.slow_copies(0.3);
+    let base = fixture::write_oci_layout(
+        &node.scratch("base-layout"),
+        &fixture::small_images("example.com/base", 2),
+    )
+    .unwrap();
+    let apps = fixture::write_oci_layout(
+        &node.scratch("apps-layout"),
+        &fixture::small_images("example.com/apps", 2),
+    )
+    .unwrap();
+    // One stick carrying both: the critical bundle comes before READY=1, the other after.
+    let content = node.scratch("content");
+    fs::create_dir_all(&content).unwrap();
+    node.bundle_create(
+        &apps,
+        &content.join("apps.tar"),
+        &["--name", "apps", "--set", "apps"],
+    );
+    node.bundle_create(
+        &base,
+        &content.join("base"),
+        &["--name", "base", "--set", "base", "--critical"],
+    );
+    let image = node.scratch("boot.img");
+    ext4_image(&image, "LSBOOT", &content, 64);
+    let _stick = Loop::attach(&image);
+    common::loopdev::settle();
+
+    let mut d = NotifyingDaemon::start(&node, None);
+    let ready = d.notes.wait_for_line("READY=1");
+    // At READY=1 the critical set is in and pinned; the other has not begun.
+    let done = copies_done(&copies);
+    assert_eq!(
+        done.len(),
+        4,
+        "base's two images, each by digest and tag: {done:?}"
+    );
+    assert!(
+        done.iter().all(|c| c.contains("example.com/base")),
+        "{done:?}"
+    );
+    assert!(
+        ready.contains("STATUS=Idle: 1 of 1 image sets ready"),
+        "{ready}"
+    );
+    let pins = fs::read_to_string(
+        node.sysroot
+            .join("etc/crio/crio.conf.d/99-longshore-pinned-images.conf"),
+    )
+    .unwrap();
+    for img in &base.images {
+        assert!(pins.contains(&img.reference), "{pins}");
+    }
+    let log = d.log();
+    let before_ready = &log[..log.find("ready: following").expect("ready logged")];
+    assert!(before_ready.contains("carries a critical set"), "{log}");
+    assert!(before_ready.contains("bundle base imported"), "{log}");
+    assert!(!before_ready.contains("bundle apps"), "{log}");
+
+    // Everything else follows in the background, from the same stick.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !d.log().contains("bundle apps imported") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !media_mounts(&node).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            media_mounts(&node)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_in_store_and_pinned(&node, &apps);
+    // The media were announced once (the bundle-detected MESSAGE_ID of
+    // docs/journal.md), though they were mounted twice.
+    assert_eq!(
+        d.log().matches("0694dbaaaeb14384977c32f6c298f544").count(),
+        1,
+        "{}",
+        d.log()
+    );
+    let status = node.status();
+    let base_set = status["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "base")
+        .unwrap()
+        .clone();
+    assert_eq!(base_set["critical"], true, "{base_set}");
 }

@@ -5,45 +5,12 @@
 mod common;
 
 use std::fs;
-use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixture;
 use common::node::require;
+use common::notify::NotifyingDaemon;
 use common::usermgr::{Reload, UserManager};
-
-struct Notifications {
-    socket: UnixDatagram,
-    seen: Vec<String>,
-}
-
-impl Notifications {
-    /// Waits until a message satisfies `want`; returns it.
-    fn wait_for(&mut self, what: &str, want: impl Fn(&str) -> bool) -> String {
-        if let Some(m) = self.seen.iter().find(|m| want(m)) {
-            return m.clone();
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = [0u8; 4096];
-        loop {
-            assert!(Instant::now() < deadline, "no {what} among {:?}", self.seen);
-            match self.socket.recv(&mut buf) {
-                Ok(n) => {
-                    let m = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    self.seen.push(m.clone());
-                    if want(&m) {
-                        return m;
-                    }
-                }
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.kind() == std::io::ErrorKind::TimedOut => {}
-                Err(e) => panic!("reading the notify socket: {e}"),
-            }
-        }
-    }
-}
 
 #[test]
 fn ready_status_watchdog_and_stopping() {
@@ -63,27 +30,8 @@ fn ready_status_watchdog_and_stopping() {
     node.bundle_create(&layout, &bundle, &["--name", "notify", "--set", "edge"]);
     node.ok(&["import", bundle.to_str().unwrap()]);
 
-    let path = node.scratch("notify.sock");
-    let socket = UnixDatagram::bind(&path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut n = Notifications {
-        socket,
-        seen: vec![],
-    };
-    let log = node.scratch("daemon.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_longshore"))
-        .arg("--sysroot")
-        .arg(&node.sysroot)
-        .arg("daemon")
-        .envs(node.env.iter().map(|(k, v)| (k, v)))
-        .env("NOTIFY_SOCKET", &path)
-        .env("WATCHDOG_USEC", "400000")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut d = NotifyingDaemon::start(&node, Some(400_000));
+    let n = &mut d.notes;
 
     let ready = n.wait_for("READY=1", |m| m.lines().any(|l| l == "READY=1"));
     assert!(
@@ -111,17 +59,82 @@ fn ready_status_watchdog_and_stopping() {
         "{degraded}"
     );
 
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    n.wait_for("STOPPING=1", |m| m.lines().any(|l| l == "STOPPING=1"));
-    let status = child.wait().unwrap();
-    assert!(
-        status.success(),
-        "{}",
-        fs::read_to_string(&log).unwrap_or_default()
-    );
-    let log = fs::read_to_string(&log).unwrap();
+    d.terminate();
+    d.notes.wait_for_line("STOPPING=1");
+    let status = d.child.wait().unwrap();
+    assert!(status.success(), "{}", d.log());
+    let log = d.log();
     assert!(log.contains("image set later is degraded"), "{log}");
     // The fixed MESSAGE_ID of docs/journal.md travels with it (a field in the journal).
     assert!(log.contains("328f2117836047cca39fa15ca07e43e1"), "{log}");
+}
+
+#[test]
+fn sigterm_abandons_the_copy_in_hand_and_pins_nothing_incomplete() {
+    if !require(&["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"]) {
+        return;
+    }
+    let um = UserManager::start();
+    um.install_crio(Reload::Hup);
+    um.start_crio();
+    let node = um.node();
+    node.write_config("60-jobs.toml", "[import]\njobs = 1\n");
+    let copies = node.slow_copies(1.0);
+    let layout = fixture::write_oci_layout(
+        &node.scratch("layout"),
+        &fixture::small_images("example.com/term", 3),
+    )
+    .unwrap();
+    let bundle = node.scratch("b");
+    node.bundle_create(&layout, &bundle, &["--name", "term", "--set", "edge"]);
+
+    let mut d = NotifyingDaemon::start(&node, None);
+    d.notes.wait_for_line("READY=1");
+    // The CLI hands the import to the daemon over D-Bus.
+    let import = std::process::Command::new(env!("CARGO_BIN_EXE_longshore"))
+        .arg("--sysroot")
+        .arg(&node.sysroot)
+        .args(["import", bundle.to_str().unwrap()])
+        .envs(node.env.iter().map(|(k, v)| (k, v)))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(&copies)
+        .unwrap_or_default()
+        .contains("start ")
+    {
+        assert!(Instant::now() < deadline, "no copy started:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let asked = Instant::now();
+    d.terminate();
+    d.notes.wait_for_line("STOPPING=1");
+    let status = d.child.wait().unwrap();
+    let took = asked.elapsed();
+    assert!(status.success(), "{}", d.log());
+    // The copy in hand was stopped, not waited out (each takes a second here, and
+    // three were due).
+    assert!(took < Duration::from_secs(3), "stopping took {took:?}");
+    let log = d.log();
+    assert!(log.contains("abandoned: longshore is stopping"), "{log}");
+
+    let out = import.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("abandoned"), "{err}");
+
+    // Nothing incomplete is pinned, and the bundle is not recorded as imported.
+    let pins = node
+        .sysroot
+        .join("etc/crio/crio.conf.d/99-longshore-pinned-images.conf");
+    let pinned = fs::read_to_string(&pins).unwrap_or_default();
+    assert!(!pinned.contains("example.com/term"), "{pinned}");
+    let status = node.status();
+    assert_eq!(status["bundles"][0]["state"], "importing", "{status}");
+    assert!(
+        !fs::read_to_string(&copies).unwrap().contains("done "),
+        "the first copy was stopped before it finished"
+    );
 }

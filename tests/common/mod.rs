@@ -5,4 +5,5 @@ pub mod daemon;
 pub mod fixture;
 pub mod loopdev;
 pub mod node;
+pub mod notify;
 pub mod usermgr;

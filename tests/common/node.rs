@@ -235,8 +235,11 @@ exec skopeo "$@"
             ),
         )
         .expect("writing the skopeo wrapper");
-        fs::set_permissions(&wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("making the wrapper executable");
+        fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("making the wrapper executable");
         self.write_config(
             "50-slow-skopeo.toml",
             &format!("[skopeo]\ncommand = \"{}\"\n", wrapper.display()),
