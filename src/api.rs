@@ -137,6 +137,9 @@ mod iface {
     /// `io.longshore.Longshore1.Manager`.
     pub(crate) struct Manager {
         pub(super) requests: mpsc::Sender<Request>,
+        /// For `Status` and `Sets`, which read without queueing behind the work.
+        pub(super) paths: crate::paths::HostPaths,
+        pub(super) settings: crate::config::Settings,
         /// Shared with [`Api`], which updates it while a method call may hold this
         /// interface: zbus keeps an interface borrowed during each call, so the daemon must
         /// never need `&mut Manager`.
@@ -174,6 +177,20 @@ mod iface {
                 Err(_) => Err(ApiError::Failed("the daemon dropped the request".into())),
             }
         }
+    }
+
+    fn check_format(format: &str) -> Result<bool, ApiError> {
+        match format {
+            "text" => Ok(false),
+            "json" => Ok(true),
+            other => Err(ApiError::InvalidArgs(format!(
+                "format {other:?}: use \"text\" or \"json\""
+            ))),
+        }
+    }
+
+    fn to_json<T: serde::Serialize>(v: &T) -> Result<String, ApiError> {
+        serde_json::to_string_pretty(v).map_err(|e| ApiError::Failed(format!("serialising: {e}")))
     }
 
     fn option_digest(
@@ -308,6 +325,46 @@ mod iface {
         /// Removes a set that came from a bundle; its images are unpinned.
         async fn remove_set(&self, name: String) -> Result<(), ApiError> {
             self.ask(|reply| Request::RemoveSet { name, reply }).await
+        }
+
+        /// The status as `longshore status` shows it: `format` is `text` or `json` (the
+        /// stable `status --json` document, with a `daemon` member). Answered at once,
+        /// also while an import runs.
+        async fn status(&self, format: String) -> Result<String, ApiError> {
+            let json = check_format(&format)?;
+            let mut status = crate::report::status(&self.paths, &self.settings)
+                .await
+                .map_err(|e| ApiError::from_anyhow(&e))?;
+            let daemon = {
+                let p = self.props();
+                crate::report::DaemonStatus {
+                    state: p.state.clone(),
+                    status_text: p.status_text.clone(),
+                }
+            };
+            if json {
+                status.daemon = Some(daemon);
+                to_json(&status)
+            } else {
+                Ok(format!(
+                    "Daemon: {}\n{}",
+                    daemon.status_text,
+                    crate::report::render_status(&status)
+                ))
+            }
+        }
+
+        /// The image sets as `longshore sets` shows them: `format` is `text` or `json`.
+        async fn sets(&self, format: String) -> Result<String, ApiError> {
+            let json = check_format(&format)?;
+            let sets = crate::report::sets(&self.paths, &self.settings)
+                .await
+                .map_err(|e| ApiError::from_anyhow(&e))?;
+            if json {
+                to_json(&crate::report::sets_json(&sets))
+            } else {
+                Ok(crate::report::render_sets(&sets))
+            }
         }
 
         /// Checks every set again and looks at the block devices present for bundle media.
@@ -465,7 +522,12 @@ pub fn path_element(name: &str) -> String {
 impl Api {
     /// Serves the objects, then takes the bus name (so a client that sees the name finds
     /// the objects).
-    pub async fn serve(bus: Bus, requests: mpsc::Sender<Request>) -> Result<Api> {
+    pub async fn serve(
+        bus: Bus,
+        requests: mpsc::Sender<Request>,
+        paths: crate::paths::HostPaths,
+        settings: crate::config::Settings,
+    ) -> Result<Api> {
         let props = Arc::new(Mutex::new(iface::ManagerProps {
             state: "idle".into(),
             status_text: "Starting".into(),
@@ -473,6 +535,8 @@ impl Api {
         }));
         let manager = Manager {
             requests,
+            paths,
+            settings,
             props: props.clone(),
         };
         let builder = match bus {

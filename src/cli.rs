@@ -14,12 +14,9 @@ use crate::config::{human_size, Settings};
 use crate::digest::Digest;
 use crate::engine::{self, Engine, ImportOptions};
 use crate::paths::HostPaths;
-use crate::proxy::Proxy;
-use crate::state::{BundleState, State};
-use crate::store::{NoSpace, Store, Wanted};
+use crate::report;
 
-/// The version of `status --json` output; bumped only on incompatible changes.
-pub const STATUS_API_VERSION: &str = "longshore.io/v1";
+use crate::store::NoSpace;
 
 /// Exit code for input that was refused (malformed, lying, or not what was required).
 pub const EXIT_REJECTED: u8 = 3;
@@ -242,11 +239,14 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
             }
         }
         Command::Status { json } => {
-            let status = status(&paths, &settings).await?;
+            if let Some(conn) = daemon_connection(&settings).await {
+                return via_daemon::show(&conn, "Status", json).await;
+            }
+            let status = report::status(&paths, &settings).await?;
             if json {
                 print_json(&status)?;
             } else {
-                print_status(&status);
+                print!("{}", report::render_status(&status));
             }
         }
         Command::Sets {
@@ -261,24 +261,20 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
             println!("removed set {name}: its images are no longer pinned");
         }
         Command::Sets { action: None, json } => {
-            let state = State::load(&paths.state_dir)?;
-            let store = Store::new(&paths, &settings);
-            let (views, _) =
-                engine::evaluate_sets(&paths, &settings, &state, &store, &Default::default())
-                    .await?;
+            if let Some(conn) = daemon_connection(&settings).await {
+                return via_daemon::show(&conn, "Sets", json).await;
+            }
+            let views = report::sets(&paths, &settings).await?;
             if json {
-                print_json(&serde_json::json!({
-                    "apiVersion": STATUS_API_VERSION,
-                    "sets": views,
-                }))?;
+                print_json(&report::sets_json(&views))?;
             } else {
-                print_sets(&views);
+                print!("{}", report::render_sets(&views));
             }
         }
         Command::Sync => {
             let mut engine = Engine::open(paths, settings)?;
             let views = engine.heal().await?;
-            print_sets(&views);
+            print!("{}", report::render_sets(&views));
         }
         Command::Daemon => {
             crate::daemon::run(paths, settings).await?;
@@ -424,6 +420,21 @@ mod via_daemon {
         Ok(ExitCode::SUCCESS)
     }
 
+    /// `status` or `sets`, as the daemon sees them.
+    pub async fn show(conn: &zbus::Connection, method: &str, json: bool) -> Result<ExitCode> {
+        let format = if json { "json" } else { "text" };
+        match call::<_, String>(conn, method, &(format,)).await? {
+            Ok(text) => {
+                print!("{text}");
+                if !text.ends_with('\n') {
+                    println!();
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(code) => Ok(code),
+        }
+    }
+
     pub async fn remove_set(conn: &zbus::Connection, name: &str) -> Result<ExitCode> {
         match call::<_, ()>(conn, "RemoveSet", &(name,)).await? {
             Ok(()) => {
@@ -452,206 +463,6 @@ fn print_json<T: Serialize>(v: &T) -> Result<()> {
         serde_json::to_string_pretty(v).context("serialising output")?
     );
     Ok(())
-}
-
-/// `status --json`: a stable interface, documented in docs/status-json.md.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Status {
-    /// Always [`STATUS_API_VERSION`].
-    pub api_version: &'static str,
-    /// The store, as skopeo addresses it.
-    pub store: String,
-    /// Bundles.
-    pub bundles: Vec<BundleStatus>,
-    /// Image sets, with their state.
-    pub sets: Vec<crate::sets::SetView>,
-    /// Images.
-    pub images: Vec<ImageStatus>,
-}
-
-/// A bundle in `status`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct BundleStatus {
-    /// Name.
-    pub name: String,
-    /// Version.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
-    /// Digest.
-    pub digest: Digest,
-    /// `held` or `imported`.
-    pub state: BundleState,
-    /// What kind of input it came from.
-    pub kind: crate::state::SourceKind,
-    /// Where it was read from.
-    pub source: PathBuf,
-    /// Number of images.
-    pub images: usize,
-    /// When it reached its state, RFC 3339.
-    pub updated: String,
-}
-
-/// An image in `status`.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ImageStatus {
-    /// `repository@digest`.
-    pub reference: String,
-    /// Every name it is stored under.
-    pub names: Vec<String>,
-    /// `present`, `missing` or `held` (staged, not imported yet).
-    pub state: &'static str,
-    /// Bundles that carry it.
-    pub bundles: Vec<String>,
-    /// Bytes as carried in its bundle.
-    pub size: u64,
-}
-
-async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
-    let state = State::load(&paths.state_dir)?;
-    let store = Store::new(paths, settings);
-    let mut images: Vec<ImageStatus> = Vec::new();
-    let proxy = if state.bundles.values().any(|b| b.state != BundleState::Held) {
-        Some(Proxy::start(&settings.skopeo).await?)
-    } else {
-        None
-    };
-    for b in state.bundles.values() {
-        for i in &b.images {
-            let reference = format!("{}@{}", i.repository, i.digest);
-            if let Some(existing) = images.iter_mut().find(|s| s.reference == reference) {
-                existing.bundles.push(b.name.clone());
-                continue;
-            }
-            let st = match (&proxy, b.state) {
-                (Some(p), BundleState::Imported | BundleState::Importing) => {
-                    let w = Wanted {
-                        repository: &i.repository,
-                        digest: i.digest,
-                        tags: &i.tags,
-                    };
-                    if store.holds(p, &w).await? {
-                        "present"
-                    } else {
-                        "missing"
-                    }
-                }
-                _ => "held",
-            };
-            images.push(ImageStatus {
-                reference,
-                names: i.names.clone(),
-                state: st,
-                bundles: vec![b.name.clone()],
-                size: i.size,
-            });
-        }
-    }
-    if let Some(p) = proxy {
-        p.finish().await.ok();
-    }
-    let (sets, _) =
-        engine::evaluate_sets(paths, settings, &state, &store, &Default::default()).await?;
-    let mut bundles: Vec<BundleStatus> = state
-        .bundles
-        .values()
-        .map(|b| BundleStatus {
-            name: b.name.clone(),
-            version: b.version.clone(),
-            digest: b.digest,
-            state: b.state,
-            kind: b.kind,
-            source: b.source.clone(),
-            images: b.images.len(),
-            updated: write::rfc3339(b.updated),
-        })
-        .collect();
-    bundles.sort_by(|a, b| a.name.cmp(&b.name).then(a.digest.cmp(&b.digest)));
-    images.sort_by(|a, b| a.reference.cmp(&b.reference));
-    Ok(Status {
-        api_version: STATUS_API_VERSION,
-        store: store.reference(""),
-        bundles,
-        sets,
-        images,
-    })
-}
-
-fn print_status(s: &Status) {
-    if s.bundles.is_empty() {
-        println!("No bundles imported yet. Store: {}", s.store);
-        return;
-    }
-    println!("BUNDLES");
-    for b in &s.bundles {
-        let state = match b.state {
-            BundleState::Held => "held",
-            BundleState::Importing => "importing",
-            BundleState::Imported => "imported",
-        };
-        println!(
-            "  {:<28} {:<9} {:>4} images  {}  {}",
-            match &b.version {
-                Some(v) => format!("{} {v}", b.name),
-                None => b.name.clone(),
-            },
-            state,
-            b.images,
-            short(&b.digest),
-            b.updated
-        );
-    }
-    print_sets(&s.sets);
-    println!("IMAGES");
-    for i in &s.images {
-        println!(
-            "  {:<8} {:>10}  {}",
-            i.state,
-            human_size(i.size),
-            i.names.join(", ")
-        );
-    }
-}
-
-fn print_sets(sets: &[crate::sets::SetView]) {
-    if sets.is_empty() {
-        println!("SETS\n  none");
-        return;
-    }
-    println!("SETS");
-    for set in sets {
-        let cond = |k: &str| set.conditions.iter().find(|c| c.kind == k);
-        let state = if cond("Progressing").is_some_and(|c| c.status) {
-            "progressing"
-        } else if cond("Ready").is_some_and(|c| c.status) {
-            "ready"
-        } else {
-            "degraded"
-        };
-        let source = match &set.source {
-            crate::sets::Source::Bundle { name, .. } => format!("bundle {name}"),
-            crate::sets::Source::File { path } => path.display().to_string(),
-        };
-        println!(
-            "  {:<28} {:<11} {:<9} {:>4} images {:>10}  from {source}",
-            set.name,
-            state,
-            if set.pinned { "pinned" } else { "unpinned" },
-            set.images.len(),
-            human_size(set.bytes_on_disk),
-        );
-        for c in &set.conditions {
-            if c.status && (c.kind == "Degraded" || c.kind == "Progressing") {
-                println!("      {} ({}): {}", c.kind, c.reason, c.message);
-            }
-        }
-    }
-}
-
-fn short(d: &Digest) -> String {
-    format!("sha256:{}", &d.hex()[..12])
 }
 
 fn init_logging(verbose: bool) {

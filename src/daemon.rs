@@ -70,7 +70,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     };
     let mut seen = media::Seen::default();
     let (requests_tx, mut requests) = mpsc::channel(16);
-    let api = Api::serve(settings.bus, requests_tx).await?;
+    let api = Api::serve(settings.bus, requests_tx, paths.clone(), settings.clone()).await?;
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
     api::forward_progress(api.connection(), progress_rx);
     let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;

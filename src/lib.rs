@@ -18,6 +18,7 @@ pub mod media;
 pub mod paths;
 pub mod process;
 pub mod proxy;
+pub mod report;
 pub mod sets;
 pub mod state;
 pub mod store;

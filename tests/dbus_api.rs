@@ -248,7 +248,110 @@ fn properties_methods_objects_signals_and_errors() {
     assert!(node.inspect_digest(&layout2.images[0].reference).is_some());
     // Its errors keep their exit codes.
     node.fails(&["import", junk.to_str().unwrap()], 3);
+
+    // status and sets come from the daemon too: its JSON carries what it is doing.
+    let status: serde_json::Value = serde_json::from_str(&node.ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["apiVersion"], "longshore.io/v1", "{status}");
+    assert_eq!(status["daemon"]["state"], "idle", "{status}");
+    assert!(
+        status["bundles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["name"] == "cli"),
+        "{status}"
+    );
+    let text = node.ok(&["status"]);
+    assert!(text.starts_with("Daemon: Idle:"), "{text}");
+    assert!(text.contains("BUNDLES"), "{text}");
+    let sets: serde_json::Value = serde_json::from_str(&node.ok(&["sets", "--json"])).unwrap();
+    assert!(
+        sets["sets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "cli"),
+        "{sets}"
+    );
+    assert!(node.ok(&["sets"]).contains("cli"));
+    let err = busctl(&node, &["call", DEST, PATH, IFACE, "Status", "s", "yaml"]);
+    assert!(
+        String::from_utf8_lossy(&err.stderr).contains("use \"text\" or \"json\""),
+        "{}",
+        String::from_utf8_lossy(&err.stderr)
+    );
     node.ok(&["sets", "remove", "cli"]);
+}
+
+/// Work is queued behind the import in hand, while status answers at once.
+#[test]
+fn status_answers_during_an_import_and_a_second_import_waits_its_turn() {
+    if !require(&["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"]) {
+        return;
+    }
+    let um = UserManager::start();
+    um.install_crio(Reload::Hup);
+    um.start_crio();
+    let node = um.node();
+    node.write_config("60-jobs.toml", "[import]\njobs = 1\n");
+    let copies = node.slow_copies(0.5);
+    let (_, first) = bundle(&node, "la", "example.com/first", "first");
+    let (_, second) = bundle(&node, "lb", "example.com/second", "second");
+    let _daemon = Daemon::start(&node);
+    let spawn_import = |tar: &PathBuf| {
+        Command::new(env!("CARGO_BIN_EXE_longshore"))
+            .arg("--sysroot")
+            .arg(&node.sysroot)
+            .args(["import", tar.to_str().unwrap()])
+            .envs(node.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let a = spawn_import(&first);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(&copies)
+        .unwrap_or_default()
+        .contains("start ")
+    {
+        assert!(Instant::now() < deadline, "no copy started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b = spawn_import(&second);
+    let asked = Instant::now();
+    let status: serde_json::Value = serde_json::from_str(&node.ok(&["status", "--json"])).unwrap();
+    let took = asked.elapsed();
+    assert_eq!(status["daemon"]["state"], "importing", "{status}");
+    assert!(
+        status["daemon"]["statusText"]
+            .as_str()
+            .unwrap()
+            .contains("Importing"),
+        "{status}"
+    );
+    // Answered beside the copies (four of half a second each are due), not after them.
+    assert!(took < Duration::from_millis(1500), "status took {took:?}");
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // One after the other: every copy of the first bundle ended before the second began.
+    let log = fs::read_to_string(&copies).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let last_first = lines
+        .iter()
+        .rposition(|l| l.contains("example.com/first"))
+        .unwrap();
+    let first_second = lines
+        .iter()
+        .position(|l| l.contains("example.com/second"))
+        .unwrap();
+    assert!(last_first < first_second, "{log}");
 }
 
 /// The shipped bus policy loads into a real dbus-daemon as a system bus would load it,

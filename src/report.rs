@@ -1,0 +1,261 @@
+//! What `longshore status` and `longshore sets` show, gathered once for the command line
+//! and for the daemon's D-Bus `Status` and `Sets` methods, so both say the same.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::config::{human_size, Settings};
+use crate::digest::Digest;
+use crate::engine;
+use crate::paths::HostPaths;
+use crate::proxy::Proxy;
+use crate::sets::{SetView, Source};
+use crate::state::{BundleState, State};
+use crate::store::{Store, Wanted};
+
+/// The version of `status --json` output; bumped only on incompatible changes.
+pub const STATUS_API_VERSION: &str = "longshore.io/v1";
+
+/// What the daemon is doing, when the status comes from it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DaemonStatus {
+    /// `idle`, `importing`, `checking` or `stopping` (the D-Bus `State` property).
+    pub state: String,
+    /// The D-Bus `StatusText` property, as `systemctl status` shows it.
+    pub status_text: String,
+}
+
+/// The sets alone, as `sets --json` prints them.
+pub fn sets_json(sets: &[SetView]) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": STATUS_API_VERSION,
+        "sets": sets,
+    })
+}
+
+/// The sets in force and their state.
+pub async fn sets(paths: &HostPaths, settings: &Settings) -> Result<Vec<SetView>> {
+    let state = State::load(&paths.state_dir)?;
+    let store = Store::new(paths, settings);
+    let (views, _) =
+        engine::evaluate_sets(paths, settings, &state, &store, &Default::default()).await?;
+    Ok(views)
+}
+
+/// `status --json`: a stable interface, documented in docs/status-json.md.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    /// Always [`STATUS_API_VERSION`].
+    pub api_version: &'static str,
+    /// The store, as skopeo addresses it.
+    pub store: String,
+    /// Bundles.
+    pub bundles: Vec<BundleStatus>,
+    /// Image sets, with their state.
+    pub sets: Vec<SetView>,
+    /// Images.
+    pub images: Vec<ImageStatus>,
+    /// What the daemon is doing; only when the status comes from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<DaemonStatus>,
+}
+
+/// A bundle in `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleStatus {
+    /// Name.
+    pub name: String,
+    /// Version.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Digest.
+    pub digest: Digest,
+    /// `held` or `imported`.
+    pub state: BundleState,
+    /// What kind of input it came from.
+    pub kind: crate::state::SourceKind,
+    /// Where it was read from.
+    pub source: PathBuf,
+    /// Number of images.
+    pub images: usize,
+    /// When it reached its state, RFC 3339.
+    pub updated: String,
+}
+
+/// An image in `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// `repository@digest`.
+    pub reference: String,
+    /// Every name it is stored under.
+    pub names: Vec<String>,
+    /// `present`, `missing` or `held` (staged, not imported yet).
+    pub state: &'static str,
+    /// Bundles that carry it.
+    pub bundles: Vec<String>,
+    /// Bytes as carried in its bundle.
+    pub size: u64,
+}
+
+/// Gathers the status: reads the state and asks the store what it holds.
+pub async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
+    let state = State::load(&paths.state_dir)?;
+    let store = Store::new(paths, settings);
+    let mut images: Vec<ImageStatus> = Vec::new();
+    let proxy = if state.bundles.values().any(|b| b.state != BundleState::Held) {
+        Some(Proxy::start(&settings.skopeo).await?)
+    } else {
+        None
+    };
+    for b in state.bundles.values() {
+        for i in &b.images {
+            let reference = format!("{}@{}", i.repository, i.digest);
+            if let Some(existing) = images.iter_mut().find(|s| s.reference == reference) {
+                existing.bundles.push(b.name.clone());
+                continue;
+            }
+            let st = match (&proxy, b.state) {
+                (Some(p), BundleState::Imported | BundleState::Importing) => {
+                    let w = Wanted {
+                        repository: &i.repository,
+                        digest: i.digest,
+                        tags: &i.tags,
+                    };
+                    if store.holds(p, &w).await? {
+                        "present"
+                    } else {
+                        "missing"
+                    }
+                }
+                _ => "held",
+            };
+            images.push(ImageStatus {
+                reference,
+                names: i.names.clone(),
+                state: st,
+                bundles: vec![b.name.clone()],
+                size: i.size,
+            });
+        }
+    }
+    if let Some(p) = proxy {
+        p.finish().await.ok();
+    }
+    let (sets, _) =
+        engine::evaluate_sets(paths, settings, &state, &store, &Default::default()).await?;
+    let mut bundles: Vec<BundleStatus> = state
+        .bundles
+        .values()
+        .map(|b| BundleStatus {
+            name: b.name.clone(),
+            version: b.version.clone(),
+            digest: b.digest,
+            state: b.state,
+            kind: b.kind,
+            source: b.source.clone(),
+            images: b.images.len(),
+            updated: crate::bundle::write::rfc3339(b.updated),
+        })
+        .collect();
+    bundles.sort_by(|a, b| a.name.cmp(&b.name).then(a.digest.cmp(&b.digest)));
+    images.sort_by(|a, b| a.reference.cmp(&b.reference));
+    Ok(Status {
+        api_version: STATUS_API_VERSION,
+        store: store.reference(""),
+        bundles,
+        sets,
+        images,
+        daemon: None,
+    })
+}
+
+/// The status for a person.
+pub fn render_status(s: &Status) -> String {
+    let mut out = String::new();
+    if s.bundles.is_empty() {
+        let _ = writeln!(out, "No bundles imported yet. Store: {}", s.store);
+        return out;
+    }
+    let _ = writeln!(out, "BUNDLES");
+    for b in &s.bundles {
+        let state = match b.state {
+            BundleState::Held => "held",
+            BundleState::Importing => "importing",
+            BundleState::Imported => "imported",
+        };
+        let _ = writeln!(
+            out,
+            "  {:<28} {:<9} {:>4} images  {}  {}",
+            match &b.version {
+                Some(v) => format!("{} {v}", b.name),
+                None => b.name.clone(),
+            },
+            state,
+            b.images,
+            short(&b.digest),
+            b.updated
+        );
+    }
+    out.push_str(&render_sets(&s.sets));
+    let _ = writeln!(out, "IMAGES");
+    for i in &s.images {
+        let _ = writeln!(
+            out,
+            "  {:<8} {:>10}  {}",
+            i.state,
+            human_size(i.size),
+            i.names.join(", ")
+        );
+    }
+    out
+}
+
+/// The image sets for a person.
+pub fn render_sets(sets: &[SetView]) -> String {
+    let mut out = String::new();
+    if sets.is_empty() {
+        let _ = writeln!(out, "SETS\n  none");
+        return out;
+    }
+    let _ = writeln!(out, "SETS");
+    for set in sets {
+        let cond = |k: &str| set.conditions.iter().find(|c| c.kind == k);
+        let state = if cond("Progressing").is_some_and(|c| c.status) {
+            "progressing"
+        } else if cond("Ready").is_some_and(|c| c.status) {
+            "ready"
+        } else {
+            "degraded"
+        };
+        let source = match &set.source {
+            Source::Bundle { name, .. } => format!("bundle {name}"),
+            Source::File { path } => path.display().to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<28} {:<11} {:<9} {:>4} images {:>10}  from {source}",
+            set.name,
+            state,
+            if set.pinned { "pinned" } else { "unpinned" },
+            set.images.len(),
+            human_size(set.bytes_on_disk),
+        );
+        for c in &set.conditions {
+            if c.status && (c.kind == "Degraded" || c.kind == "Progressing") {
+                let _ = writeln!(out, "      {} ({}): {}", c.kind, c.reason, c.message);
+            }
+        }
+    }
+    out
+}
+
+fn short(d: &Digest) -> String {
+    format!("sha256:{}", &d.hex()[..12])
+}
