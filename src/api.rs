@@ -729,6 +729,8 @@ pub struct Progress {
     pub done: u64,
     /// Bytes to copy in all.
     pub total: u64,
+    /// Images copied and to copy, where known (not carried by the D-Bus signal).
+    pub images: Option<(usize, usize)>,
 }
 
 #[cfg(test)]

@@ -182,12 +182,16 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 return via_daemon::import(&conn, &a).await;
             }
             let mut engine = Engine::open(paths, settings)?;
+            let shown = show_progress(&mut engine);
             let opts = ImportOptions {
                 expected: a.digest,
                 hold: a.hold,
                 restore: false,
             };
-            let outcome = engine.import(&a.path, &opts).await?;
+            let outcome = engine.import(&a.path, &opts).await;
+            drop(engine);
+            let _ = shown.await;
+            let outcome = outcome?;
             if a.json {
                 print_json(&outcome.reports)?;
             } else {
@@ -231,7 +235,11 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 return via_daemon::apply(&conn, &bundle, json).await;
             }
             let mut engine = Engine::open(paths, settings)?;
-            let r = engine.apply(&bundle).await?;
+            let shown = show_progress(&mut engine);
+            let r = engine.apply(&bundle).await;
+            drop(engine);
+            let _ = shown.await;
+            let r = r?;
             if json {
                 print_json(&r)?;
             } else {
@@ -307,6 +315,20 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
 
 /// A connection to the bus when the daemon serves its API there: then commands that
 /// change the state go through it, so there is one writer.
+/// Shows the engine's copies on stderr (a bar on a terminal) until the engine is
+/// dropped; the task ends once the bar is cleared.
+fn show_progress(engine: &mut Engine) -> tokio::task::JoinHandle<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine.report_progress(tx);
+    tokio::spawn(async move {
+        // The log prints a line per image already.
+        let display = crate::progress::Display::stderr(true);
+        while let Some(p) = rx.recv().await {
+            display.step(&p);
+        }
+    })
+}
+
 async fn daemon_connection(settings: &Settings) -> Option<zbus::Connection> {
     let conn = match settings.bus {
         crate::config::Bus::System => zbus::Connection::system().await,
@@ -379,6 +401,44 @@ mod via_daemon {
         })
     }
 
+    /// Calls `method` while showing the daemon's `Progress` signals. Signals that
+    /// arrived before the reply are shown before it is taken.
+    async fn call_showing_progress<B, R>(
+        conn: &zbus::Connection,
+        method: &str,
+        body: &B,
+    ) -> Result<std::result::Result<R, ExitCode>>
+    where
+        B: serde::Serialize + zbus::zvariant::DynamicType,
+        R: for<'d> serde::Deserialize<'d> + zbus::zvariant::Type,
+    {
+        use futures_util::StreamExt;
+        let proxy = zbus::Proxy::new(conn, BUS_NAME, PATH, IFACE).await?;
+        let mut signals = proxy.receive_signal("Progress").await?;
+        let display = crate::progress::Display::stderr(false);
+        let reply = call(conn, method, body);
+        tokio::pin!(reply);
+        loop {
+            tokio::select! {
+                biased;
+                Some(m) = signals.next() => {
+                    if let Ok((bundle, image, done, total)) =
+                        m.body().deserialize::<(String, String, u64, u64)>()
+                    {
+                        display.step(&crate::api::Progress {
+                            bundle,
+                            image,
+                            done,
+                            total,
+                            images: None,
+                        });
+                    }
+                }
+                res = &mut reply => return res,
+            }
+        }
+    }
+
     pub async fn import(conn: &zbus::Connection, a: &super::ImportArgs) -> Result<ExitCode> {
         // The daemon resolves paths on its own, from its own working directory.
         let path = std::path::absolute(&a.path)
@@ -391,10 +451,11 @@ mod via_daemon {
             options.insert("digest", Value::from(d.to_string()));
         }
         let path = path.to_string_lossy().into_owned();
-        let results: Vec<ImportResult> = match call(conn, "Import", &(path, options)).await? {
-            Ok(r) => r,
-            Err(code) => return Ok(code),
-        };
+        let results: Vec<ImportResult> =
+            match call_showing_progress(conn, "Import", &(path, options)).await? {
+                Ok(r) => r,
+                Err(code) => return Ok(code),
+            };
         let reports = results.iter().map(report).collect::<Result<Vec<_>>>()?;
         if a.json {
             print_json(&reports)?;
@@ -407,7 +468,7 @@ mod via_daemon {
     }
 
     pub async fn apply(conn: &zbus::Connection, bundle: &str, json: bool) -> Result<ExitCode> {
-        let result: ImportResult = match call(conn, "Apply", &(bundle,)).await? {
+        let result: ImportResult = match call_showing_progress(conn, "Apply", &(bundle,)).await? {
             Ok(r) => r,
             Err(code) => return Ok(code),
         };
@@ -481,7 +542,7 @@ fn init_logging(verbose: bool) {
         }
     }
     let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(|| crate::progress::LogWriter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .without_time();

@@ -784,6 +784,7 @@ impl Engine {
                                     image: format!("{}@{}", img.repository, img.digest),
                                     done: bytes,
                                     total: total_bytes,
+                                    images: Some((g.done, total)),
                                 });
                             }
                         }

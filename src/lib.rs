@@ -17,6 +17,7 @@ pub mod engine;
 pub mod media;
 pub mod paths;
 pub mod process;
+pub mod progress;
 pub mod proxy;
 pub mod report;
 pub mod sets;

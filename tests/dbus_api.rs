@@ -240,6 +240,16 @@ fn properties_methods_objects_signals_and_errors() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Not on a terminal, the daemon's Progress signals become plain lines.
+    assert!(
+        stderr.contains(&format!(
+            "cli: copied {}@{}",
+            layout2.images[0].reference.split(':').next().unwrap(),
+            layout2.images[0].manifest_digest
+        )) || stderr.contains("cli: copied example.com/api-cli/"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("100%)"), "{stderr}");
     let log = fs::read_to_string(&_daemon.log).unwrap();
     assert!(
         log.contains(&format!("Importing {}", tar2.display())) || log.contains("bundle cli ("),

@@ -522,3 +522,55 @@ fn a_relative_sysroot_is_taken_from_the_working_directory() {
     );
     assert_imported(&node, &layout);
 }
+
+#[test]
+fn on_a_terminal_the_import_draws_a_bar_and_elsewhere_logs_lines() {
+    if !require(&["skopeo", "script"]) {
+        return;
+    }
+    let node = Node::new();
+    let layout = layout(&node, "example.com/bar", 3);
+    let bundle = node.scratch("bar.tar");
+    create_bundle(&node, &layout, &bundle, &["--name", "bar"]);
+    // script(1) runs the import on a pseudo-terminal and copies what it shows.
+    let line = format!(
+        "{} --sysroot {} import {}",
+        env!("CARGO_BIN_EXE_longshore"),
+        node.sysroot.display(),
+        bundle.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .envs(node.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{screen}");
+    // Redrawn in place: cleared, then the bar, once per image, and gone at the end.
+    assert!(
+        screen.contains(&format!("\r\x1b[Kbar [{}", "#".repeat(8))),
+        "{screen:?}"
+    );
+    assert!(screen.contains("3/3 images"), "{screen:?}");
+    assert!(
+        screen.contains(&format!("[{}]", "#".repeat(24))),
+        "{screen:?}"
+    );
+    assert!(screen.contains("bundle bar ("), "{screen:?}");
+    assert_imported(&node, &layout);
+
+    // Not on a terminal (a pipe): no control characters, a log line per image.
+    let again = node.scratch("bar2.tar");
+    let layout2 = fixture::write_oci_layout(
+        &node.scratch("layout2"),
+        &fixture::small_images("example.com/piped", 2),
+    )
+    .unwrap();
+    create_bundle(&node, &layout2, &again, &["--name", "piped"]);
+    let out = node.run(&["import", again.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains('\x1b'), "{err:?}");
+    assert!(err.contains("Importing bundle piped: 1/2 images"), "{err}");
+    assert!(err.contains("Importing bundle piped: 2/2 images"), "{err}");
+}
