@@ -437,6 +437,7 @@ struct SetObject {
     name: String,
     source: String,
     pinned: bool,
+    critical: bool,
     ready: bool,
     progressing: bool,
     degraded: bool,
@@ -461,6 +462,10 @@ impl SetObject {
     #[zbus(property)]
     fn pinned(&self) -> bool {
         self.pinned
+    }
+    #[zbus(property)]
+    fn critical(&self) -> bool {
+        self.critical
     }
     #[zbus(property)]
     fn ready(&self) -> bool {
@@ -621,6 +626,7 @@ impl Api {
                     Source::File { path } => path.display().to_string(),
                 },
                 pinned: v.pinned,
+                critical: v.critical,
                 ready: cond("Ready").is_some_and(|c| c.status),
                 progressing: cond("Progressing").is_some_and(|c| c.status),
                 degraded: degraded.is_some(),
