@@ -222,7 +222,9 @@ impl Engine {
     /// Abandons the work when `cancel` is raised: verification stops within a buffer, a
     /// `skopeo copy` is stopped, and no further image is started. What was copied stays
     /// in the store and is found there next time; nothing incomplete is recorded or
-    /// pinned.
+    /// pinned. A layer the stopped copy was writing keeps containers-storage's
+    /// `incomplete` flag, and the store deletes it when next loaded for writing (`Load`
+    /// in containers/storage's layers.go).
     pub fn cancel_with(&mut self, cancel: Cancel) {
         self.store.cancel_with(cancel.clone());
         self.cancel = cancel;
