@@ -73,11 +73,13 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let api = Api::serve(settings.bus, requests_tx, paths.clone(), settings.clone()).await?;
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
     api::forward_progress(api.connection(), progress_rx);
-    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     tracing::info!("longshore daemon started; {unit} is {last_state}");
 
     let current = Arc::new(Mutex::new(Current::default()));
+    // SIGTERM and SIGINT are watched on their own task, so they are heard at once, also
+    // while the critical sets come in at start.
+    let stopping = Cancel::default();
+    let mut stop_asked = watch_signals(stopping.clone(), current.clone())?;
     let sync_queued = Arc::new(AtomicBool::new(false));
     let mut worker = Worker {
         paths,
@@ -89,6 +91,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         sync_queued: sync_queued.clone(),
         cancel: Cancel::default(),
         announced: BTreeSet::new(),
+        stopping: stopping.clone(),
     };
 
     // Boot: the sets are checked and the critical ones brought in from the media present
@@ -106,6 +109,10 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         }
         later = worker.boot(present).await;
     }
+    if stopping.is_cancelled() {
+        worker.status("stopping", "Stopping").await;
+        return Ok(());
+    }
     for name in &worker.sets.critical_waiting {
         tracing::warn!(
             set = %name,
@@ -115,12 +122,11 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     tracing::info!("ready: following {unit} and the configuration directories");
     systemd::notify_ready(&worker.sets.summary());
 
-    let stopping = Cancel::default();
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     for dev in later {
         let _ = jobs_tx.send(Job::Device(dev));
     }
-    let worker = tokio::spawn(worker.serve(jobs_rx, stopping.clone()));
+    let worker = tokio::spawn(worker.serve(jobs_rx));
     let queue = |job: Job| {
         if jobs_tx.send(job).is_err() {
             tracing::error!("the worker stopped; work is no longer done");
@@ -178,14 +184,9 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                     queue(Job::Device(dev));
                 }
             }
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = &mut stop_asked => break,
         }
     }
-    tracing::info!("longshore daemon stopping");
-    systemd::notify_stopping();
-    stopping.cancel("longshore is stopping");
-    lock(&current).cancel.cancel("longshore is stopping");
     drop(jobs_tx);
     match tokio::time::timeout(STOP_TIMEOUT, worker).await {
         Ok(Ok(worker)) => worker.status("stopping", "Stopping").await,
@@ -196,6 +197,32 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Why work is abandoned when the daemon stops.
+const STOPPING: &str = "longshore is stopping";
+
+/// Waits for SIGTERM or SIGINT on a task of its own; then tells systemd, raises
+/// `stopping` and abandons the work in hand. The receiver fires once that is done.
+fn watch_signals(
+    stopping: Cancel,
+    current: Arc<Mutex<Current>>,
+) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    let mut term = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("longshore daemon stopping");
+        systemd::notify_stopping();
+        stopping.cancel(STOPPING);
+        lock(&current).cancel.cancel(STOPPING);
+        let _ = tx.send(());
+    });
+    Ok(rx)
 }
 
 /// A piece of work for the worker.
@@ -249,14 +276,16 @@ struct Worker {
     /// Devices whose detection was logged at start and which wait for the rest of their
     /// import, so it is not logged twice.
     announced: BTreeSet<PathBuf>,
+    /// Raised when the daemon is told to stop.
+    stopping: Cancel,
 }
 
 impl Worker {
     /// Takes jobs until the queue closes. Once the daemon stops, what is still queued is
     /// dropped (a waiting caller hears that the request was dropped).
-    async fn serve(mut self, mut jobs: mpsc::UnboundedReceiver<Job>, stopping: Cancel) -> Self {
+    async fn serve(mut self, mut jobs: mpsc::UnboundedReceiver<Job>) -> Self {
         while let Some(job) = jobs.recv().await {
-            if stopping.is_cancelled() {
+            if self.stopping.is_cancelled() {
                 continue;
             }
             self.run(job).await;
@@ -269,6 +298,10 @@ impl Worker {
         self.cancel = Cancel::default();
         {
             let mut c = lock(&self.current);
+            // Once the daemon stops, a job that still starts (at start) is born abandoned.
+            if self.stopping.is_cancelled() {
+                self.cancel.cancel(STOPPING);
+            }
             c.cancel = self.cancel.clone();
             c.device = match &job {
                 Job::Device(d) => Some(d.devnode.clone()),

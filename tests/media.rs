@@ -414,3 +414,64 @@ fn critical_sets_on_media_present_at_start_are_in_before_ready() {
         .clone();
     assert_eq!(base_set["critical"], true, "{base_set}");
 }
+
+#[test]
+fn sigterm_while_critical_sets_come_in_stops_at_once_without_ready() {
+    let Some((_um, node)) = setup() else { return };
+    node.write_config(
+        "60-media.toml",
+        "[media]\nlabels = [\"LSSTOP\"]\n[import]\njobs = 1\n",
+    );
+    let copies = node.slow_copies(2.0);
+    let base = fixture::write_oci_layout(
+        &node.scratch("layout"),
+        &fixture::small_images("example.com/early", 3),
+    )
+    .unwrap();
+    let content = node.scratch("content");
+    fs::create_dir_all(&content).unwrap();
+    node.bundle_create(
+        &base,
+        &content.join("early"),
+        &["--name", "early", "--critical"],
+    );
+    let image = node.scratch("stop.img");
+    ext4_image(&image, "LSSTOP", &content, 64);
+    let _stick = Loop::attach(&image);
+    common::loopdev::settle();
+
+    let mut d = NotifyingDaemon::start(&node, None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !fs::read_to_string(&copies)
+        .unwrap_or_default()
+        .contains("start ")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let asked = std::time::Instant::now();
+    d.terminate();
+    let status = d.child.wait().unwrap();
+    let took = asked.elapsed();
+    assert!(status.success(), "{}", d.log());
+    // Six copies of two seconds were due; the one in hand was stopped.
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "stopping took {took:?}"
+    );
+    d.notes.wait_for_line("STOPPING=1");
+    assert!(
+        !d.notes
+            .seen
+            .iter()
+            .any(|m| m.lines().any(|l| l == "READY=1")),
+        "{:?}",
+        d.notes.seen
+    );
+    assert!(
+        d.log().contains("abandoned: longshore is stopping"),
+        "{}",
+        d.log()
+    );
+    assert!(media_mounts(&node).is_empty(), "{:?}", media_mounts(&node));
+}
