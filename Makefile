@@ -15,7 +15,7 @@ BUILD_PACKAGES := pkg-config libudev-dev
 # systemd (a private bus and a user manager), udev (systemd-udevd for media tests),
 # dosfstools, mtools, e2fsprogs and xorriso (media images).
 TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates docker-registry \
-	dbus systemd udev dosfstools mtools e2fsprogs xorriso
+	dbus systemd udev dosfstools mtools e2fsprogs xorriso xfsprogs
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
 # The benchmark compares verification with openssl's sha256.

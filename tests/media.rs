@@ -475,3 +475,33 @@ fn sigterm_while_critical_sets_come_in_stops_at_once_without_ready() {
     );
     assert!(media_mounts(&node).is_empty(), "{:?}", media_mounts(&node));
 }
+
+#[test]
+fn an_xfs_stick_is_imported() {
+    if !kernel_has("xfs") || !require(&["mkfs.xfs"]) {
+        eprintln!("skipped: this kernel or machine has no XFS");
+        return;
+    }
+    let Some((_um, node)) = setup() else { return };
+    node.write_config("60-media.toml", "[media]\nlabels = [\"LSXFS\"]\n");
+    let layout = layout(&node, "example.com/xfs");
+    let content = node.scratch("content");
+    fs::create_dir_all(&content).unwrap();
+    node.bundle_create(&layout, &content.join("site"), &["--name", "xfs-site"]);
+    let image = node.scratch("xfs.img");
+    // mkfs.xfs refuses filesystems under 300 MiB; the file is sparse.
+    common::loopdev::xfs_image(&image, "LSXFS", &content, 320);
+    let daemon = Daemon::start(&node);
+    let stick = Loop::attach(&image);
+    daemon.wait_for(
+        &format!(
+            "bundle media: {} (xfs, label \"LSXFS\")",
+            stick.dev.display()
+        ),
+        60,
+    );
+    daemon.wait_for("bundle xfs-site (", 60);
+    daemon.wait_for("unmounted", 30);
+    assert_in_store_and_pinned(&node, &layout);
+    assert!(media_mounts(&node).is_empty(), "{:?}", media_mounts(&node));
+}

@@ -133,6 +133,33 @@ pub fn ext4_image(path: &Path, label: &str, content_dir: &Path, size_mb: u64) {
         .arg(path));
 }
 
+/// An XFS image labelled `label` holding `content_dir`. mkfs.xfs cannot fill a
+/// filesystem, so the image is mounted here for a moment to copy the content in.
+pub fn xfs_image(path: &Path, label: &str, content_dir: &Path, size_mb: u64) {
+    run(Command::new("truncate")
+        .arg("-s")
+        .arg(format!("{size_mb}M"))
+        .arg(path));
+    run(Command::new("mkfs.xfs").args(["-q", "-L", label]).arg(path));
+    let mnt = path.with_extension("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(path)
+        .arg(&mnt));
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", content_dir.display()))
+        .arg(&mnt)
+        .status();
+    run(Command::new("umount").arg(&mnt));
+    assert!(
+        copied.is_ok_and(|s| s.success()),
+        "copying into the XFS image"
+    );
+    let _ = std::fs::remove_dir(&mnt);
+}
+
 /// An ISO 9660 image with volume id `label` holding `content_dir` (Rock Ridge names).
 pub fn iso_image(path: &Path, label: &str, content_dir: &Path) {
     run(Command::new("xorriso")
