@@ -69,12 +69,109 @@ enum Command {
     /// Check every set, put back from retained bundles what the store lost, and bring
     /// CRI-O's pins in line (what the daemon does at start).
     Sync,
-    /// Run the daemon: keep the pins in line with the sets and CRI-O's other drop-ins,
-    /// and heal the store when CRI-O (re)starts.
+    /// Run the daemon (longshore.service): import what bundle media carry when they are
+    /// plugged in, keep CRI-O's pins in line with the image sets, heal the store when
+    /// CRI-O (re)starts, and serve io.longshore.Longshore1 on D-Bus.
+    ///
+    /// It reports to systemd (Type=notify): READY=1 once the critical image sets on the
+    /// media present at boot are in, STATUS= lines, watchdog pings. Logs go to the
+    /// journal. See docs/media.md, docs/dbus-api.md and docs/journal.md.
     Daemon,
     /// Make bundles.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Render what installs longshore: Ignition, MachineConfigs, man pages, completions.
+    #[command(subcommand)]
+    Generate(GenerateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum GenerateCommand {
+    /// Print an Ignition config that installs longshore on an RHEL CoreOS node at first
+    /// boot (or its Butane source, with --butane).
+    Ignition {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Print the Butane source instead.
+        #[arg(long)]
+        butane: bool,
+    },
+    /// Print MachineConfig manifests that install longshore on a cluster's nodes (day 2),
+    /// one per --role.
+    Machineconfig {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// The machine config pools (default: worker and master).
+        #[arg(long = "role", value_name = "R")]
+        roles: Vec<String>,
+    },
+    /// Write the man pages into DIR.
+    Man {
+        /// The directory (made if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print the completion script for SHELL.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// Where nodes fetch the binary (http:// or https://).
+    #[arg(long, value_name = "URL")]
+    binary_url: String,
+    /// The binary served at that URL, whose SHA-512 nodes check (default: this one).
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+    /// Its SHA-512 (hex), instead of reading --binary.
+    #[arg(long, value_name = "HEX", conflicts_with = "binary")]
+    binary_sha512: Option<String>,
+    /// A configuration fragment, installed as /etc/longshore/config.d/50-site.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// A set file, installed into /etc/longshore/sets.d/ (repeatable).
+    #[arg(long = "set", value_name = "FILE")]
+    sets: Vec<PathBuf>,
+    /// The Ignition spec version: 3.4.0, or 3.3.0 for older nodes and tools.
+    #[arg(long, value_name = "VERSION", default_value = "3.4.0")]
+    ignition_version: String,
+}
+
+impl NodeArgs {
+    fn node_config(&self) -> Result<crate::install::NodeConfig> {
+        use crate::install::NodeConfig;
+        let mut c = match &self.binary_sha512 {
+            Some(hex) => {
+                if hex.len() != 128 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    anyhow::bail!("--binary-sha512: 128 hex digits expected");
+                }
+                NodeConfig {
+                    binary_url: self.binary_url.clone(),
+                    binary_sha512: hex.to_ascii_lowercase(),
+                    ignition_version: String::new(),
+                    extra: vec![],
+                }
+            }
+            None => {
+                let binary = match &self.binary {
+                    Some(b) => b.clone(),
+                    None => crate::install::this_binary()?,
+                };
+                NodeConfig::for_binary(&self.binary_url, &binary)?
+            }
+        };
+        c.ignition_version = self.ignition_version.clone();
+        if let Some(f) = &self.config {
+            c = c.with_config(f)?;
+        }
+        for f in &self.sets {
+            c = c.with_set(f)?;
+        }
+        Ok(c)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +272,10 @@ pub fn run() -> Result<ExitCode> {
 }
 
 async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
+    // Rendering reads no node configuration: it runs on an administrator's machine.
+    if let Command::Generate(g) = cmd {
+        return generate(g);
+    }
     let settings = Settings::load(&paths)?;
     match cmd {
         Command::Import(a) => {
@@ -287,6 +388,7 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
         Command::Daemon => {
             crate::daemon::run(paths, settings).await?;
         }
+        Command::Generate(_) => unreachable!("handled above"),
         Command::Bundle(BundleCommand::Create(a)) => {
             let name = match a.name {
                 Some(n) => n,
@@ -315,6 +417,69 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
 
 /// A connection to the bus when the daemon serves its API there: then commands that
 /// change the state go through it, so there is one writer.
+fn generate(g: GenerateCommand) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    match g {
+        GenerateCommand::Ignition { node, butane } => {
+            let c = node.node_config()?;
+            if butane {
+                print!("{}", c.butane()?);
+            } else {
+                print_json(&c.ignition()?)?;
+            }
+        }
+        GenerateCommand::Machineconfig { node, roles } => {
+            let c = node.node_config()?;
+            let roles = if roles.is_empty() {
+                vec!["worker".to_string(), "master".to_string()]
+            } else {
+                roles
+            };
+            for (i, role) in roles.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", c.machineconfig(role)?);
+            }
+        }
+        GenerateCommand::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            for (name, page) in man_pages(Cli::command()) {
+                let path = dir.join(format!("{name}.8"));
+                let mut out = Vec::new();
+                page.render(&mut out)
+                    .with_context(|| format!("rendering {name}(8)"))?;
+                std::fs::write(&path, out)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        GenerateCommand::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(shell, &mut cmd, "longshore", &mut std::io::stdout());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A man page (section 8: longshore is run by the administrator) for the command and
+/// each subcommand, named `longshore-SUB[-SUBSUB]`.
+fn man_pages(cmd: clap::Command) -> Vec<(String, clap_mangen::Man)> {
+    fn walk(cmd: &clap::Command, name: &str, out: &mut Vec<(String, clap_mangen::Man)>) {
+        // The synopsis shows the command as it is typed: `longshore bundle create`.
+        let typed = name.replace('-', " ");
+        let page = clap_mangen::Man::new(cmd.clone().name(name.to_string()).bin_name(typed))
+            .section("8")
+            .manual("longshore");
+        out.push((name.to_string(), page));
+        for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+            walk(sub, &format!("{name}-{}", sub.get_name()), out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&cmd, "longshore", &mut out);
+    out
+}
+
 /// Shows the engine's copies on stderr (a bar on a terminal) until the engine is
 /// dropped; the task ends once the bar is cleared.
 fn show_progress(engine: &mut Engine) -> tokio::task::JoinHandle<()> {

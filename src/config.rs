@@ -287,6 +287,14 @@ impl Settings {
     }
 }
 
+/// Checks one configuration fragment as [`Settings::load`] would read it, for files that
+/// are shipped to nodes (`longshore generate --config`).
+pub fn check_fragment(file: &Path, text: &str) -> Result<()> {
+    toml::from_str::<Fragment>(text)
+        .map(|_| ())
+        .with_context(|| format!("configuration file {}", file.display()))
+}
+
 fn set<T>(slot: &mut T, value: Option<T>) {
     if let Some(v) = value {
         *slot = v;

@@ -735,7 +735,11 @@ impl Watcher {
             // A directory that does not exist yet is made, so a file dropped into it
             // later is seen.
             if *make && !d.exists() {
-                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                // On a node the directories come from tmpfiles.d; one that cannot be made
+                // (a read-only /etc) is not watched, and said so.
+                if let Err(e) = std::fs::create_dir_all(d) {
+                    tracing::warn!("{} will not be watched: creating it: {e}", d.display());
+                }
             }
             if d.is_dir() {
                 ino.watches()

@@ -85,6 +85,11 @@ pub fn load_files(paths: &HostPaths) -> Result<Vec<SetDef>> {
     Ok(out)
 }
 
+/// Checks a set file as the node would read it, for files that are shipped to nodes.
+pub fn check_file(path: &Path) -> Result<()> {
+    load_file(path).map(|_| ())
+}
+
 fn load_file(path: &Path) -> Result<SetDef> {
     let name = path
         .file_stem()
