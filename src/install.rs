@@ -157,9 +157,10 @@ impl NodeConfig {
         let _ = writeln!(s, "Environment=LONGSHORE_URL={}", self.binary_url);
         let _ = writeln!(s, "Environment=LONGSHORE_SHA512={}", self.binary_sha512);
         let _ = writeln!(s, "Environment=LONGSHORE_BIN={NODE_BINARY}");
+        // `$$` is a `$` for the shell: systemd expands `$NAME` in command lines itself.
         let _ = writeln!(
             s,
-            "ExecStart=/bin/sh -ec 'if echo \"$LONGSHORE_SHA512  $LONGSHORE_BIN\" | sha512sum -c --status 2>/dev/null; then exit 0; fi; tmp=$(mktemp \"$LONGSHORE_BIN.XXXXXX\"); trap \"rm -f $tmp\" EXIT; curl -fsSL --retry 5 -o \"$tmp\" \"$LONGSHORE_URL\"; echo \"$LONGSHORE_SHA512  $tmp\" | sha512sum -c --status; chmod 0755 \"$tmp\"; mv -f \"$tmp\" \"$LONGSHORE_BIN\"'"
+            "ExecStart=/bin/sh -ec 'if echo \"$${{LONGSHORE_SHA512}}  $${{LONGSHORE_BIN}}\" | sha512sum -c --status 2>/dev/null; then exit 0; fi; tmp=$$(mktemp \"$${{LONGSHORE_BIN}}.XXXXXX\"); trap \"rm -f $${{tmp}}\" EXIT; curl -fsSL --retry 5 -o \"$${{tmp}}\" \"$${{LONGSHORE_URL}}\"; echo \"$${{LONGSHORE_SHA512}}  $${{tmp}}\" | sha512sum -c --status; chmod 0755 \"$${{tmp}}\"; mv -f \"$${{tmp}}\" \"$${{LONGSHORE_BIN}}\"'"
         );
         let _ = writeln!(s);
         let _ = writeln!(s, "[Install]");

@@ -574,3 +574,117 @@ fn the_rpm_holds_what_make_install_installs_and_passes_rpmlint() {
         );
     }
 }
+
+/// Serves `files` (path → body) over HTTP on loopback, one connection at a time, until
+/// the returned flag is set. Returns the base URL.
+fn serve(
+    files: Vec<(&'static str, Vec<u8>)>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    std::thread::spawn(move || {
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let Ok((conn, _)) = listener.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+                continue;
+            };
+            conn.set_nonblocking(false).unwrap();
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+            }
+            let mut conn = conn;
+            match files.iter().find(|(p, _)| *p == path) {
+                Some((_, body)) => {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(body);
+                }
+                None => {
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            }
+        }
+    });
+    (url, stop)
+}
+
+#[test]
+fn the_machineconfig_fetch_unit_installs_only_the_binary_it_names() {
+    if !require(&["dbus-daemon", "systemctl", "unshare", "curl", "sha512sum"]) {
+        return;
+    }
+    let um = common::usermgr::UserManager::start();
+    // What is fetched does not matter to the unit: a small file stands for the binary.
+    let dir = tempfile::tempdir().unwrap();
+    let binary: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let source = dir.path().join("served");
+    fs::write(&source, &binary).unwrap();
+    let mut other = binary.clone();
+    other[1000] ^= 0xff;
+    let (url, stop) = serve(vec![("/longshore", binary.clone()), ("/tampered", other)]);
+    let installed = tempfile::tempdir().unwrap();
+    let target = installed.path().join("longshore");
+    let unit_for = |path: &str| {
+        let c =
+            longshore::install::NodeConfig::for_binary(&format!("{url}{path}"), &source).unwrap();
+        c.fetch_unit().replace(
+            "Environment=LONGSHORE_BIN=/usr/local/bin/longshore",
+            &format!("Environment=LONGSHORE_BIN={}", target.display()),
+        )
+    };
+    let start = |unit: &str| {
+        um.install_unit("longshore-fetch.service", unit);
+        um.systemctl(&["restart", "longshore-fetch.service"])
+    };
+
+    // Fetched, checked, installed executable.
+    let out = start(&unit_for("/longshore"));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        um.journal()
+    );
+    assert_eq!(fs::read(&target).unwrap(), binary);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+
+    // Once it is there, nothing is fetched: the server is gone and it still succeeds.
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let out = start(&unit_for("/longshore"));
+    assert!(out.status.success(), "{}", um.journal());
+
+    // A binary whose hash is not the one named is never installed.
+    fs::remove_file(&target).unwrap();
+    let (url2, _stop2) = serve(vec![("/tampered", {
+        let mut b = binary.clone();
+        b[1000] ^= 0xff;
+        b
+    })]);
+    let unit =
+        unit_for("/longshore").replace(&format!("{url}/longshore"), &format!("{url2}/tampered"));
+    let out = start(&unit);
+    assert!(!out.status.success(), "a tampered binary was accepted");
+    assert!(!target.exists());
+    let left: Vec<_> = fs::read_dir(installed.path()).unwrap().collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}

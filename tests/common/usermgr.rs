@@ -143,6 +143,17 @@ impl UserManager {
             .expect("running systemctl")
     }
 
+    /// Installs a unit file (not started) and reloads the manager.
+    pub fn install_unit(&self, name: &str, text: &str) {
+        fs::write(self.config_home.join("systemd/user").join(name), text).unwrap();
+        let out = self.systemctl(&["daemon-reload"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Installs the stand-in `crio.service` (not started).
     pub fn install_crio(&self, reload: Reload) {
         let log = self.hup_log();
