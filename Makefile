@@ -35,10 +35,11 @@ BUILD_PACKAGES := pkg-config libudev-dev
 # systemd (a private bus and a user manager), udev (systemd-udevd for media tests),
 # dosfstools, mtools, e2fsprogs, xorriso and xfsprogs (media images); ignition
 # (ignition-validate), rpm, rpmlint and gnupg (building, signing and linting the RPM),
-# man-db (systemd-analyze verify checks the unit's man pages) for the packaging tests.
+# man-db (systemd-analyze verify checks the unit's man pages), debootstrap and
+# systemd-container (a node booted with systemd-nspawn) for the packaging tests.
 TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates docker-registry \
 	dbus systemd udev dosfstools mtools e2fsprogs xorriso xfsprogs \
-	ignition rpm rpmlint gnupg man-db make
+	ignition rpm rpmlint gnupg man-db make debootstrap systemd-container
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
 # The benchmark compares verification with openssl's sha256.
