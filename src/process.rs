@@ -22,14 +22,7 @@ pub fn run(cmd: &mut Command) -> Result<Output> {
         .stderr(Stdio::piped())
         .output()
         .with_context(|| format!("starting {line}"))?;
-    if !out.status.success() {
-        bail!(
-            "{line} failed ({}): {}",
-            out.status,
-            stderr_tail(&out.stderr)
-        );
-    }
-    Ok(out)
+    succeeded(&line, out)
 }
 
 /// Like [`run`], but stops the program when `cancel` is raised: SIGTERM, then SIGKILL if it
@@ -100,6 +93,17 @@ pub fn run_cancellable(cmd: &mut Command, cancel: &Cancel) -> Result<Output> {
             .unwrap_or_else(|| Cancelled(String::new()));
         return Err(anyhow::Error::new(why).context(format!("stopped {line}")));
     }
+    succeeded(&line, out)
+}
+
+/// How often a cancellable program is looked at.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a program asked to stop gets before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// `out` when the program succeeded; otherwise an error with the command line, the exit
+/// status and the end of stderr.
+fn succeeded(line: &str, out: Output) -> Result<Output> {
     if !out.status.success() {
         bail!(
             "{line} failed ({}): {}",
@@ -109,11 +113,6 @@ pub fn run_cancellable(cmd: &mut Command, cancel: &Cancel) -> Result<Output> {
     }
     Ok(out)
 }
-
-/// How often a cancellable program is looked at.
-const POLL: Duration = Duration::from_millis(50);
-/// How long a program asked to stop gets before it is killed.
-const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// The command as a person would type it, for logs and errors.
 pub fn command_line(cmd: &Command) -> String {

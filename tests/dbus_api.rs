@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
 use common::fixture::{self, Layout};
-use common::node::{require, Node};
+use common::node::{require, wait_for_text, Node};
 use common::usermgr::{Reload, UserManager};
 
 const DEST: &str = "io.longshore.Longshore1";
@@ -299,36 +299,15 @@ fn status_answers_during_an_import_and_a_second_import_waits_its_turn() {
     if !require(&["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"]) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (_um, node) = UserManager::with_crio();
     node.write_config("60-jobs.toml", "[import]\njobs = 1\n");
     let copies = node.slow_copies(0.5);
     let (_, first) = bundle(&node, "la", "example.com/first", "first");
     let (_, second) = bundle(&node, "lb", "example.com/second", "second");
     let _daemon = Daemon::start(&node);
-    let spawn_import = |tar: &PathBuf| {
-        Command::new(env!("CARGO_BIN_EXE_longshore"))
-            .arg("--sysroot")
-            .arg(&node.sysroot)
-            .args(["import", tar.to_str().unwrap()])
-            .envs(node.env.iter().map(|(k, v)| (k, v)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
-    let a = spawn_import(&first);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fs::read_to_string(&copies)
-        .unwrap_or_default()
-        .contains("start ")
-    {
-        assert!(Instant::now() < deadline, "no copy started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let b = spawn_import(&second);
+    let a = node.spawn(&["import", first.to_str().unwrap()]);
+    wait_for_text(&copies, "start ", 60);
+    let b = node.spawn(&["import", second.to_str().unwrap()]);
     let asked = Instant::now();
     let status: serde_json::Value = serde_json::from_str(&node.ok(&["status", "--json"])).unwrap();
     let took = asked.elapsed();

@@ -8,23 +8,12 @@ mod common;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::loopdev::{ensure_udevd, ext4_image, settle, Loop};
-use common::node::require;
+use common::node::{require, run_ok as run};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 /// Where the packaging tests build: a target directory of their own, as `cargo build`
 /// resolves features apart from `cargo test` and would otherwise relink the binary the

@@ -11,19 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::fixture;
-use common::node::{require, Node};
+use common::node::{require, run_ok as run, Node};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A Debian 12 root with systemd, dbus and skopeo, made once and kept under target/.
 fn base_rootfs() -> PathBuf {

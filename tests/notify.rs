@@ -8,7 +8,7 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use common::fixture;
-use common::node::require;
+use common::node::{require, wait_for_text};
 use common::notify::NotifyingDaemon;
 use common::usermgr::{Reload, UserManager};
 
@@ -74,10 +74,7 @@ fn sigterm_abandons_the_copy_in_hand_and_pins_nothing_incomplete() {
     if !require(&["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"]) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (_um, node) = UserManager::with_crio();
     node.write_config("60-jobs.toml", "[import]\njobs = 1\n");
     let copies = node.slow_copies(1.0);
     let layout = fixture::write_oci_layout(
@@ -91,23 +88,8 @@ fn sigterm_abandons_the_copy_in_hand_and_pins_nothing_incomplete() {
     let mut d = NotifyingDaemon::start(&node, None);
     d.notes.wait_for_line("READY=1");
     // The CLI hands the import to the daemon over D-Bus.
-    let import = std::process::Command::new(env!("CARGO_BIN_EXE_longshore"))
-        .arg("--sysroot")
-        .arg(&node.sysroot)
-        .args(["import", bundle.to_str().unwrap()])
-        .envs(node.env.iter().map(|(k, v)| (k, v)))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !fs::read_to_string(&copies)
-        .unwrap_or_default()
-        .contains("start ")
-    {
-        assert!(Instant::now() < deadline, "no copy started:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let import = node.spawn(&["import", bundle.to_str().unwrap()]);
+    wait_for_text(&copies, "start ", 60);
     let asked = Instant::now();
     d.terminate();
     d.notes.wait_for_line("STOPPING=1");

@@ -79,6 +79,19 @@ impl Node {
             .expect("running longshore")
     }
 
+    /// Starts `longshore --sysroot … ARGS` without waiting, output captured.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_longshore"))
+            .arg("--sysroot")
+            .arg(&self.sysroot)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting longshore")
+    }
+
     /// Runs longshore and insists that it succeeded; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
@@ -277,4 +290,32 @@ pub fn unmount_under(dir: &Path) {
     for p in points {
         let _ = nix::mount::umount2(Path::new(&p), nix::mount::MntFlags::MNT_DETACH);
     }
+}
+
+/// Waits until the file at `path` holds `needle`.
+pub fn wait_for_text(path: &Path, needle: &str, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(needle)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never held {needle:?}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Runs a command and insists that it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

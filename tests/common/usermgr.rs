@@ -143,6 +143,15 @@ impl UserManager {
             .expect("running systemctl")
     }
 
+    /// A manager running the stand-in `crio.service`, and a node on its bus.
+    pub fn with_crio() -> (UserManager, super::node::Node) {
+        let um = UserManager::start();
+        um.install_crio(Reload::Hup);
+        um.start_crio();
+        let node = um.node();
+        (um, node)
+    }
+
     /// Installs a unit file (not started) and reloads the manager.
     pub fn install_unit(&self, name: &str, text: &str) {
         fs::write(self.config_home.join("systemd/user").join(name), text).unwrap();
