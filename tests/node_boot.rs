@@ -18,14 +18,15 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// A Debian 12 root with systemd, dbus and skopeo, made once and kept under target/.
 fn base_rootfs() -> PathBuf {
     let base = Path::new(ROOT).join("target/packaging/node-rootfs");
-    let ready = base.join(".longshore-ready");
+    // Named for what it holds, so a root made with other packages is made again.
+    let ready = base.join(".longshore-ready-jq");
     if !ready.exists() {
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.parent().unwrap()).unwrap();
         run(Command::new("debootstrap")
             .args([
                 "--variant=minbase",
-                "--include=systemd,systemd-sysv,dbus,containernetworking-plugins,skopeo",
+                "--include=systemd,systemd-sysv,dbus,containernetworking-plugins,skopeo,jq",
                 "bookworm",
             ])
             .arg(&base)
@@ -70,6 +71,14 @@ setpriv --reuid=65534 --regid=65534 --clear-groups busctl call io.longshore.Long
 echo $? > $out/nobody-call.rc
 cat /etc/crio/crio.conf.d/99-longshore-pinned-images.conf > $out/pins
 cat /run/crio-hups > $out/hups
+# Removing longshore as docs/install.md says: unpin, then stop and disable the unit.
+for s in $(longshore sets --json | jq -r '.sets[] | select(.source.kind == "bundle") | .name'); do
+    longshore sets remove "$s" >> $out/remove.out 2>&1
+done
+ls /etc/crio/crio.conf.d > $out/dropins-after
+cat /run/crio-hups > $out/hups-after
+systemctl disable --now longshore.service > $out/disable 2>&1
+systemctl show longshore.service -p ActiveState -p Result -p UnitFileState > $out/show-after
 journalctl -u longshore.service -o verbose --no-pager > $out/journal
 systemctl poweroff
 "#;
@@ -125,7 +134,7 @@ fn a_booted_node_runs_the_installed_unit_and_imports_through_it() {
         .arg(root.join("usr/local/sbin/longshore-check")));
     write(
         &root.join("etc/systemd/system/longshore-check.service"),
-        "[Unit]\nAfter=longshore.service crio.service\nRequires=longshore.service crio.service\n\n\
+        "[Unit]\nAfter=longshore.service crio.service\nWants=longshore.service crio.service\n\n\
          [Service]\nType=oneshot\nExecStart=/usr/local/sbin/longshore-check\n\n\
          [Install]\nWantedBy=multi-user.target\n",
     );
@@ -223,6 +232,26 @@ fn a_booted_node_runs_the_installed_unit_and_imports_through_it() {
         "{}",
         read("nobody-call")
     );
+
+    // Removed as docs/install.md says: the pins go, CRI-O is reloaded once more, and the
+    // unit stops cleanly.
+    assert!(
+        read("remove.out").contains("removed set line-1"),
+        "{}",
+        read("remove.out")
+    );
+    assert!(
+        !read("dropins-after").contains("99-longshore-pinned-images.conf"),
+        "{}",
+        read("dropins-after")
+    );
+    assert!(read("hups-after").lines().count() > read("hups").lines().count());
+    let after = read("show-after");
+    assert!(
+        after.contains("ActiveState=inactive") && after.contains("Result=success"),
+        "{after}"
+    );
+    assert!(after.contains("UnitFileState=disabled"), "{after}");
 
     // The journal carries the structured fields and the fixed MESSAGE_IDs.
     let journal = read("journal");
