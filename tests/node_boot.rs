@@ -21,16 +21,30 @@ fn base_rootfs() -> PathBuf {
     // Named for what it holds, so a root made with other packages is made again.
     let ready = base.join(".longshore-ready-jq");
     if !ready.exists() {
-        let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.parent().unwrap()).unwrap();
-        run(Command::new("debootstrap")
-            .args([
-                "--variant=minbase",
-                "--include=systemd,systemd-sysv,dbus,containernetworking-plugins,skopeo,jq",
-                "bookworm",
-            ])
-            .arg(&base)
-            .arg("http://deb.debian.org/debian"));
+        // The package mirror is the one outside thing here; a second try rides out a
+        // dropped connection.
+        for attempt in 1..=2 {
+            let _ = fs::remove_dir_all(&base);
+            let out = Command::new("debootstrap")
+                .args([
+                    "--variant=minbase",
+                    "--include=systemd,systemd-sysv,dbus,containernetworking-plugins,skopeo,jq",
+                    "bookworm",
+                ])
+                .arg(&base)
+                .arg("http://deb.debian.org/debian")
+                .output()
+                .expect("running debootstrap");
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                attempt < 2,
+                "debootstrap failed twice:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
         fs::write(&ready, "").unwrap();
     }
     base
