@@ -90,7 +90,6 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         current: current.clone(),
         sync_queued: sync_queued.clone(),
         cancel: Cancel::default(),
-        announced: BTreeSet::new(),
         stopping: stopping.clone(),
     };
 
@@ -124,7 +123,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
 
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     for dev in later {
-        let _ = jobs_tx.send(Job::Device(dev));
+        let _ = jobs_tx.send(Job::Rest(dev));
     }
     let worker = tokio::spawn(worker.serve(jobs_rx));
     let queue = |job: Job| {
@@ -233,6 +232,9 @@ enum Job {
     Heal,
     /// Import what a device carries, if it is bundle media.
     Device(BlockDevice),
+    /// Import the rest of what a device present at start carries, once its critical
+    /// bundles are in.
+    Rest(BlockDevice),
     /// Answer a method call.
     Request(Request),
 }
@@ -273,9 +275,6 @@ struct Worker {
     sync_queued: Arc<AtomicBool>,
     /// The job in hand's token.
     cancel: Cancel,
-    /// Devices whose detection was logged at start and which wait for the rest of their
-    /// import, so it is not logged twice.
-    announced: BTreeSet<PathBuf>,
     /// Raised when the daemon is told to stop.
     stopping: Cancel,
 }
@@ -304,7 +303,7 @@ impl Worker {
             }
             c.cancel = self.cancel.clone();
             c.device = match &job {
-                Job::Device(d) => Some(d.devnode.clone()),
+                Job::Device(d) | Job::Rest(d) => Some(d.devnode.clone()),
                 _ => None,
             };
         }
@@ -319,9 +318,13 @@ impl Worker {
             }
             Job::Device(dev) => {
                 // Most block devices are no bundle media and call for nothing.
-                if self.on_device(dev, None).await != Handled::Ignored {
+                if self.on_device(dev, Pass::All).await != Handled::Ignored {
                     self.work(Work::Sync).await;
                 }
+            }
+            Job::Rest(dev) => {
+                self.on_device(dev, Pass::Rest).await;
+                self.work(Work::Sync).await;
             }
             Job::Request(req) => self.on_request(req).await,
         }
@@ -445,7 +448,7 @@ impl Worker {
         let mut imported = false;
         for dev in present {
             lock(&self.current).device = Some(dev.devnode.clone());
-            match self.on_device(dev.clone(), Some(&critical)).await {
+            match self.on_device(dev.clone(), Pass::Critical(&critical)).await {
                 Handled::Left => later.push_back(dev),
                 Handled::Done => imported = true,
                 Handled::Ignored => {}
@@ -473,14 +476,14 @@ impl Worker {
             .collect())
     }
 
-    /// Imports what a device carries, if it is bundle media. With `critical` (at start),
-    /// only the bundles that carry critical sets are imported, and the device is
-    /// [`Handled::Left`] when it carries others.
-    async fn on_device(
-        &mut self,
-        dev: BlockDevice,
-        critical: Option<&BTreeSet<Digest>>,
-    ) -> Handled {
+    /// Imports what a device carries, if it is bundle media: everything, or in the
+    /// critical pass at start only the bundles that carry critical sets (the device is
+    /// then [`Handled::Left`] when it carries others).
+    async fn on_device(&mut self, dev: BlockDevice, pass: Pass<'_>) -> Handled {
+        let critical = match pass {
+            Pass::Critical(c) => Some(c),
+            Pass::All | Pass::Rest => None,
+        };
         let what = format!(
             "{} ({}, label {:?})",
             dev.devnode.display(),
@@ -497,7 +500,7 @@ impl Worker {
             return Handled::Ignored;
         }
         // A device left for later at start was announced then.
-        if !self.announced.remove(&dev.devnode) {
+        if pass != Pass::Rest {
             let raw = if verdict == Verdict::RawTar {
                 " holds a bundle written raw"
             } else {
@@ -542,7 +545,6 @@ impl Worker {
             }
         }
         if left {
-            self.announced.insert(dev.devnode.clone());
             Handled::Left
         } else {
             Handled::Done
@@ -615,6 +617,17 @@ fn carries_critical(path: &Path, critical: &BTreeSet<Digest>) -> bool {
         h.meta.sets.iter().any(|s| s.critical)
             || h.meta.images.iter().any(|i| critical.contains(&i.digest))
     })
+}
+
+/// Which of a device's bundles to import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass<'a> {
+    /// At start: those that carry critical sets (or images they name).
+    Critical(&'a BTreeSet<Digest>),
+    /// All of them.
+    All,
+    /// All of them, for a device whose critical pass was done (and announced) at start.
+    Rest,
 }
 
 /// What became of a device.
