@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::daemon::Daemon;
 use common::fixture::{self, Layout};
 use common::node::{require, wait_for_text, Node};
-use common::usermgr::{Reload, UserManager};
+use common::usermgr::UserManager;
 
 const DEST: &str = "io.longshore.Longshore1";
 const PATH: &str = "/io/longshore/Longshore1";
@@ -75,10 +75,7 @@ fn properties_methods_objects_signals_and_errors() {
     if !require(&["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"]) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (um, node) = UserManager::with_crio();
     let (layout, tar) = bundle(&node, "la", "example.com/api", "api");
     let _daemon = Daemon::start(&node);
 

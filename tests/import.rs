@@ -17,6 +17,15 @@ fn layout(node: &Node, prefix: &str, n: usize) -> Layout {
         .expect("fixture layout")
 }
 
+/// `skopeo copy -q SRC DST`, which must succeed.
+fn skopeo_copy(src: &str, dst: &str) {
+    let status = Command::new("skopeo")
+        .args(["copy", "-q", src, dst])
+        .status()
+        .unwrap();
+    assert!(status.success(), "skopeo copy {src} {dst}: {status}");
+}
+
 /// `longshore bundle create -o OUT` from every image of `layout`; returns the digest.
 fn create_bundle(node: &Node, layout: &Layout, out: &Path, extra: &[&str]) -> String {
     node.bundle_create(layout, out, extra)
@@ -258,16 +267,10 @@ fn oci_archive_oci_layout_and_dir_tree() {
     let node2 = Node::new();
     let archive = node2.scratch("web.oci.tar");
     let img = &layout.images[0];
-    let status = Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            &layout.transport_ref(&img.reference),
-            &format!("oci-archive:{}:{}", archive.display(), img.reference),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    skopeo_copy(
+        &layout.transport_ref(&img.reference),
+        &format!("oci-archive:{}:{}", archive.display(), img.reference),
+    );
     let r = import_json(&node2, &archive, &[]);
     assert_eq!(r[0]["copied"], 1);
     assert_eq!(
@@ -279,16 +282,10 @@ fn oci_archive_oci_layout_and_dir_tree() {
     let node3 = Node::new();
     let tree = node3.scratch("sync").join("app:1.0");
     fs::create_dir_all(tree.parent().unwrap()).unwrap();
-    let status = Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            &layout.transport_ref(&img.reference),
-            &format!("dir:{}", tree.display()),
-        ])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    skopeo_copy(
+        &layout.transport_ref(&img.reference),
+        &format!("dir:{}", tree.display()),
+    );
     let r = import_json(&node3, &tree, &[]);
     assert_eq!(r[0]["copied"], 1);
     assert_eq!(
@@ -481,16 +478,10 @@ fn skopeo_sync_trees_are_named_by_their_path() {
     let root = node.scratch("sync");
     let tree = root.join("registry.example.com/team/app:1.0");
     fs::create_dir_all(tree.parent().unwrap()).unwrap();
-    let st = Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            &layout.transport_ref(&img.reference),
-            &format!("dir:{}", tree.display()),
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
+    skopeo_copy(
+        &layout.transport_ref(&img.reference),
+        &format!("dir:{}", tree.display()),
+    );
     let r = import_json(&node, &root, &[]);
     assert_eq!(r[0]["copied"], 1);
     assert_eq!(

@@ -10,7 +10,7 @@ use common::fixture::{self, Layout};
 use common::loopdev::{ensure_udevd, ext4_image, iso_image, vfat_image, Loop};
 use common::node::{require, Node};
 use common::notify::NotifyingDaemon;
-use common::usermgr::{Reload, UserManager};
+use common::usermgr::UserManager;
 
 const TOOLS: &[&str] = &[
     "skopeo",
@@ -31,10 +31,7 @@ fn setup() -> Option<(UserManager, Node)> {
         return None;
     }
     ensure_udevd();
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (um, node) = UserManager::with_crio();
     Some((um, node))
 }
 

@@ -10,17 +10,14 @@ use std::time::{Duration, Instant};
 use common::fixture;
 use common::node::{require, wait_for_text};
 use common::notify::NotifyingDaemon;
-use common::usermgr::{Reload, UserManager};
+use common::usermgr::UserManager;
 
 #[test]
 fn ready_status_watchdog_and_stopping() {
     if !require(&["skopeo", "dbus-daemon", "systemctl", "unshare", "busctl"]) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (_um, node) = UserManager::with_crio();
     let layout = fixture::write_oci_layout(
         &node.scratch("layout"),
         &fixture::small_images("example.com/notify", 2),

@@ -97,10 +97,7 @@ fn one_reload_per_change_of_pins_and_none_without_change() {
     if !require(TOOLS) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (um, node) = UserManager::with_crio();
     let a = layout(&node, "la", "example.com/pin-a", 2);
     let bundle_a = node.scratch("a.tar");
     node.bundle_create(&a, &bundle_a, &["--name", "a"]);
@@ -198,10 +195,7 @@ fn pins_of_crio_conf_and_earlier_dropins_survive_and_are_resynced_by_the_daemon(
     if !require(TOOLS) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (um, node) = UserManager::with_crio();
     let crio = node.sysroot.join("etc/crio");
     fs::create_dir_all(crio.join("crio.conf.d")).unwrap();
     fs::write(
@@ -379,10 +373,7 @@ fn a_wiped_store_is_healed_from_the_retained_bundle() {
     if !require(TOOLS) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (um, node) = UserManager::with_crio();
     node.write_config("60-retain.toml", "[import]\nretain_bundles = true\n");
     let a = layout(&node, "la", "example.com/heal", 2);
     let bundle = node.scratch("heal.tar.zst");
@@ -567,10 +558,7 @@ fn additional_store_mode_writes_the_store_dropin_and_restarts_only_when_allowed(
     if !require(TOOLS) {
         return;
     }
-    let um = UserManager::start();
-    um.install_crio(Reload::Hup);
-    um.start_crio();
-    let node = um.node();
+    let (um, node) = UserManager::with_crio();
     node.write_config("60-store.toml", "[store]\nmode = \"additional\"\n");
     let a = layout(&node, "la", "example.com/extra-store", 1);
     let bundle = node.scratch("a");
