@@ -135,8 +135,8 @@ struct NodeArgs {
     /// A set file, installed into /etc/longshore/sets.d/ (repeatable).
     #[arg(long = "set", value_name = "FILE")]
     sets: Vec<PathBuf>,
-    /// The Ignition spec version: 3.4.0, or 3.3.0 for older nodes and tools.
-    #[arg(long, value_name = "VERSION", default_value = "3.4.0")]
+    /// The Ignition spec version: 3.3.0, which every supported RHEL CoreOS reads, or 3.4.0.
+    #[arg(long, value_name = "VERSION", default_value = "3.3.0")]
     ignition_version: String,
 }
 
@@ -315,7 +315,8 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
             }
         }
         Command::Verify(a) => {
-            let reports = engine::verify(&a.path, a.digest, &settings, &Default::default()).await?;
+            let reports =
+                engine::verify(&a.path, a.digest, &settings, &paths, &Default::default()).await?;
             if a.json {
                 print_json(&reports)?;
             } else {

@@ -246,7 +246,7 @@ impl Settings {
         let files = fragment_files(&dirs, "toml")?;
         let mut settings = Settings::default();
         for file in files {
-            let text = fs::read_to_string(&file)
+            let text = read_text(&file, MAX_FRAGMENT)
                 .with_context(|| format!("reading configuration file {}", file.display()))?;
             let fragment: Fragment = toml::from_str(&text)
                 .with_context(|| format!("configuration file {}", file.display()))?;
@@ -285,6 +285,16 @@ impl Settings {
             set(&mut self.crio.allow_restart, c.allow_restart);
         }
     }
+}
+
+/// Largest configuration fragment read.
+pub const MAX_FRAGMENT: u64 = 1 << 20;
+
+/// Reads a UTF-8 file an administrator wrote, up to `limit` bytes; a link is followed,
+/// but only to a regular file (see [`crate::untrusted::read_admin_file`]).
+pub fn read_text(path: &Path, limit: u64) -> Result<String> {
+    let bytes = crate::untrusted::read_admin_file(path, limit)?;
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
 /// Checks one configuration fragment as [`Settings::load`] would read it, for files that

@@ -26,6 +26,9 @@ pub const PIN_FILE: &str = "99-longshore-pinned-images.conf";
 /// The drop-in that adds longshore's store as an additional image store.
 pub const STORE_FILE: &str = "99-longshore-storage.conf";
 
+/// Largest CRI-O configuration file read.
+const MAX_CRIO_FILE: u64 = 16 << 20;
+
 /// CRI-O's configuration files on this host.
 #[derive(Debug, Clone)]
 pub struct CrioConfig {
@@ -42,6 +45,8 @@ pub struct OtherPins {
     pub before: BTreeSet<String>,
     /// Drop-ins read after the pin file that set `pinned_images`, replacing its list.
     pub overriding: Vec<PathBuf>,
+    /// Files that pin a bare `*`, which panics CRI-O (never carried into the pin file).
+    pub wildcard: Vec<PathBuf>,
 }
 
 /// What a sync did to a file.
@@ -73,7 +78,11 @@ impl CrioConfig {
     pub fn other_pins(&self) -> Result<OtherPins> {
         let mut out = OtherPins::default();
         if self.main.exists() {
-            out.before.extend(pins_of(&self.main)?.unwrap_or_default());
+            let pins = pins_of(&self.main)?.unwrap_or_default();
+            if pins.iter().any(|p| p == "*") {
+                out.wildcard.push(self.main.clone());
+            }
+            out.before.extend(pins);
         }
         let mut files = Vec::new();
         walk_sorted(&self.dropins, &mut files)?;
@@ -85,6 +94,9 @@ impl CrioConfig {
                 continue;
             }
             let Some(pins) = pins_of(&f)? else { continue };
+            if pins.iter().any(|p| p == "*") {
+                out.wildcard.push(f.clone());
+            }
             if after || walk_key(&self.dropins, &f) > walk_key(&self.dropins, &ours) {
                 out.overriding.push(f);
             } else {
@@ -98,6 +110,10 @@ impl CrioConfig {
     /// content changes; with no pins, the file is removed.
     pub fn write_pins(&self, pins: &BTreeSet<String>) -> Result<FileChange> {
         let path = self.pin_file();
+        anyhow::ensure!(
+            !pins.contains("*"),
+            "refusing to pin \"*\": CRI-O panics on it"
+        );
         if pins.is_empty() {
             return remove_if_present(&path);
         }
@@ -147,7 +163,7 @@ fn render_store(root: &Path) -> String {
 
 /// The `crio.image.pinned_images` of a CRI-O configuration file, if it sets them.
 fn pins_of(path: &Path) -> Result<Option<Vec<String>>> {
-    let text = fs::read_to_string(path)
+    let text = crate::config::read_text(path, MAX_CRIO_FILE)
         .with_context(|| format!("reading CRI-O configuration {}", path.display()))?;
     let v: toml::Table = text
         .parse()

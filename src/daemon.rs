@@ -408,8 +408,14 @@ impl Worker {
                 reply,
             } => {
                 self.status("checking", &format!("Verifying {path}")).await;
-                let res =
-                    engine::verify(Path::new(&path), digest, &self.settings, &self.cancel).await;
+                let res = engine::verify(
+                    Path::new(&path),
+                    digest,
+                    &self.settings,
+                    &self.paths,
+                    &self.cancel,
+                )
+                .await;
                 let _ = reply.send(res);
                 self.publish(None).await;
             }

@@ -25,10 +25,11 @@ use serde::Serialize;
 
 use crate::bundle::foreign::Foreign;
 use crate::bundle::format::{BundleMeta, ImageMeta};
+use crate::bundle::intake::{self, Layout};
 use crate::bundle::read::{self, Verified};
 use crate::bundle::{self, Input, Rejected};
 use crate::cancel::Cancel;
-use crate::config::{human_size, Settings, StoreMode};
+use crate::config::{human_size, Bus, Settings, StoreMode};
 use crate::crio::{CrioConfig, FileChange};
 use crate::digest::Digest;
 use crate::paths::HostPaths;
@@ -127,6 +128,9 @@ pub struct Engine {
     _lock: StateLock,
 }
 
+/// Tells apart the staging directories one process makes.
+static STAGING_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A bundle's images as the engine handles them, whatever the input was.
 struct Plan {
     /// Whether this is a restore (see [`ImportOptions::restore`]).
@@ -155,6 +159,20 @@ struct PlannedImage {
 }
 
 impl Plan {
+    /// Every blob the images the store lacks are made of.
+    fn blobs_of_missing(&self, meta: &BundleMeta, present: &[bool]) -> HashSet<Digest> {
+        meta.images
+            .iter()
+            .zip(present)
+            .filter(|(_, p)| !**p)
+            .flat_map(|(i, _)| {
+                [i.digest, i.config.digest]
+                    .into_iter()
+                    .chain(i.layers.iter().map(|l| l.digest))
+            })
+            .collect()
+    }
+
     /// The layers of the images the store already holds.
     fn present_layers(&self, present: &[bool]) -> HashSet<Digest> {
         self.images
@@ -197,6 +215,7 @@ impl Engine {
         let state = State::load(&paths.state_dir)?;
         let store = Store::new(&paths, &settings);
         let crio = crio_config(&paths);
+        sweep(&paths, &state);
         Ok(Engine {
             paths,
             settings,
@@ -238,6 +257,9 @@ impl Engine {
     /// Imports whatever `path` holds. A directory of several inputs imports each in turn;
     /// one that fails is reported and the others still go in.
     pub async fn import(&mut self, path: &Path, opts: &ImportOptions) -> Result<ImportOutcome> {
+        // A set file that cannot be read stops the import before anything is recorded
+        // or copied, rather than after.
+        sets::load_files(&self.paths)?;
         match bundle::detect(path)? {
             Input::Collection(dir, items) => {
                 one_input_for_digest(&dir, items.len(), opts.expected)?;
@@ -256,10 +278,14 @@ impl Engine {
                 }
                 Ok(outcome)
             }
-            input => Ok(ImportOutcome {
-                reports: vec![self.import_one(input, opts).await?],
-                failures: vec![],
-            }),
+            input => {
+                let res = self.import_one(input, opts).await;
+                sweep(&self.paths, &self.state);
+                Ok(ImportOutcome {
+                    reports: vec![res?],
+                    failures: vec![],
+                })
+            }
         }
     }
 
@@ -270,6 +296,7 @@ impl Engine {
         root: &Path,
         opts: &ImportOptions,
     ) -> Result<ImportReport> {
+        sets::load_files(&self.paths)?;
         let input = bundle::detect_in(item, Some(root))?;
         self.import_one(input, opts).await
     }
@@ -299,211 +326,170 @@ impl Engine {
         } else {
             read::read_head_dir(path, opts.expected)?
         };
-        let proxy = Proxy::start(&self.settings.skopeo).await?;
-        let mut plan = plan_from_meta(
-            digest,
-            &meta,
-            if stream {
-                SourceKind::BundleTar
-            } else {
-                SourceKind::BundleDir
-            },
-        );
+        let kind = if stream {
+            SourceKind::BundleTar
+        } else {
+            SourceKind::BundleDir
+        };
+        let mut plan = plan_from_meta(digest, &meta, kind);
         plan.restore = opts.restore;
-        let present = self.presence(&proxy, &plan).await;
-        proxy.finish().await.ok();
-        let present = present?;
+        let present = self.presence_of(&plan).await?;
         if !opts.hold && present.iter().all(|p| *p) {
             return self
                 .commit(path, &mut plan, &present, None, None, None)
                 .await;
         }
-
-        let staging_needed = stream || opts.hold;
-        let mut needs = vec![self.store_need(&plan, &present)];
-        if staging_needed || self.settings.retain_bundles {
-            // A stream is staged (and then kept when retained); a directory is copied
-            // when held or retained.
-            needs.push(SpaceNeed {
+        // What is copied into the store is a private copy, made while it is verified.
+        // longshore's own staged and retained copies are read in place.
+        if !stream && path.starts_with(&self.paths.state_dir) {
+            let verified = read::verify_dir(path, opts.expected, &self.cancel, None)?;
+            ensure_same(&verified, &digest, path)?;
+            check_space(
+                &[self.store_need(&plan, &present)],
+                self.settings.store.min_free_space,
+                path,
+            )?;
+            return self
+                .commit(
+                    path,
+                    &mut plan,
+                    &present,
+                    Some(path),
+                    Some(verified.bytes_verified),
+                    None,
+                )
+                .await;
+        }
+        let needs = [
+            self.store_need(&plan, &present),
+            SpaceNeed {
                 path: self.paths.staging_dir(),
                 bytes: unique_bundle_bytes(&meta),
-            });
-        }
+            },
+        ];
         check_space(&needs, self.settings.store.min_free_space, path)?;
-
-        let tmp = self.temp_staging(&digest)?;
-        let verified = match (stream, opts.hold) {
-            (true, _) => read::verify_stream(path, Some(&tmp), opts.expected, &self.cancel),
-            (false, false) => read::verify_dir(path, opts.expected, &self.cancel),
-            (false, true) => stage_dir(path, &tmp, opts.expected, &self.cancel),
+        let tmp = self.temp_staging()?;
+        let verified = if stream {
+            read::verify_stream(path, Some(&tmp), opts.expected, &self.cancel)
+        } else {
+            // Only what the missing images need is copied, unless the whole bundle is
+            // kept (held, or retained to heal from).
+            let keep = (!opts.hold && !self.settings.retain_bundles)
+                .then(|| plan.blobs_of_missing(&meta, &present));
+            Layout::create(&tmp, self.settings.store.min_free_space).and_then(|layout| {
+                read::verify_dir(
+                    path,
+                    opts.expected,
+                    &self.cancel,
+                    Some((&layout, keep.as_ref())),
+                )
+            })
         };
-        let verified = verified.inspect_err(|_| {
-            let _ = fs::remove_dir_all(&tmp);
-        })?;
-        ensure_same(&verified, &digest, path)?;
+        let verified = verified
+            .and_then(|v| ensure_same(&v, &digest, path).map(|_| v))
+            .inspect_err(|_| {
+                let _ = fs::remove_dir_all(&tmp);
+            })?;
         tracing::info!(
             bundle = %meta.name, digest = %digest,
             "verified {} images, {} hashed", meta.images.len(), human_size(verified.bytes_verified)
         );
-
-        let layout = if staging_needed {
-            let final_dir = self.paths.staging_dir().join(digest.hex());
-            replace_dir(&tmp, &final_dir)?;
-            final_dir
-        } else {
-            verified.layout.clone()
-        };
-        if opts.hold {
-            return self.record_held(path, &plan, layout, verified.bytes_verified);
-        }
-        let retain = match (self.settings.retain_bundles, staging_needed) {
-            (false, _) => None,
-            (true, true) => Some(Retain::Move(layout.clone())),
-            (true, false) => Some(Retain::CopyDir(layout.clone())),
-        };
-        let report = self
-            .commit(
-                path,
-                &mut plan,
-                &present,
-                Some(&layout),
-                Some(verified.bytes_verified),
-                retain,
-            )
-            .await;
-        if staging_needed && layout.exists() {
-            remove_staging(&layout);
-        }
-        report
+        self.finish_staged(path, plan, present, tmp, verified.bytes_verified, opts.hold)
+            .await
     }
 
-    async fn import_foreign(&mut self, f: Foreign, opts: &ImportOptions) -> Result<ImportReport> {
+    /// Sees which of the plan's images the store holds.
+    async fn presence_of(&self, plan: &Plan) -> Result<Vec<bool>> {
         let proxy = Proxy::start(&self.settings.skopeo).await?;
-        let res = self.import_foreign_with(&proxy, f, opts).await;
+        let present = self.presence(&proxy, plan).await;
         proxy.finish().await.ok();
-        res
+        present
     }
 
-    async fn import_foreign_with(
-        &mut self,
-        proxy: &Proxy,
-        f: Foreign,
-        opts: &ImportOptions,
-    ) -> Result<ImportReport> {
-        let mut images = Vec::new();
-        let mut opened = Vec::new();
-        for fi in &f.images {
-            let img = proxy
-                .open(&fi.source)
-                .await
-                .map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
-            let layers: Vec<(Digest, u64)> = img
-                .manifest
-                .layers
-                .iter()
-                .map(|l| (l.digest, l.size))
-                .collect();
-            images.push(PlannedImage {
-                source: fi.source.clone(),
-                repository: fi.repository.clone(),
-                tags: fi.tags.clone(),
-                digest: img.digest,
-                size: img.manifest.config.size + layers.iter().map(|l| l.1).sum::<u64>(),
-                // Layer sizes here are as stored; unpacked they may be larger, so count
-                // them twice, as OpenShift's rule does where the true size is unknown.
-                layers: layers
-                    .iter()
-                    .map(|(d, s)| (*d, s.saturating_mul(2)))
-                    .collect(),
-                overhead: img.manifest.config.size,
-                config: None,
-            });
-            opened.push(img);
-        }
-        let digest = implicit_digest(&f, &images);
-        check_expected(&f.path, &digest, opts.expected)?;
-        let plan = Plan {
-            restore: opts.restore,
-            digest,
-            name: f.name.clone(),
-            version: None,
-            kind: f.kind,
-            sets: vec![SetRecord {
-                name: f.name.clone(),
-                images: images
-                    .iter()
-                    .map(|i| format!("{}@{}", i.repository, i.digest))
-                    .collect(),
-                pinned: self.settings.pin_foreign,
-                critical: false,
+    /// Brings a foreign input into staging as a bundle (see [`crate::bundle::intake`]),
+    /// then imports that bundle.
+    async fn import_foreign(&mut self, f: Foreign, opts: &ImportOptions) -> Result<ImportReport> {
+        let floor = self.settings.store.min_free_space;
+        check_space(
+            &[SpaceNeed {
+                path: self.paths.staging_dir(),
+                bytes: dir_size(&f.path)?,
             }],
-            images,
-        };
-        let mut plan = plan;
-        let present = self.presence(proxy, &plan).await?;
+            floor,
+            &f.path,
+        )?;
+        let tmp = self.temp_staging()?;
+        let res = async {
+            let layout = Layout::create(&tmp, floor)?;
+            let staged =
+                intake::stage_foreign(&f, &layout, self.settings.pin_foreign, &self.cancel)?;
+            check_expected(&f.path, &staged.digest, opts.expected)?;
+            let mut plan = plan_from_meta(staged.digest, &staged.meta, f.kind);
+            plan.restore = opts.restore;
+            let present = self.presence_of(&plan).await?;
+            anyhow::Ok((staged, plan, present))
+        }
+        .await;
+        let (staged, mut plan, present) = res.inspect_err(|_| {
+            let _ = fs::remove_dir_all(&tmp);
+        })?;
+        tracing::info!(input = %f.path.display(), "verified {} images, {} read", plan.images.len(), human_size(staged.bytes_read));
         if !opts.hold && present.iter().all(|p| *p) {
-            for img in opened {
-                proxy.close(img).await?;
-            }
+            let _ = fs::remove_dir_all(&tmp);
             return self
                 .commit(&f.path, &mut plan, &present, None, None, None)
                 .await;
         }
-        let mut needs = vec![self.store_need(&plan, &present)];
-        if opts.hold || self.settings.retain_bundles {
-            needs.push(SpaceNeed {
-                path: self.paths.staging_dir(),
-                bytes: dir_size(&f.path)?,
-            });
+        if let Err(e) = check_space(&[self.store_need(&plan, &present)], floor, &f.path) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        check_space(&needs, self.settings.store.min_free_space, &f.path)?;
+        self.finish_staged(&f.path, plan, present, tmp, staged.bytes_read, opts.hold)
+            .await
+    }
 
-        // Verify every blob before anything is copied: the proxy and this reader both
-        // check each digest and size.
-        let mut verified = 0u64;
-        let mut seen = HashSet::new();
-        for (img, planned) in opened.iter().zip(&plan.images) {
-            let blobs = std::iter::once((img.manifest.config.digest, img.manifest.config.size))
-                .chain(img.manifest.layers.iter().map(|l| (l.digest, l.size)));
-            for (d, size) in blobs {
-                if !seen.insert(d) {
-                    continue;
-                }
-                proxy
-                    .read_blob(img, &d, size, &mut |_| Ok(()))
-                    .await
-                    .map_err(|e| {
-                        Rejected::new(&f.path, format!("image {}: {e:#}", planned.repository))
-                    })?;
-                verified += size;
-            }
+    /// After a bundle is verified into `tmp`: holds it, or copies its missing images into
+    /// the store (keeping the copy when bundles are retained).
+    async fn finish_staged(
+        &mut self,
+        source: &Path,
+        mut plan: Plan,
+        present: Vec<bool>,
+        tmp: PathBuf,
+        bytes_verified: u64,
+        hold: bool,
+    ) -> Result<ImportReport> {
+        let final_dir = self.paths.staging_dir().join(plan.digest.hex());
+        if let Err(e) = replace_dir(&tmp, &final_dir) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
         }
-        for img in opened {
-            proxy.close(img).await?;
-        }
-        tracing::info!(input = %f.path.display(), "verified {} images, {} read", plan.images.len(), human_size(verified));
-        if opts.hold {
-            let tmp = self.temp_staging(&digest)?;
-            let staged_input =
-                tmp.join(f.path.file_name().unwrap_or(std::ffi::OsStr::new("input")));
-            fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            copy_tree(&f.path, &staged_input, &self.cancel).inspect_err(|_| {
-                let _ = fs::remove_dir_all(&tmp);
-            })?;
-            let final_dir = self.paths.staging_dir().join(digest.hex());
-            replace_dir(&tmp, &final_dir)?;
-            return self.record_held(&f.path, &plan, final_dir, verified);
+        if hold {
+            return self.record_held(source, &plan, final_dir, bytes_verified);
         }
         let retain = self
             .settings
             .retain_bundles
-            .then(|| Retain::CopyInput(f.path.clone()));
-        self.commit(&f.path, &mut plan, &present, None, Some(verified), retain)
-            .await
+            .then(|| Retain::Move(final_dir.clone()));
+        let report = self
+            .commit(
+                source,
+                &mut plan,
+                &present,
+                Some(&final_dir),
+                Some(bytes_verified),
+                retain,
+            )
+            .await;
+        if final_dir.exists() {
+            remove_staging(&final_dir);
+        }
+        report
     }
 
     /// Copies a held bundle's images into the store.
     pub async fn apply(&mut self, which: &str) -> Result<ImportReport> {
+        sets::load_files(&self.paths)?;
         let rec = self.find_bundle(which)?.clone();
         if rec.state != BundleState::Held {
             bail!(
@@ -517,58 +503,30 @@ impl Engine {
             .staged
             .clone()
             .with_context(|| format!("bundle {} is held but has no staged copy", rec.name))?;
-        let report = match rec.kind {
-            SourceKind::BundleDir | SourceKind::BundleTar => {
-                let verified = read::verify_dir(&staged, Some(rec.digest), &self.cancel)?;
-                let mut plan = plan_from_meta(verified.digest, &verified.meta, rec.kind);
-                let proxy = Proxy::start(&self.settings.skopeo).await?;
-                let present = self.presence(&proxy, &plan).await;
-                proxy.finish().await.ok();
-                let present = present?;
-                check_space(
-                    &[self.store_need(&plan, &present)],
-                    self.settings.store.min_free_space,
-                    &staged,
-                )?;
-                let retain = self
-                    .settings
-                    .retain_bundles
-                    .then(|| Retain::Move(staged.clone()));
-                self.commit(
-                    &rec.source,
-                    &mut plan,
-                    &present,
-                    Some(&staged),
-                    Some(verified.bytes_verified),
-                    retain,
-                )
-                .await?
-            }
-            _ => {
-                let name = fs::read_dir(&staged)
-                    .with_context(|| format!("reading {}", staged.display()))?
-                    .next()
-                    .with_context(|| format!("{} is empty", staged.display()))?
-                    .with_context(|| format!("reading {}", staged.display()))?
-                    .path();
-                let Input::Foreign(f) = bundle::detect(&name)? else {
-                    bail!("{} no longer holds the input that was held", name.display());
-                };
-                let opts = ImportOptions {
-                    expected: Some(rec.digest),
-                    hold: false,
-                    restore: false,
-                };
-                let mut r = self.import_foreign(f, &opts).await?;
-                // Recorded under the staged path by import_foreign; keep the original.
-                if let Some(b) = self.state.bundles.get_mut(&r.digest) {
-                    b.source = rec.source.clone();
-                }
-                self.state.save(&self.paths.state_dir)?;
-                r.state = BundleState::Imported;
-                r
-            }
-        };
+        // The staged copy is longshore's own, verified when it was made; it is checked
+        // again before it is used.
+        let verified = read::verify_dir(&staged, Some(rec.digest), &self.cancel, None)?;
+        let mut plan = plan_from_meta(verified.digest, &verified.meta, rec.kind);
+        let present = self.presence_of(&plan).await?;
+        check_space(
+            &[self.store_need(&plan, &present)],
+            self.settings.store.min_free_space,
+            &staged,
+        )?;
+        let retain = self
+            .settings
+            .retain_bundles
+            .then(|| Retain::Move(staged.clone()));
+        let report = self
+            .commit(
+                &rec.source,
+                &mut plan,
+                &present,
+                Some(&staged),
+                Some(verified.bytes_verified),
+                retain,
+            )
+            .await?;
         if staged.exists() {
             remove_staging(&staged);
         }
@@ -624,22 +582,12 @@ impl Engine {
         }
     }
 
-    fn temp_staging(&self, digest: &Digest) -> Result<PathBuf> {
+    /// A fresh name for a bundle being verified into staging.
+    fn temp_staging(&self) -> Result<PathBuf> {
         let dir = self.paths.staging_dir();
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        // Leftovers of an interrupted run are of no use: their content was never recorded.
-        if let Ok(entries) = fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                    let _ = fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        Ok(dir.join(format!(
-            ".tmp-{}-{}",
-            &digest.hex()[..12],
-            std::process::id()
-        )))
+        let n = STAGING_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(dir.join(format!(".tmp-{}-{n}", std::process::id())))
     }
 
     /// Copies the missing images of a verified bundle layout.
@@ -847,7 +795,7 @@ impl Engine {
                 .is_some_and(|a| !a.previous.is_empty())
         });
         let mut copied = 0;
-        if missing > 0 {
+        let _marker = if missing > 0 {
             if replaced {
                 // First the pins of what stays, so images that left a set are collectable
                 // while the new ones are copied.
@@ -861,10 +809,14 @@ impl Engine {
                 Some(l) => self.copy_from_layout(plan, present, l),
                 None => self.copy_missing(plan, present),
             });
-            drop(marker);
+            // The mark stays until the pins are written below: until then, a look from
+            // outside sees the sets as still coming in, not as ready.
             self.busy.clear();
             copied = res?;
-        }
+            Some(marker)
+        } else {
+            None
+        };
         if let Some(from) = retain {
             match self.retain(&plan.digest, from) {
                 Ok(p) => {
@@ -941,7 +893,7 @@ impl Engine {
             &self.settings,
             &self.state,
             &self.store,
-            &self.busy,
+            Some(&self.busy),
         )
         .await?;
         let mut changed = false;
@@ -966,8 +918,17 @@ impl Engine {
                 self.crio.pin_file().display()
             );
         }
+        for f in &other.wildcard {
+            tracing::warn!(
+                "{} pins \"*\", which makes CRI-O panic at start and on reload; longshore leaves it out of {}",
+                f.display(),
+                self.crio.pin_file().display()
+            );
+        }
         let mut pins = other.before;
         pins.extend(sets::pins(&views));
+        // CRI-O panics on a bare "*" (see docs/crio.md); it is never written.
+        pins.remove("*");
         let pin_change = self.crio.write_pins(&pins)?;
         let store_change = self.sync_store_dropin()?;
         match pin_change {
@@ -998,10 +959,28 @@ impl Engine {
         Ok(s)
     }
 
+    /// Whether CRI-O is this host's to reload: not when `--sysroot` names another node's
+    /// disk (prepared offline, the factory case), whose CRI-O reads the new files when
+    /// that node boots; the running host's CRI-O on the system bus is never its CRI-O.
+    fn crio_is_ours(&self) -> bool {
+        let ours = self.paths.sysroot == Path::new("/") || self.settings.bus != Bus::System;
+        if !ours {
+            tracing::info!(
+                "{} is not reloaded: {} is another node's root, whose CRI-O reads the files when it starts",
+                self.settings.crio.unit,
+                self.paths.sysroot.display()
+            );
+        }
+        ours
+    }
+
     async fn reload_crio(&mut self) -> Result<()> {
         let unit = self.settings.crio.unit.clone();
         if !self.settings.crio.reload {
             tracing::info!("{unit} not reloaded ([crio] reload = false)");
+            return Ok(());
+        }
+        if !self.crio_is_ours() {
             return Ok(());
         }
         let outcome = async { self.systemd().await?.reload(&unit).await }
@@ -1031,6 +1010,9 @@ impl Engine {
             // The pins still reload without a restart.
             return self.reload_crio().await;
         }
+        if !self.crio_is_ours() {
+            return Ok(());
+        }
         let sd = self.systemd().await?;
         if sd.active_state(&unit).await? != "active" {
             tracing::info!("{unit} is not active; it reads the new configuration when it starts");
@@ -1050,6 +1032,13 @@ impl Engine {
             StoreMode::Primary => self.crio.write_store(None),
             StoreMode::Additional => {
                 self.store.prepare_read_only()?;
+                // CRI-O refuses to start when the directory a store option names is
+                // missing: the drop-in is written only once it exists.
+                anyhow::ensure!(
+                    self.store.root.is_dir(),
+                    "{} is missing, so CRI-O could not start with it as an image store",
+                    self.store.root.display()
+                );
                 // CRI-O runs on the host, so the drop-in names the path as the host sees it.
                 let on_node = self.paths.on_node(&self.store.root);
                 self.crio.write_store(Some(&on_node))
@@ -1111,10 +1100,9 @@ impl Engine {
                 b.name,
                 retained.display()
             );
-            let input = match b.kind {
-                SourceKind::BundleDir | SourceKind::BundleTar => Ok(Input::BundleDir(retained)),
-                _ => first_entry(&retained).and_then(|p| bundle::detect(&p)),
-            };
+            // Every retained copy is a bundle directory longshore wrote, foreign inputs
+            // included (see crate::bundle::intake).
+            let input: Result<Input> = Ok(Input::BundleDir(retained));
             let opts = ImportOptions {
                 expected: Some(b.digest),
                 hold: false,
@@ -1142,31 +1130,9 @@ impl Engine {
         let dir = self.paths.state_dir.join("bundles");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let dest = dir.join(digest.hex());
-        let tmp = dir.join(format!(
-            ".tmp-{}-{}",
-            &digest.hex()[..12],
-            std::process::id()
-        ));
-        let _ = fs::remove_dir_all(&tmp);
-        match from {
-            Retain::Move(p) if p == dest => return Ok(dest),
-            Retain::Move(p) => replace_dir(&p, &dest)?,
-            Retain::CopyDir(p) if p == dest => return Ok(dest),
-            Retain::CopyDir(p) => {
-                copy_tree(&p, &tmp, &self.cancel).inspect_err(|_| {
-                    let _ = fs::remove_dir_all(&tmp);
-                })?;
-                replace_dir(&tmp, &dest)?;
-            }
-            Retain::CopyInput(p) if p.starts_with(&dest) => return Ok(dest),
-            Retain::CopyInput(p) => {
-                fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-                let name = p.file_name().unwrap_or(std::ffi::OsStr::new("input"));
-                copy_tree(&p, &tmp.join(name), &self.cancel).inspect_err(|_| {
-                    let _ = fs::remove_dir_all(&tmp);
-                })?;
-                replace_dir(&tmp, &dest)?;
-            }
+        let Retain::Move(p) = from;
+        if p != dest {
+            replace_dir(&p, &dest)?;
         }
         tracing::info!("kept a verified copy of the bundle in {}", dest.display());
         Ok(dest)
@@ -1240,14 +1206,69 @@ impl Engine {
     }
 }
 
+/// Removes what a longshore killed at any point left behind (called with the state lock
+/// held, so no other import is using any of it): half-made staging directories, staged
+/// bundles no held record names, temporary state files, skopeo's temporary files.
+fn sweep(paths: &HostPaths, state: &State) {
+    let held: HashSet<PathBuf> = state
+        .bundles
+        .values()
+        .filter_map(|b| b.staged.clone())
+        .collect();
+    let alive = |pid: &str| {
+        pid.parse::<i32>()
+            .is_ok_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok())
+    };
+    let remove = |p: &Path| {
+        let res = if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(p)
+        } else {
+            fs::remove_file(p)
+        };
+        match res {
+            Ok(()) => tracing::info!("removed {}, left by an interrupted run", p.display()),
+            Err(e) => tracing::warn!("removing {}: {e}", p.display()),
+        }
+    };
+    let entries = |d: &Path| -> Vec<(String, PathBuf)> {
+        fs::read_dir(d)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (name, p) in entries(&paths.staging_dir()) {
+        let stale = if let Some(rest) = name.strip_prefix(".verify-") {
+            // `longshore verify` takes no lock; its directory goes once it is gone.
+            !alive(rest.split('-').next().unwrap_or(""))
+        } else {
+            name.starts_with(".tmp-") || !held.contains(&p)
+        };
+        if stale {
+            remove(&p);
+        }
+    }
+    for (name, p) in entries(&paths.state_dir) {
+        if name.starts_with(".state.json.tmp") {
+            remove(&p);
+        }
+    }
+    for (name, p) in entries(&paths.state_dir.join("bundles")) {
+        if name.starts_with(".tmp-") {
+            remove(&p);
+        }
+    }
+    for (_, p) in entries(&paths.state_dir.join("tmp")) {
+        remove(&p);
+    }
+}
+
 /// Where a retained copy comes from.
 enum Retain {
     /// A staged, verified layout, moved into place.
     Move(PathBuf),
-    /// A verified bundle directory, copied.
-    CopyDir(PathBuf),
-    /// A foreign input (file or directory), copied.
-    CopyInput(PathBuf),
 }
 
 /// A mark in `/run/longshore/progress.json` that sets are being imported, so another
@@ -1309,18 +1330,23 @@ pub fn crio_config(paths: &HostPaths) -> CrioConfig {
 }
 
 /// Every set in force and its state, and the pins of CRI-O's other files.
+///
+/// `busy` is what the caller is importing itself, when it holds the state lock (then no
+/// other process imports); without it, the mark an importing process leaves is read.
 pub async fn evaluate_sets(
     paths: &HostPaths,
     settings: &Settings,
     state: &State,
     store: &Store,
-    busy: &std::collections::BTreeSet<String>,
+    busy: Option<&std::collections::BTreeSet<String>>,
 ) -> Result<(Vec<SetView>, crate::crio::OtherPins)> {
     let files = sets::load_files(paths)?;
     let defs = sets::effective(state, files);
     let other = crio_config(paths).other_pins()?;
-    let mut importing = busy_elsewhere(paths);
-    importing.extend(busy.iter().cloned());
+    let importing = match busy {
+        Some(b) => b.clone(),
+        None => busy_elsewhere(paths),
+    };
     let activity = Activity {
         importing,
         overriding: other.overriding.clone(),
@@ -1334,16 +1360,6 @@ pub async fn evaluate_sets(
     Ok((views?, other))
 }
 
-/// The one entry of a retained foreign input's directory.
-fn first_entry(dir: &Path) -> Result<PathBuf> {
-    Ok(fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .next()
-        .with_context(|| format!("{} is empty", dir.display()))?
-        .with_context(|| format!("reading {}", dir.display()))?
-        .path())
-}
-
 struct Scheduler {
     pending: VecDeque<usize>,
     /// Layers a running copy is writing.
@@ -1354,11 +1370,14 @@ struct Scheduler {
     failed: Option<anyhow::Error>,
 }
 
-/// Verifies a bundle without importing it.
+/// Verifies a bundle without importing it. Foreign inputs are brought into a temporary
+/// staging directory under `paths` to be checked (see [`crate::bundle::intake`]), and it
+/// is removed again.
 pub async fn verify(
     path: &Path,
     expected: Option<Digest>,
     settings: &Settings,
+    paths: &HostPaths,
     cancel: &Cancel,
 ) -> Result<Vec<VerifyReport>> {
     let inputs = match bundle::detect(path)? {
@@ -1372,15 +1391,29 @@ pub async fn verify(
     let mut out = Vec::new();
     for input in inputs {
         out.push(match input {
-            Input::BundleDir(d) => VerifyReport::from(&d, read::verify_dir(&d, expected, cancel)?),
+            Input::BundleDir(d) => {
+                VerifyReport::from(&d, read::verify_dir(&d, expected, cancel, None)?)
+            }
             Input::BundleStream(p) => {
                 VerifyReport::from(&p, read::verify_stream(&p, None, expected, cancel)?)
             }
             Input::Foreign(f) => {
-                let proxy = Proxy::start(&settings.skopeo).await?;
-                let r = verify_foreign(&proxy, &f, expected).await;
-                proxy.finish().await.ok();
-                r?
+                let dir = paths.staging_dir();
+                fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                let n = STAGING_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let tmp = dir.join(format!(".verify-{}-{n}", std::process::id()));
+                let res = Layout::create(&tmp, settings.store.min_free_space)
+                    .and_then(|l| intake::stage_foreign(&f, &l, settings.pin_foreign, cancel));
+                let _ = fs::remove_dir_all(&tmp);
+                let staged = res?;
+                check_expected(&f.path, &staged.digest, expected)?;
+                VerifyReport {
+                    path: f.path.clone(),
+                    digest: staged.digest,
+                    name: staged.meta.name,
+                    images: staged.meta.images.len(),
+                    bytes_verified: staged.bytes_read,
+                }
             }
             Input::Collection(d, _) => {
                 bail!("{}: nested collections are not verified", d.display())
@@ -1388,57 +1421,6 @@ pub async fn verify(
         });
     }
     Ok(out)
-}
-
-async fn verify_foreign(
-    proxy: &Proxy,
-    f: &Foreign,
-    expected: Option<Digest>,
-) -> Result<VerifyReport> {
-    let mut images = Vec::new();
-    let mut bytes = 0;
-    let mut seen = HashSet::new();
-    for fi in &f.images {
-        let img = proxy
-            .open(&fi.source)
-            .await
-            .map_err(|e| Rejected::new(&f.path, format!("{e:#}")))?;
-        let blobs: Vec<(Digest, u64)> =
-            std::iter::once((img.manifest.config.digest, img.manifest.config.size))
-                .chain(img.manifest.layers.iter().map(|l| (l.digest, l.size)))
-                .collect();
-        for (d, size) in blobs {
-            if seen.insert(d) {
-                proxy
-                    .read_blob(&img, &d, size, &mut |_| Ok(()))
-                    .await
-                    .map_err(|e| {
-                        Rejected::new(&f.path, format!("image {}: {e:#}", fi.repository))
-                    })?;
-                bytes += size;
-            }
-        }
-        images.push(PlannedImage {
-            source: fi.source.clone(),
-            repository: fi.repository.clone(),
-            tags: fi.tags.clone(),
-            digest: img.digest,
-            size: 0,
-            layers: vec![],
-            overhead: 0,
-            config: None,
-        });
-        proxy.close(img).await?;
-    }
-    let digest = implicit_digest(f, &images);
-    check_expected(&f.path, &digest, expected)?;
-    Ok(VerifyReport {
-        path: f.path.clone(),
-        digest,
-        name: f.name.clone(),
-        images: images.len(),
-        bytes_verified: bytes,
-    })
 }
 
 /// What `verify` found.
@@ -1536,21 +1518,6 @@ fn unique_bundle_bytes(meta: &BundleMeta) -> u64 {
     total
 }
 
-/// The identity of a foreign input: the digest of what it holds, so the same images
-/// under the same names are the same implicit bundle wherever they come from.
-fn implicit_digest(f: &Foreign, images: &[PlannedImage]) -> Digest {
-    let doc = serde_json::json!({
-        "kind": f.kind,
-        "name": f.name,
-        "images": images.iter().map(|i| serde_json::json!({
-            "repository": i.repository,
-            "tags": i.tags,
-            "digest": i.digest.to_string(),
-        })).collect::<Vec<_>>(),
-    });
-    Digest::of(doc.to_string().as_bytes())
-}
-
 /// `--digest` names one bundle: a collection must then hold exactly one input.
 fn one_input_for_digest(dir: &Path, inputs: usize, expected: Option<Digest>) -> Result<()> {
     if expected.is_some() && inputs != 1 {
@@ -1581,36 +1548,6 @@ fn ensure_same(v: &Verified, digest: &Digest, path: &Path) -> Result<()> {
             ),
         )
         .into());
-    }
-    Ok(())
-}
-
-/// Copies a bundle directory into `tmp` and verifies the copy, so what is held is exactly
-/// what was checked.
-fn stage_dir(
-    src: &Path,
-    tmp: &Path,
-    expected: Option<Digest>,
-    cancel: &Cancel,
-) -> Result<Verified> {
-    copy_tree(src, tmp, cancel)?;
-    read::verify_dir(tmp, expected, cancel)
-}
-
-fn copy_tree(src: &Path, dst: &Path, cancel: &Cancel) -> Result<()> {
-    cancel.check()?;
-    let md = fs::symlink_metadata(src).with_context(|| format!("reading {}", src.display()))?;
-    if md.is_dir() {
-        fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
-        for e in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
-            let e = e.with_context(|| format!("reading {}", src.display()))?;
-            copy_tree(&e.path(), &dst.join(e.file_name()), cancel)?;
-        }
-    } else if md.is_file() {
-        fs::copy(src, dst)
-            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-    } else {
-        return Err(Rejected::new(src, "is neither a regular file nor a directory").into());
     }
     Ok(())
 }

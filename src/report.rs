@@ -41,8 +41,7 @@ pub fn sets_json(sets: &[SetView]) -> serde_json::Value {
 pub async fn sets(paths: &HostPaths, settings: &Settings) -> Result<Vec<SetView>> {
     let state = State::load(&paths.state_dir)?;
     let store = Store::new(paths, settings);
-    let (views, _) =
-        engine::evaluate_sets(paths, settings, &state, &store, &Default::default()).await?;
+    let (views, _) = engine::evaluate_sets(paths, settings, &state, &store, None).await?;
     Ok(views)
 }
 
@@ -148,8 +147,7 @@ pub async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
     if let Some(p) = proxy {
         p.finish().await.ok();
     }
-    let (sets, _) =
-        engine::evaluate_sets(paths, settings, &state, &store, &Default::default()).await?;
+    let (sets, _) = engine::evaluate_sets(paths, settings, &state, &store, None).await?;
     let mut bundles: Vec<BundleStatus> = state
         .bundles
         .values()

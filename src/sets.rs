@@ -8,7 +8,6 @@
 //! bundle's set of the same name.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -75,6 +74,9 @@ pub struct SetDef {
     pub previous: Vec<String>,
 }
 
+/// Largest set file read (a release's thousand images take about 100 KiB).
+pub const MAX_SET_FILE: u64 = 4 << 20;
+
 /// Reads the set files of every `sets.d` directory.
 pub fn load_files(paths: &HostPaths) -> Result<Vec<SetDef>> {
     let dirs: Vec<PathBuf> = paths.config_dirs.iter().map(|d| d.join("sets.d")).collect();
@@ -101,8 +103,8 @@ fn load_file(path: &Path) -> Result<SetDef> {
             path.display()
         );
     }
-    let text =
-        fs::read_to_string(path).with_context(|| format!("reading set file {}", path.display()))?;
+    let text = crate::config::read_text(path, MAX_SET_FILE)
+        .with_context(|| format!("reading set file {}", path.display()))?;
     let f: SetFile =
         toml::from_str(&text).with_context(|| format!("set file {}", path.display()))?;
     let mut seen = BTreeSet::new();
@@ -115,8 +117,10 @@ fn load_file(path: &Path) -> Result<SetDef> {
                 path.display()
             ),
             None => anyhow::bail!(
-                "set file {}: image {r:?} is not a full image reference (registry/repository@sha256:…)",
-                path.display()
+                "set file {}: image {} is not a full image reference (registry/repository@sha256:…): {}",
+                path.display(),
+                crate::untrusted::quote(r.as_bytes()),
+                crate::oci::reference::parse(r).err().unwrap_or_default()
             ),
         }
         if !seen.insert(r) {
@@ -347,6 +351,13 @@ fn conditions(
             false,
             "ImagesMissing",
             format!("{} of {total} images are not in the store", missing.len()),
+        )
+    } else if importing {
+        // Present, but not pinned yet: the import is still under way.
+        (
+            false,
+            "Importing",
+            format!("all {total} images are in the store; the import is finishing"),
         )
     } else if overridden {
         (

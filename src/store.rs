@@ -25,6 +25,8 @@ pub struct Store {
     pub run_root: PathBuf,
     skopeo: String,
     policy: Option<PathBuf>,
+    /// Where skopeo keeps its temporary files (`--tmpdir`), swept by longshore.
+    tmp: PathBuf,
     cancel: Cancel,
 }
 
@@ -62,6 +64,7 @@ impl Store {
             run_root,
             skopeo: settings.skopeo.clone(),
             policy,
+            tmp: paths.state_dir.join("tmp"),
             cancel: Cancel::default(),
         }
     }
@@ -156,7 +159,13 @@ impl Store {
     /// Copies `source` (any transport skopeo reads) into the store under `name`, keeping
     /// the manifest byte for byte so the image keeps its digest.
     pub fn copy(&self, source: &str, name: &str) -> Result<()> {
+        // containers/image stages layers in a temporary directory ("storage*",
+        // storage/storage_dest.go) under /var/tmp unless told otherwise; under the state
+        // directory, what a killed copy leaves is swept (see engine).
+        std::fs::create_dir_all(&self.tmp)
+            .with_context(|| format!("creating {}", self.tmp.display()))?;
         let mut cmd = Command::new(&self.skopeo);
+        cmd.arg("--tmpdir").arg(&self.tmp);
         if let Some(p) = &self.policy {
             cmd.arg("--policy").arg(p);
         }
@@ -165,14 +174,16 @@ impl Store {
         process::run_cancellable(&mut cmd, &self.cancel).map(|_| ())
     }
 
-    /// Copies one image and gives it every name it should carry: the digest name first,
-    /// then each tag (later copies of the same image only add the name).
+    /// Copies one image and gives it every name it should carry: each tag first, then the
+    /// digest name (later copies of the same image only add the name). Sets name images
+    /// by digest, so an image counts as present only once it carries all its names.
+    /// `source` is longshore's private, verified copy, so every name points at the
+    /// manifest that was verified.
     pub fn copy_image(&self, source: &str, image: &Wanted<'_>) -> Result<()> {
-        self.copy(source, &format!("{}@{}", image.repository, image.digest))?;
         for tag in image.tags {
             self.copy(source, &format!("{}:{}", image.repository, tag))?;
         }
-        Ok(())
+        self.copy(source, &format!("{}@{}", image.repository, image.digest))
     }
 }
 

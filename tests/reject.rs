@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use common::fixture;
 use common::node::{require, Node};
+use common::rawtar::RawTar;
 
 const REJECTED: i32 = 3;
 const NO_SPACE: i32 = 4;
@@ -80,65 +81,6 @@ fn assert_refused(node: &Node, input: &Path, extra: &[&str], file_part: &str, ne
             serde_json::json!({}),
             "nothing may be recorded"
         );
-    }
-}
-
-/// Builds a tar stream entry by entry, writing names and types exactly as given, so
-/// entries a well-behaved writer refuses to make can be made.
-struct RawTar(Vec<u8>);
-
-impl RawTar {
-    fn new() -> Self {
-        RawTar(Vec::new())
-    }
-
-    fn entry(&mut self, name: &[u8], kind: tar::EntryType, data: &[u8], link: &[u8]) -> &mut Self {
-        let mut h = tar::Header::new_gnu();
-        {
-            let g = h.as_gnu_mut().unwrap();
-            g.name[..name.len()].copy_from_slice(name);
-            g.linkname[..link.len()].copy_from_slice(link);
-        }
-        h.set_entry_type(kind);
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_mtime(0);
-        if kind == tar::EntryType::Char {
-            h.set_device_major(1).unwrap();
-            h.set_device_minor(3).unwrap();
-        }
-        h.set_cksum();
-        self.0.extend_from_slice(h.as_bytes());
-        self.0.extend_from_slice(data);
-        let pad = (512 - data.len() % 512) % 512;
-        self.0.extend(std::iter::repeat_n(0u8, pad));
-        self
-    }
-
-    fn file(&mut self, name: &str, data: &[u8]) -> &mut Self {
-        self.entry(name.as_bytes(), tar::EntryType::Regular, data, b"")
-    }
-
-    /// Every file of a bundle directory, bundle.json first.
-    fn bundle(&mut self, dir: &Path) -> &mut Self {
-        for f in ["bundle.json", "oci-layout", "index.json"] {
-            self.file(f, &fs::read(dir.join(f)).unwrap());
-        }
-        let mut blobs: Vec<PathBuf> = fs::read_dir(dir.join("blobs/sha256"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        blobs.sort();
-        for b in blobs {
-            let name = format!("blobs/sha256/{}", b.file_name().unwrap().to_string_lossy());
-            self.file(&name, &fs::read(&b).unwrap());
-        }
-        self
-    }
-
-    fn finish(&mut self, path: &Path) {
-        self.0.extend(std::iter::repeat_n(0u8, 1024));
-        fs::write(path, &self.0).unwrap();
     }
 }
 
@@ -449,19 +391,6 @@ fn hostile_tar_entries() {
         "late.tar",
         "a bundle starts with bundle.json",
     );
-}
-
-impl RawTar {
-    /// The bundle's files other than bundle.json.
-    fn bundle_rest(&mut self, dir: &Path) -> &mut Self {
-        let mut full = RawTar::new();
-        full.bundle(dir);
-        // Skip the first entry (bundle.json): header plus padded data.
-        let len = fs::metadata(dir.join("bundle.json")).unwrap().len() as usize;
-        let skip = 512 + len.div_ceil(512) * 512;
-        self.0.extend_from_slice(&full.0[skip..]);
-        self
-    }
 }
 
 #[test]

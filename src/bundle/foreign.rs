@@ -1,19 +1,22 @@
 //! Foreign inputs: `docker save` / `podman save` archives, oci-archive files, OCI layouts
 //! without `bundle.json`, and `dir:` trees, recognised from their content. Each becomes an
-//! implicit bundle whose images skopeo reads straight from the input.
+//! implicit bundle; [`super::intake`] brings its images into longshore's staging, where
+//! they are checked, before any other program reads them.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
+use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use super::format::{split_reference, valid_tag, Index, RefTail, REF_NAME};
+use super::archive::{Kind, Reader};
+use super::format::{split_reference, valid_tag, Index, RefTail, MAX_DOCUMENT, REF_NAME};
 use super::read::{open_stream, valid_set_name};
 use super::Rejected;
 use crate::state::SourceKind;
+use crate::untrusted::{quote, Tree};
 
 /// The input is not one of the foreign formats.
 #[derive(Debug, thiserror::Error)]
@@ -36,8 +39,9 @@ pub struct Foreign {
 /// An image of a foreign input.
 #[derive(Debug, Clone)]
 pub struct ForeignImage {
-    /// How skopeo addresses it, such as `docker-archive:/m/app.tar:@0`.
-    pub source: String,
+    /// Where it is in the input: its entry in `manifest.json` (docker archives) or in
+    /// `index.json` (OCI layouts and archives).
+    pub index: usize,
     /// Repository it is stored under.
     pub repository: String,
     /// Tags it is stored under.
@@ -54,14 +58,11 @@ pub fn detect_dir(dir: &Path) -> Result<Foreign> {
 /// (`registry.example.com/team/app:1.0`).
 pub fn detect_dir_in(dir: &Path, root: Option<&Path>) -> Result<Foreign> {
     let name = implicit_name(dir);
-    if dir.join("oci-layout").is_file() && dir.join("index.json").is_file() {
+    let tree = Tree::open(dir)?;
+    if tree.is_file("oci-layout") && tree.is_file("index.json") {
         let index_path = dir.join("index.json");
-        let bytes =
-            fs::read(&index_path).with_context(|| format!("reading {}", index_path.display()))?;
-        let images = oci_images(&index_path, &bytes, &name, |r| match r {
-            Some(r) => format!("oci:{}:{r}", dir.display()),
-            None => format!("oci:{}", dir.display()),
-        })?;
+        let bytes = tree.read("index.json", MAX_DOCUMENT)?;
+        let images = oci_images(&index_path, &bytes, &name)?;
         return Ok(Foreign {
             path: dir.into(),
             kind: SourceKind::OciLayout,
@@ -69,7 +70,7 @@ pub fn detect_dir_in(dir: &Path, root: Option<&Path>) -> Result<Foreign> {
             images,
         });
     }
-    if is_dir_transport(dir) {
+    if is_dir_transport(&tree) {
         let base = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -86,7 +87,7 @@ pub fn detect_dir_in(dir: &Path, root: Option<&Path>) -> Result<Foreign> {
             kind: SourceKind::Dir,
             name,
             images: vec![ForeignImage {
-                source: format!("dir:{}", dir.display()),
+                index: 0,
                 repository,
                 tags,
             }],
@@ -96,10 +97,11 @@ pub fn detect_dir_in(dir: &Path, root: Option<&Path>) -> Result<Foreign> {
 }
 
 /// Whether `dir` holds an image in skopeo's `dir:` format (`manifest.json` and `version`).
-pub fn is_dir_transport(dir: &Path) -> bool {
-    dir.join("manifest.json").is_file()
-        && fs::read_to_string(dir.join("version"))
-            .is_ok_and(|v| v.starts_with("Directory Transport Version"))
+pub fn is_dir_transport(dir: &Tree) -> bool {
+    dir.is_file("manifest.json")
+        && dir
+            .read("version", 256)
+            .is_ok_and(|v| v.starts_with(b"Directory Transport Version"))
 }
 
 /// Recognises a tar archive: `docker save` output or an oci-archive.
@@ -139,7 +141,10 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
                 let Some((repo, RefTail::Tag(tag))) = split_reference(&full) else {
                     return Err(Rejected::new(
                         path,
-                        format!("image {i} has tag {t:?}, which is not a valid image reference"),
+                        format!(
+                            "image {i} has tag {}, which is not a valid image reference",
+                            quote(t.as_bytes())
+                        ),
                     )
                     .into());
                 };
@@ -159,7 +164,7 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
                 tags.push(format!("{i}"));
             }
             images.push(ForeignImage {
-                source: format!("docker-archive:{}:@{i}", path.display()),
+                index: i,
                 repository,
                 tags,
             });
@@ -173,10 +178,7 @@ pub fn detect_archive(path: &Path) -> Result<Foreign> {
     }
     if let (Some(bytes), true) = (oci_index, has_layout) {
         let index_path = path.join("index.json");
-        let images = oci_images(&index_path, &bytes, &name, |r| match r {
-            Some(r) => format!("oci-archive:{}:{r}", path.display()),
-            None => format!("oci-archive:{}", path.display()),
-        })?;
+        let images = oci_images(&index_path, &bytes, &name)?;
         return Ok(Foreign {
             path: path.into(),
             kind: SourceKind::OciArchive,
@@ -200,24 +202,23 @@ struct ArchiveScan {
     has_bundle_json: bool,
 }
 
-/// Reads the entry names of a tar archive, keeping `manifest.json` and `index.json`.
+/// Reads the entry names of a tar archive, keeping `manifest.json` and `index.json`
+/// (each read only up to [`MAX_DOCUMENT`]).
 fn scan_archive(path: &Path) -> Result<ArchiveScan> {
     let (_, stream) = open_stream(path)?;
-    let mut archive = tar::Archive::new(stream);
+    let mut reader = Reader::new(stream);
     let mut docker = None;
     let mut index = None;
     let mut layout = false;
     let mut bundle_json = false;
-    let entries = archive
-        .entries()
-        .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-    for entry in entries {
-        let mut entry =
-            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-        let name = String::from_utf8_lossy(&entry.path_bytes())
-            .trim_start_matches("./")
-            .to_string();
-        let keep = match name.as_str() {
+    let bad = |e: super::archive::TarError| Rejected::new(path, e.to_string());
+    while let Some(mut entry) = reader.next_entry().map_err(bad)? {
+        if entry.kind != Kind::File {
+            continue;
+        }
+        let raw = String::from_utf8_lossy(&entry.name).into_owned();
+        let name = raw.trim_start_matches("./");
+        let keep = match name {
             "manifest.json" => &mut docker,
             "index.json" => &mut index,
             "oci-layout" => {
@@ -230,9 +231,16 @@ fn scan_archive(path: &Path) -> Result<ArchiveScan> {
             }
             _ => continue,
         };
+        if entry.size > MAX_DOCUMENT {
+            return Err(Rejected::new(
+                path,
+                format!("{name} has {} bytes (at most {MAX_DOCUMENT})", entry.size),
+            )
+            .into());
+        }
         let mut bytes = Vec::new();
         (&mut entry)
-            .take(super::format::MAX_DOCUMENT)
+            .take(MAX_DOCUMENT)
             .read_to_end(&mut bytes)
             .map_err(|e| Rejected::new(path, format!("entry {name:?} cannot be read: {e}")))?;
         *keep = Some(bytes);
@@ -245,12 +253,7 @@ fn scan_archive(path: &Path) -> Result<ArchiveScan> {
     })
 }
 
-fn oci_images(
-    index_path: &Path,
-    bytes: &[u8],
-    name: &str,
-    source: impl Fn(Option<&str>) -> String,
-) -> Result<Vec<ForeignImage>> {
+fn oci_images(index_path: &Path, bytes: &[u8], name: &str) -> Result<Vec<ForeignImage>> {
     let index: Index = serde_json::from_slice(bytes)
         .map_err(|e| Rejected::new(index_path, format!("is not a valid OCI index: {e}")))?;
     if index.manifests.is_empty() {
@@ -261,12 +264,12 @@ fn oci_images(
         match d.annotations.get(REF_NAME) {
             Some(r) => {
                 let (repository, tags) = name_from_ref_name(r, name).ok_or_else(|| {
-                    Rejected::new(index_path, format!("entry {i} has ref.name {r:?}, which is neither a full image reference nor a tag"))
+                    Rejected::new(index_path, format!("entry {i} has ref.name {}, which is neither a full image reference nor a tag", quote(r.as_bytes())))
                 })?;
-                images.push(ForeignImage { source: source(Some(r)), repository, tags });
+                images.push(ForeignImage { index: i, repository, tags });
             }
             None if index.manifests.len() == 1 => images.push(ForeignImage {
-                source: source(None),
+                index: i,
                 repository: format!("localhost/{name}"),
                 tags: vec!["latest".into()],
             }),
@@ -377,9 +380,10 @@ fn scan_into(dir: &Path, depth: usize, found: &mut BTreeMap<PathBuf, ()>) -> Res
             continue;
         }
         if ft.is_dir() {
-            if path.join(super::format::BUNDLE_JSON).is_file()
-                || (path.join("oci-layout").is_file() && path.join("index.json").is_file())
-                || is_dir_transport(&path)
+            let tree = Tree::open(&path)?;
+            if tree.is_file(super::format::BUNDLE_JSON)
+                || (tree.is_file("oci-layout") && tree.is_file("index.json"))
+                || is_dir_transport(&tree)
             {
                 found.insert(path, ());
             } else if depth > 1 {
@@ -394,7 +398,7 @@ fn scan_into(dir: &Path, depth: usize, found: &mut BTreeMap<PathBuf, ()>) -> Res
 
 fn looks_like_tar(path: &Path) -> bool {
     let mut head = [0u8; 512];
-    let Ok(mut f) = File::open(path) else {
+    let Ok(mut f) = crate::untrusted::open_input(path) else {
         return false;
     };
     let mut n = 0;

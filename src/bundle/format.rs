@@ -187,51 +187,17 @@ pub struct Manifest {
 }
 
 /// Splits a full image reference (`host/repo:tag` or `host/repo@sha256:…`) into the
-/// repository and its tag or digest; `None` when it is not a full reference (no registry
-/// host in the first component, or no tag or digest).
+/// repository and its tag or digest; `None` when it is not a full reference as
+/// containers/image accepts it (see [`crate::oci::reference`]).
 pub fn split_reference(reference: &str) -> Option<(String, RefTail)> {
-    let (repo, tail) = if let Some((repo, digest)) = reference.split_once('@') {
-        (repo, RefTail::Digest(digest.parse().ok()?))
-    } else {
-        let slash = reference.rfind('/')?;
-        let colon = reference[slash..].rfind(':')? + slash;
-        let tag = &reference[colon + 1..];
-        if !valid_tag(tag) {
-            return None;
-        }
-        (&reference[..colon], RefTail::Tag(tag.to_string()))
-    };
-    let (host, path) = repo.split_once('/')?;
-    let host_ok = host.contains('.') || host.contains(':') || host == "localhost";
-    let path_ok = !path.is_empty()
-        && path.split('/').all(|c| {
-            !c.is_empty()
-                && c.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-        });
-    let host_chars = host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-    (host_ok && path_ok && host_chars).then(|| (repo.to_string(), tail))
+    crate::oci::reference::parse(reference).ok()
 }
 
 /// What follows the repository in a reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RefTail {
-    /// `:tag`
-    Tag(String),
-    /// `@sha256:…`
-    Digest(Digest),
-}
+pub use crate::oci::reference::Tail as RefTail;
 
 /// Whether `t` is a valid tag: up to 128 of `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
-pub fn valid_tag(t: &str) -> bool {
-    !t.is_empty()
-        && t.len() <= 128
-        && !t.starts_with(['.', '-'])
-        && t.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-}
+pub use crate::oci::reference::valid_tag;
 
 #[cfg(test)]
 mod tests {

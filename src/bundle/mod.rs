@@ -2,8 +2,10 @@
 //! inputs (`docker save` archives, oci-archives, OCI layouts, `dir:` trees) that are taken
 //! as implicit bundles.
 
+pub mod archive;
 pub mod foreign;
 pub mod format;
+pub mod intake;
 pub mod read;
 pub mod write;
 
@@ -60,7 +62,12 @@ pub fn detect(path: &Path) -> Result<Input> {
 pub fn detect_in(path: &Path, root: Option<&Path>) -> Result<Input> {
     let md = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if md.is_dir() {
-        if path.join(format::BUNDLE_JSON).exists() {
+        // Any bundle.json makes a bundle directory, whatever it is; the bundle's reader
+        // then says what is wrong with it.
+        if crate::untrusted::Tree::open(path)?
+            .kind(format::BUNDLE_JSON)?
+            .is_some()
+        {
             return Ok(Input::BundleDir(path.to_path_buf()));
         }
         return match foreign::detect_dir_in(path, root) {
@@ -101,7 +108,7 @@ pub fn detect_in(path: &Path, root: Option<&Path>) -> Result<Input> {
 }
 
 fn read_head(path: &Path, buf: &mut [u8]) -> Result<usize> {
-    let mut f = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = crate::untrusted::open_input(path)?;
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..]) {

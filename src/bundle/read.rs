@@ -7,18 +7,21 @@
 //! name. Files outside that chain are refused, so every byte that is kept is accounted for.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result};
 
+use super::archive::{Entry, Kind, Reader, TarError};
 use super::format::*;
+use super::intake::Layout;
 use super::Rejected;
 use crate::cancel::{Cancel, Checked};
 use crate::digest::{hash_reader, Digest, Hasher, HASH_BUFFER};
+use crate::untrusted::{quote, Tree};
 
 /// A bundle whose digest chain has been checked end to end.
 #[derive(Debug)]
@@ -60,7 +63,7 @@ pub fn sniff(head: &[u8]) -> Option<Compression> {
 
 /// Opens `path` (a file or a block device) as a decompressed tar stream.
 pub fn open_stream(path: &Path) -> Result<(Compression, Box<dyn Read + Send>)> {
-    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let f = crate::untrusted::open_input(path)?;
     let mut r = BufReader::with_capacity(HASH_BUFFER, f);
     let head = r
         .fill_buf()
@@ -85,9 +88,8 @@ pub fn open_stream(path: &Path) -> Result<(Compression, Box<dyn Read + Send>)> {
 
 /// Reads just `bundle.json` of a bundle directory: its digest and metadata.
 pub fn read_meta_dir(dir: &Path) -> Result<(Digest, BundleMeta)> {
-    let path = dir.join(BUNDLE_JSON);
-    let bytes = read_limited(&path, MAX_BUNDLE_JSON)?;
-    parse_meta(&path, &bytes)
+    let bytes = Tree::open(dir)?.read(BUNDLE_JSON, MAX_BUNDLE_JSON)?;
+    parse_meta(&dir.join(BUNDLE_JSON), &bytes)
 }
 
 /// Reads just the first entry of a tar bundle, which must be `bundle.json`.
@@ -95,7 +97,7 @@ pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
     let mut found = None;
     walk_stream(path, &Cancel::default(), |name, entry| {
         match name.as_str() {
-            "" | "blobs" | "blobs/sha256" if entry.header().entry_type().is_dir() => Ok(Flow::Next),
+            "" | "blobs" | "blobs/sha256" if entry.kind == Kind::Dir => Ok(Flow::Next),
             BUNDLE_JSON => {
                 let bytes = read_entry_limited(path, &name, entry, MAX_BUNDLE_JSON)?;
                 found = Some(parse_meta(&path.join(BUNDLE_JSON), &bytes)?);
@@ -103,7 +105,10 @@ pub fn read_meta_stream(path: &Path) -> Result<(Digest, BundleMeta)> {
             }
             _ => Err(Rejected::new(
                 path,
-                format!("has {name:?} as its first entry; a bundle starts with bundle.json"),
+                format!(
+                    "has {} as its first entry; a bundle starts with bundle.json",
+                    quote(name.as_bytes())
+                ),
             )
             .into()),
         }
@@ -117,12 +122,15 @@ enum Flow {
     Stop,
 }
 
+/// The stream a bundle's entries are read from.
+type Stream = Checked<Box<dyn Read + Send>>;
+
 /// Reads the tar stream at `path` entry by entry, handing each to `visit` with its
 /// checked, normalised name (see [`entry_name`]), until `visit` stops or the stream ends.
 fn walk_stream(
     path: &Path,
     cancel: &Cancel,
-    visit: impl FnMut(String, tar::Entry<'_, Box<dyn Read + Send>>) -> Result<Flow>,
+    visit: impl FnMut(String, &mut Entry<'_, Stream>) -> Result<Flow>,
 ) -> Result<()> {
     let res = walk_stream_entries(path, cancel, visit);
     // A read stopped from outside surfaces as whatever the tar reader made of it; say
@@ -136,32 +144,25 @@ fn walk_stream(
 fn walk_stream_entries(
     path: &Path,
     cancel: &Cancel,
-    mut visit: impl FnMut(String, tar::Entry<'_, Box<dyn Read + Send>>) -> Result<Flow>,
+    mut visit: impl FnMut(String, &mut Entry<'_, Stream>) -> Result<Flow>,
 ) -> Result<()> {
     let (_, stream) = open_stream(path)?;
-    let stream: Box<dyn Read + Send> = Box::new(Checked::new(stream, cancel));
-    let mut archive = tar::Archive::new(stream);
-    let entries = archive
-        .entries()
-        .map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-    for entry in entries {
-        let entry =
-            entry.map_err(|e| Rejected::new(path, format!("is not a valid tar stream: {e}")))?;
-        if is_pax_global(&entry) {
-            continue;
-        }
+    let mut reader = Reader::new(Checked::new(stream, cancel));
+    loop {
+        let mut entry = match reader.next_entry() {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(TarError::Io(e)) => {
+                return Err(Rejected::new(path, format!("cannot be read: {e}")).into())
+            }
+            Err(e) => return Err(Rejected::new(path, e.to_string()).into()),
+        };
         let name = entry_name(path, &entry)?;
-        if let Flow::Stop = visit(name, entry)? {
+        if let Flow::Stop = visit(name, &mut entry)? {
             break;
         }
     }
     Ok(())
-}
-
-/// A pax global header carries defaults for the entries after it (`tar --format=pax`
-/// writes one); it names no file, and the tar reader applies what matters itself.
-fn is_pax_global<R: Read>(entry: &tar::Entry<'_, R>) -> bool {
-    entry.header().entry_type() == tar::EntryType::XGlobalHeader
 }
 
 /// What a bundle says about itself before its blobs: `bundle.json` and `index.json`,
@@ -179,7 +180,7 @@ pub fn read_head_dir(dir: &Path, expected: Option<Digest>) -> Result<Head> {
     let (digest, meta) = read_meta_dir(dir)?;
     check_expected(&dir.join(BUNDLE_JSON), &digest, expected)?;
     let index_path = dir.join("index.json");
-    let index = read_limited(&index_path, MAX_DOCUMENT)?;
+    let index = Tree::open(dir)?.read("index.json", MAX_DOCUMENT)?;
     check_index(dir, &meta, &index_path, &index)?;
     Ok(Head { digest, meta })
 }
@@ -192,13 +193,12 @@ pub fn read_head_stream(path: &Path, expected: Option<Digest>) -> Result<Head> {
     let mut index_checked = false;
     walk_stream(path, &Cancel::default(), |name, entry| {
         if name == "index.json" {
-            if entry.size() != meta.index.size {
+            if entry.size != meta.index.size {
                 return Err(Rejected::new(
                     &path.join("index.json"),
                     format!(
                         "has {} bytes, but bundle.json says {}",
-                        entry.size(),
-                        meta.index.size
+                        entry.size, meta.index.size
                     ),
                 )
                 .into());
@@ -265,17 +265,27 @@ fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
     let mut tagged: HashMap<String, &str> = HashMap::new();
     for img in &meta.images {
         match split_reference(&img.reference) {
-            Some((repo, RefTail::Tag(tag))) if repo == img.repository && img.tags.first() == Some(&tag) => {}
-            Some((repo, RefTail::Digest(d))) if repo == img.repository && d == img.digest && img.tags.is_empty() => {}
+            Some((repo, RefTail::Tag(tag)))
+                if repo == img.repository && img.tags.first() == Some(&tag) => {}
+            Some((repo, RefTail::Digest(d)))
+                if repo == img.repository && d == img.digest && img.tags.is_empty() => {}
             _ => {
+                let why = crate::oci::reference::parse(&img.reference)
+                    .err()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default();
                 return Err(bad(format!(
-                    "image {:?}: reference must be repository:first-tag, or repository@digest for an untagged image",
-                    img.reference
-                )))
+                    "image {}: reference must be repository:first-tag, or repository@digest for an untagged image{why}",
+                    quote(img.reference.as_bytes())
+                )));
             }
         }
         if let Some(t) = img.tags.iter().find(|t| !valid_tag(t)) {
-            return Err(bad(format!("image {:?}: invalid tag {t:?}", img.reference)));
+            return Err(bad(format!(
+                "image {}: invalid tag {}",
+                quote(img.reference.as_bytes()),
+                quote(t.as_bytes())
+            )));
         }
         if !refs.insert(img.reference.as_str()) {
             return Err(bad(format!("lists image {:?} twice", img.reference)));
@@ -333,18 +343,31 @@ fn check_meta(path: &Path, meta: &BundleMeta) -> Result<()> {
 pub fn declared_blobs(meta: &BundleMeta) -> HashMap<Digest, u64> {
     let mut out = HashMap::new();
     for img in &meta.images {
-        let layers: u64 = img.layers.iter().map(|l| l.size).sum();
-        let manifest = img
-            .size
-            .saturating_sub(img.config.size)
-            .saturating_sub(layers);
-        out.insert(img.digest, manifest);
-        out.insert(img.config.digest, img.config.size);
-        for l in &img.layers {
-            out.insert(l.digest, l.size);
-        }
+        declare(img, &mut out);
     }
     out
+}
+
+/// The digests of every blob of `images`.
+pub fn declared_blobs_of(images: &[ImageMeta]) -> HashSet<Digest> {
+    let mut out = HashMap::new();
+    for img in images {
+        declare(img, &mut out);
+    }
+    out.into_keys().collect()
+}
+
+fn declare(img: &ImageMeta, out: &mut HashMap<Digest, u64>) {
+    let layers: u64 = img.layers.iter().map(|l| l.size).sum();
+    let manifest = img
+        .size
+        .saturating_sub(img.config.size)
+        .saturating_sub(layers);
+    out.insert(img.digest, manifest);
+    out.insert(img.config.digest, img.config.size);
+    for l in &img.layers {
+        out.insert(l.digest, l.size);
+    }
 }
 
 fn check_declared_sizes(path: &Path, meta: &BundleMeta) -> Result<()> {
@@ -393,40 +416,49 @@ pub fn valid_set_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// Verifies a bundle directory in place.
+/// Verifies a bundle directory. With `into`, every file is copied into that private
+/// layout while it is hashed, and what is copied is what was checked (the input can
+/// change afterwards without effect); `keep`, when given, limits the blobs copied to
+/// those (the others are hashed only). Without `into`, it only checks.
 ///
 /// `expected` is the digest the caller requires; it is checked before anything else is
-/// read.
-pub fn verify_dir(dir: &Path, expected: Option<Digest>, cancel: &Cancel) -> Result<Verified> {
-    let (digest, meta) = read_meta_dir(dir)?;
+/// read. Nothing below the directory is followed: every file is opened beneath it,
+/// links refused (see [`crate::untrusted`]).
+pub fn verify_dir(
+    dir: &Path,
+    expected: Option<Digest>,
+    cancel: &Cancel,
+    into: Option<(&Layout, Option<&HashSet<Digest>>)>,
+) -> Result<Verified> {
+    let tree = Tree::open(dir)?;
+    let meta_bytes = tree.read(BUNDLE_JSON, MAX_BUNDLE_JSON)?;
+    let (digest, meta) = parse_meta(&dir.join(BUNDLE_JSON), &meta_bytes)?;
     check_expected(&dir.join(BUNDLE_JSON), &digest, expected)?;
-    check_oci_layout(
-        &dir.join("oci-layout"),
-        &read_limited(&dir.join("oci-layout"), 4096)?,
-    )?;
+    let layout_bytes = tree.read("oci-layout", 4096)?;
+    check_oci_layout(&dir.join("oci-layout"), &layout_bytes)?;
     let index_path = dir.join("index.json");
-    let index = read_limited(&index_path, MAX_DOCUMENT)?;
+    let index = tree.read("index.json", MAX_DOCUMENT)?;
     check_index(dir, &meta, &index_path, &index)?;
 
-    check_dir_entries(dir, &["bundle.json", "oci-layout", "index.json", "blobs"])?;
-    check_dir_entries(&dir.join("blobs"), &["sha256"])?;
-    let blob_dir = dir.join("blobs/sha256");
+    check_dir_entries(&tree, &["bundle.json", "oci-layout", "index.json", "blobs"])?;
+    let blobs_tree = tree.dir("blobs")?;
+    check_dir_entries(&blobs_tree, &["sha256"])?;
+    let blob_tree = blobs_tree.dir("sha256")?;
     let declared = declared_blobs(&meta);
     let mut files = Vec::new();
-    for entry in
-        fs::read_dir(&blob_dir).with_context(|| format!("reading {}", blob_dir.display()))?
-    {
-        let entry = entry.with_context(|| format!("reading {}", blob_dir.display()))?;
-        let path = entry.path();
-        let name = entry.file_name();
-        let digest = name
-            .to_str()
-            .and_then(|n| Digest::from_hex(n).ok())
-            .ok_or_else(|| Rejected::new(&path, "is not named by a sha256 digest"))?;
-        let md =
-            fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-        if !md.file_type().is_file() {
-            return Err(Rejected::new(&path, "is not a regular file").into());
+    for (name, kind) in blob_tree.list()? {
+        let shown = blob_tree.shown(&name);
+        let digest = Digest::from_hex(&name)
+            .map_err(|_| Rejected::new(&shown, "is not named by a sha256 digest"))?;
+        if kind != rustix::fs::FileType::RegularFile {
+            return Err(Rejected::new(
+                &shown,
+                format!(
+                    "is {}, not a regular file",
+                    crate::untrusted::describe(kind)
+                ),
+            )
+            .into());
         }
         match declared.get(&digest) {
             None => {
@@ -436,50 +468,36 @@ pub fn verify_dir(dir: &Path, expected: Option<Digest>, cancel: &Cancel) -> Resu
                 )
                 .into())
             }
-            Some(&size) if size != md.len() => {
-                return Err(Rejected::new(
-                    &path,
-                    format!("has {} bytes, but bundle.json declares {size}", md.len()),
-                )
-                .into())
-            }
-            Some(_) => {}
+            Some(&size) => files.push((digest, size)),
         }
-        files.push((digest, md.len(), path));
     }
-    let blobs = hash_files(files, cancel)?;
+    let copy = into;
+    let (blobs, manifests) = hash_files(&blob_tree, files, &meta, cancel, copy)?;
     let bytes_verified = blobs.values().sum();
-    let mut manifests = HashMap::new();
-    for img in &meta.images {
-        if blobs.contains_key(&img.digest) && !manifests.contains_key(&img.digest) {
-            let p = blob_dir.join(img.digest.hex());
-            let bytes = read_limited(&p, MAX_DOCUMENT)?;
-            // Hash again what is parsed, so the bytes used are the bytes checked.
-            if Digest::of(&bytes) != img.digest {
-                return Err(
-                    Rejected::new(&p, "changed while the bundle was being verified").into(),
-                );
-            }
-            manifests.insert(img.digest, bytes);
-        }
-    }
     check_chain(dir, &meta, &index_path, &index, &blobs, &manifests)?;
+    let layout = match into {
+        Some((l, _)) => {
+            l.put_file(BUNDLE_JSON, &meta_bytes)?;
+            l.put_file("oci-layout", &layout_bytes)?;
+            l.put_file("index.json", &index)?;
+            l.dir().to_path_buf()
+        }
+        None => dir.to_path_buf(),
+    };
     Ok(Verified {
         digest,
         meta,
-        layout: dir.to_path_buf(),
+        layout,
         bytes_verified,
     })
 }
 
 /// Refuses anything in `dir` but `allowed`, as a tar stream's reader refuses stray entries.
-fn check_dir_entries(dir: &Path, allowed: &[&str]) -> Result<()> {
-    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
-        let name = entry.file_name();
-        if !name.to_str().is_some_and(|n| allowed.contains(&n)) {
+fn check_dir_entries(dir: &Tree, allowed: &[&str]) -> Result<()> {
+    for (name, _) in dir.list()? {
+        if !allowed.contains(&name.as_str()) {
             return Err(Rejected::new(
-                &entry.path(),
+                &dir.shown(&name),
                 "does not belong in a bundle (it holds only bundle.json, oci-layout, index.json and blobs/sha256/)",
             )
             .into());
@@ -488,36 +506,59 @@ fn check_dir_entries(dir: &Path, allowed: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// Hashes blob files on all cores, largest first, and checks each against its name.
+/// What was hashed: each blob's size, and the bytes of each manifest.
+type Hashed = (HashMap<Digest, u64>, HashMap<Digest, Vec<u8>>);
+
+/// Hashes blob files on all cores, largest first, and checks each against its name and
+/// declared size; with `copy`, writes each (or those it keeps) into the layout as it is
+/// hashed. Manifests are read whole (they are small) and kept, so the bytes parsed are
+/// the bytes hashed.
 fn hash_files(
-    mut files: Vec<(Digest, u64, PathBuf)>,
+    blobs: &Tree,
+    mut files: Vec<(Digest, u64)>,
+    meta: &BundleMeta,
     cancel: &Cancel,
-) -> Result<HashMap<Digest, u64>> {
+    copy: Option<(&Layout, Option<&HashSet<Digest>>)>,
+) -> Result<Hashed> {
     files.sort_by_key(|f| std::cmp::Reverse(f.1));
+    let manifest_digests: HashSet<Digest> = meta.images.iter().map(|i| i.digest).collect();
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    let manifests: Mutex<HashMap<Digest, Vec<u8>>> = Mutex::new(HashMap::new());
     std::thread::scope(|s| {
         for _ in 0..workers.min(files.len().max(1)) {
             s.spawn(|| {
                 let mut buf = vec![0u8; HASH_BUFFER];
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((want, _, path)) = files.get(i) else { return };
-                    let res = File::open(path)
-                        .and_then(|f| hash_reader(Checked::new(f, cancel), &mut buf))
-                        .with_context(|| format!("reading {}", path.display()))
-                        .and_then(|(got, _)| {
-                            if got == *want {
-                                Ok(())
-                            } else {
-                                Err(Rejected::new(path, format!("has content with digest {got}, not the {want} its name says")).into())
-                            }
-                        });
+                    let Some((want, size)) = files.get(i) else {
+                        return;
+                    };
+                    let res = hash_one(
+                        blobs,
+                        want,
+                        *size,
+                        &manifest_digests,
+                        cancel,
+                        copy,
+                        &mut buf,
+                    )
+                    .map(|kept| {
+                        if let Some(bytes) = kept {
+                            manifests
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .insert(*want, bytes);
+                        }
+                    });
                     if let Err(e) = res {
-                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
                         next.store(files.len(), Ordering::Relaxed);
                         return;
                     }
@@ -529,7 +570,74 @@ fn hash_files(
         cancel.check()?;
         return Err(e);
     }
-    Ok(files.into_iter().map(|(d, len, _)| (d, len)).collect())
+    Ok((
+        files.into_iter().collect(),
+        manifests.into_inner().unwrap_or_else(|p| p.into_inner()),
+    ))
+}
+
+/// Hashes (and copies) one blob; returns its bytes when it is a manifest.
+fn hash_one(
+    blobs: &Tree,
+    want: &Digest,
+    size: u64,
+    manifests: &HashSet<Digest>,
+    cancel: &Cancel,
+    copy: Option<(&Layout, Option<&HashSet<Digest>>)>,
+    buf: &mut [u8],
+) -> Result<Option<Vec<u8>>> {
+    let name = want.hex();
+    let shown = blobs.shown(&name);
+    let (file, len) = blobs.file(&name)?;
+    if len != size {
+        return Err(Rejected::new(
+            &shown,
+            format!("has {len} bytes, but bundle.json declares {size}"),
+        )
+        .into());
+    }
+    let mut reader = Checked::new(file, cancel).take(size + 1);
+    let (got, n, kept) = if manifests.contains(want) {
+        if size > MAX_DOCUMENT {
+            return Err(
+                Rejected::new(&shown, format!("is larger than {MAX_DOCUMENT} bytes")).into(),
+            );
+        }
+        let mut bytes = Vec::with_capacity(size as usize);
+        reader
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", shown.display()))?;
+        if let Some((layout, _)) = copy {
+            layout.put_bytes(&bytes)?;
+        }
+        (Digest::of(&bytes), bytes.len() as u64, Some(bytes))
+    } else {
+        match copy {
+            Some((layout, keep)) if keep.is_none_or(|k| k.contains(want)) => {
+                let (d, n) = layout.put(&mut reader, size, &shown, "")?;
+                if d != *want {
+                    let _ = fs::remove_file(layout.blob(&d));
+                }
+                (d, n, None)
+            }
+            _ => {
+                let (d, n) = hash_reader(&mut reader, buf)
+                    .with_context(|| format!("reading {}", shown.display()))?;
+                (d, n, None)
+            }
+        }
+    };
+    if n != size {
+        return Err(Rejected::new(&shown, "changed while the bundle was being verified").into());
+    }
+    if got != *want {
+        return Err(Rejected::new(
+            &shown,
+            format!("has content with digest {got}, not the {want} its name says"),
+        )
+        .into());
+    }
+    Ok(kept)
 }
 
 /// Verifies a tar bundle in one pass. With `staging` (a directory that must not exist yet,
@@ -576,24 +684,29 @@ fn extract_verified(
     let mut buf = vec![0u8; HASH_BUFFER];
 
     walk_stream(path, cancel, |name, entry| {
-        let kind = entry.header().entry_type();
-        if kind.is_dir() {
+        let q = quote(name.as_bytes());
+        if entry.kind == Kind::Dir {
             if !matches!(name.as_str(), "" | "blobs" | "blobs/sha256") {
                 return Err(Rejected::new(
                     path,
-                    format!("has unexpected directory entry {name:?}"),
+                    format!("has unexpected directory entry {}", quote(name.as_bytes())),
                 )
                 .into());
             }
             return Ok(Flow::Next);
         }
         if !seen.insert(name.clone()) {
-            return Err(Rejected::new(path, format!("has entry {name:?} twice")).into());
+            return Err(
+                Rejected::new(path, format!("has entry {} twice", quote(name.as_bytes()))).into(),
+            );
         }
         if meta.is_none() && name != BUNDLE_JSON {
             return Err(Rejected::new(
                 path,
-                format!("has {name:?} before bundle.json; a bundle starts with bundle.json"),
+                format!(
+                    "has {} before bundle.json; a bundle starts with bundle.json",
+                    quote(name.as_bytes())
+                ),
             )
             .into());
         }
@@ -614,10 +727,10 @@ fn extract_verified(
             }
             "index.json" => {
                 let want = meta.as_ref().map_or(0, |(_, m)| m.index.size);
-                if entry.size() != want {
+                if entry.size != want {
                     return Err(Rejected::new(
                         &path.join("index.json"),
-                        format!("has {} bytes, but bundle.json says {want}", entry.size()),
+                        format!("has {} bytes, but bundle.json says {want}", entry.size),
                     )
                     .into());
                 }
@@ -630,24 +743,22 @@ fn extract_verified(
             }
             _ => {
                 let Some(hex_name) = name.strip_prefix("blobs/sha256/") else {
-                    return Err(
-                        Rejected::new(path, format!("has unexpected entry {name:?}")).into(),
-                    );
+                    return Err(Rejected::new(path, format!("has unexpected entry {q}")).into());
                 };
                 let want = Digest::from_hex(hex_name).map_err(|_| {
                     Rejected::new(
                         path,
-                        format!("has entry {name:?}, which is not named by a sha256 digest"),
+                        format!("has entry {q}, which is not named by a sha256 digest"),
                     )
                 })?;
                 if index.is_none() {
                     return Err(Rejected::new(
                         path,
-                        format!("has {name:?} before index.json; index.json precedes the blobs"),
+                        format!("has {q} before index.json; index.json precedes the blobs"),
                     )
                     .into());
                 }
-                let header_size = entry.size();
+                let header_size = entry.size;
                 // bundle.json came first, so every legitimate blob and its size is known.
                 let expected_size = declared.get(&want).copied();
                 match expected_size {
@@ -662,7 +773,7 @@ fn extract_verified(
                         return Err(Rejected::new(
                             path,
                             format!(
-                            "entry {name:?} has {header_size} bytes, but bundle.json declares {size}"
+                            "entry {q} has {header_size} bytes, but bundle.json declares {size}"
                         ),
                         )
                         .into())
@@ -684,16 +795,16 @@ fn extract_verified(
                 if len != header_size {
                     return Err(Rejected::new(
                         path,
-                        format!(
-                            "is truncated: entry {name:?} ends after {len} of {header_size} bytes"
-                        ),
+                        format!("is truncated: entry {q} ends after {len} of {header_size} bytes"),
                     )
                     .into());
                 }
                 if got != want {
                     return Err(Rejected::new(
                         path,
-                        format!("entry {name:?} has content with digest {got}, not the {want} its name says"),
+                        format!(
+                            "entry {q} has content with digest {got}, not the {want} its name says"
+                        ),
                     )
                     .into());
                 }
@@ -732,34 +843,22 @@ fn extract_verified(
 
 /// The normalised path of a tar entry, after refusing every kind of entry and path that
 /// could place something outside the staging directory or that a bundle never holds.
-fn entry_name<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> Result<String> {
-    let raw = entry.path_bytes();
-    let shown = String::from_utf8_lossy(&raw).into_owned();
-    use tar::EntryType as T;
-    let kind = entry.header().entry_type();
-    let what = match kind {
-        T::Regular | T::Continuous | T::Directory => None,
-        T::Symlink => Some("a symbolic link"),
-        T::Link => Some("a hard link"),
-        T::Char => Some("a character device"),
-        T::Block => Some("a block device"),
-        T::Fifo => Some("a FIFO"),
-        T::GNUSparse => Some("a sparse file"),
-        _ => Some("of an unsupported type"),
-    };
-    if let Some(what) = what {
-        return Err(Rejected::new(path, format!("has entry {shown:?}, which is {what}; bundles hold only regular files and directories")).into());
-    }
-    let text = std::str::from_utf8(&raw).map_err(|_| {
-        Rejected::new(
+fn entry_name<R: Read>(path: &Path, entry: &Entry<'_, R>) -> Result<String> {
+    let shown = quote(&entry.name);
+    if !matches!(entry.kind, Kind::File | Kind::Dir) {
+        return Err(Rejected::new(
             path,
-            format!("has entry {shown:?}, whose name is not UTF-8"),
+            format!(
+                "has entry {shown}, which is {}; bundles hold only regular files and directories",
+                entry.kind.describe()
+            ),
         )
-    })?;
+        .into());
+    }
+    let text = std::str::from_utf8(&entry.name)
+        .map_err(|_| Rejected::new(path, format!("has entry {shown}, whose name is not UTF-8")))?;
     if text.starts_with('/') {
-        return Err(
-            Rejected::new(path, format!("has entry {shown:?} with an absolute path")).into(),
-        );
+        return Err(Rejected::new(path, format!("has entry {shown} with an absolute path")).into());
     }
     let mut parts = Vec::new();
     for c in text.split('/') {
@@ -768,7 +867,7 @@ fn entry_name<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> Result<String>
             ".." => {
                 return Err(Rejected::new(
                     path,
-                    format!("has entry {shown:?}, whose path contains \"..\""),
+                    format!("has entry {shown}, whose path contains \"..\""),
                 )
                 .into())
             }
@@ -781,25 +880,32 @@ fn entry_name<R: Read>(path: &Path, entry: &tar::Entry<'_, R>) -> Result<String>
 fn read_entry_limited<R: Read>(
     path: &Path,
     name: &str,
-    entry: tar::Entry<'_, R>,
+    entry: &mut Entry<'_, R>,
     limit: u64,
 ) -> Result<Vec<u8>> {
-    let declared = entry.size();
+    let declared = entry.size;
+    let name = quote(name.as_bytes());
+    if declared > limit {
+        return Err(
+            Rejected::new(path, format!("entry {name} is larger than {limit} bytes")).into(),
+        );
+    }
     let mut bytes = Vec::new();
     entry
+        .by_ref()
         .take(limit + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| Rejected::new(path, format!("entry {name:?} cannot be read: {e}")))?;
+        .map_err(|e| entry_read_error(path, &name, e))?;
     if bytes.len() as u64 > limit {
         return Err(
-            Rejected::new(path, format!("entry {name:?} is larger than {limit} bytes")).into(),
+            Rejected::new(path, format!("entry {name} is larger than {limit} bytes")).into(),
         );
     }
     if bytes.len() as u64 != declared {
         return Err(Rejected::new(
             path,
             format!(
-                "is truncated: entry {name:?} ends after {} of {declared} bytes",
+                "is truncated: entry {name} ends after {} of {declared} bytes",
                 bytes.len()
             ),
         )
@@ -831,11 +937,7 @@ fn copy_hashed(
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(
-                    Rejected::new(path, format!("entry {name:?} cannot be read: {e}")).into(),
-                )
-            }
+            Err(e) => return Err(entry_read_error(path, name, e)),
         };
         h.update(&buf[..n]);
         if let (Some(out), Some(dest)) = (out.as_mut(), dest) {
@@ -844,6 +946,30 @@ fn copy_hashed(
         }
     }
     Ok(h.finish())
+}
+
+/// A failed read of an entry's data: the stream ended early, or could not be read.
+fn entry_read_error(path: &Path, name: &str, e: io::Error) -> anyhow::Error {
+    if let Some(c) = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<crate::cancel::Cancelled>())
+    {
+        return crate::cancel::Cancelled(c.0.clone()).into();
+    }
+    let name = if name.starts_with('"') {
+        name.to_string()
+    } else {
+        quote(name.as_bytes())
+    };
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        Rejected::new(
+            path,
+            format!("is truncated: entry {name} ends inside its data"),
+        )
+        .into()
+    } else {
+        Rejected::new(path, format!("entry {name} cannot be read: {e}")).into()
+    }
 }
 
 fn write_staged(staging: Option<&Path>, name: &str, bytes: &[u8]) -> Result<()> {
@@ -863,23 +989,6 @@ fn write_new(dest: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", dest.display()))
 }
 
-fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let md = fs::symlink_metadata(path).map_err(|e| {
-        if e.kind() == io::ErrorKind::NotFound {
-            anyhow::Error::from(Rejected::new(path, "is missing"))
-        } else {
-            anyhow!(e).context(format!("reading {}", path.display()))
-        }
-    })?;
-    if !md.file_type().is_file() {
-        return Err(Rejected::new(path, "is not a regular file").into());
-    }
-    if md.len() > limit {
-        return Err(Rejected::new(path, format!("is larger than {limit} bytes")).into());
-    }
-    fs::read(path).with_context(|| format!("reading {}", path.display()))
-}
-
 fn check_expected(path: &Path, got: &Digest, expected: Option<Digest>) -> Result<()> {
     match expected {
         Some(want) if want != *got => {
@@ -889,7 +998,8 @@ fn check_expected(path: &Path, got: &Digest, expected: Option<Digest>) -> Result
     }
 }
 
-fn check_oci_layout(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Checks an `oci-layout` file.
+pub fn check_oci_layout(path: &Path, bytes: &[u8]) -> Result<()> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct OciLayout {

@@ -668,6 +668,17 @@ fn write_tar(work: &Path, out: &Path, form: OutForm, order: &[Digest]) -> Result
     res
 }
 
+/// The OCI name of this machine's architecture (`amd64`, `arm64`, …).
+pub fn host_architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "powerpc64" => "ppc64le",
+        "x86" => "386",
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,4 +6,5 @@ pub mod fixture;
 pub mod loopdev;
 pub mod node;
 pub mod notify;
+pub mod rawtar;
 pub mod usermgr;

@@ -1,0 +1,3 @@
+//! OCI and containers/image vocabulary: image references and the rules they follow.
+
+pub mod reference;
