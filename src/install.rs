@@ -27,7 +27,9 @@ pub const DEFAULTS: &str = include_str!("../config/10-defaults.toml");
 /// Where the binary goes on an RHCOS node.
 pub const NODE_BINARY: &str = "/usr/local/bin/longshore";
 /// The Ignition spec versions that can be rendered; the first is the default.
-pub const IGNITION_VERSIONS: [&str; 2] = ["3.4.0", "3.3.0"];
+/// 3.3.0 is the default: every supported RHCOS reads it, Debian's ignition-validate
+/// (2.14) checks it, and nothing longshore renders needs what 3.4.0 added.
+pub const IGNITION_VERSIONS: [&str; 2] = ["3.3.0", "3.4.0"];
 
 /// What a rendering needs.
 #[derive(Debug, Clone)]
@@ -348,7 +350,7 @@ mod tests {
         NodeConfig {
             binary_url: "https://example.com/longshore".into(),
             binary_sha512: "ab".repeat(64),
-            ignition_version: "3.4.0".into(),
+            ignition_version: "3.3.0".into(),
             extra: vec![],
         }
     }
@@ -395,7 +397,7 @@ mod tests {
         assert!(bad.ignition().is_err());
         bad = cfg();
         bad.ignition_version = "3.5.0".into();
-        assert!(format!("{:#}", bad.ignition().unwrap_err()).contains("3.4.0, 3.3.0"));
+        assert!(format!("{:#}", bad.ignition().unwrap_err()).contains("3.3.0, 3.4.0"));
         assert!(check_role("Worker").is_err());
     }
 }
