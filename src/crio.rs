@@ -266,7 +266,7 @@ fn write_if_changed(path: &Path, text: &str) -> Result<FileChange> {
             .and_then(|_| f.sync_all())
             .with_context(|| format!("writing {}", tmp.display()))?;
         drop(f);
-        fault_point("before-rename");
+        crate::cancel::fault_point("before-rename");
         fs::rename(&tmp, path)
             .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
         sync_dir(path)
@@ -296,14 +296,6 @@ fn sync_dir(path: &Path) -> Result<()> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("syncing {}", dir.display()))
-}
-
-/// A test hook: with `LONGSHORE_TEST_STOP_AT=NAME` in the environment, the process stops
-/// itself (SIGSTOP) at the point called NAME, so a test can kill it exactly there.
-fn fault_point(name: &str) {
-    if std::env::var("LONGSHORE_TEST_STOP_AT").is_ok_and(|v| v == name) {
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);
-    }
 }
 
 #[cfg(test)]

@@ -459,6 +459,7 @@ impl Engine {
         bytes_verified: u64,
         hold: bool,
     ) -> Result<ImportReport> {
+        crate::cancel::fault_point("verified");
         let final_dir = self.paths.staging_dir().join(plan.digest.hex());
         if let Err(e) = replace_dir(&tmp, &final_dir) {
             let _ = fs::remove_dir_all(&tmp);
@@ -715,6 +716,9 @@ impl Engine {
                     }
                     match res {
                         Ok(()) => {
+                            if g.done == 0 {
+                                crate::cancel::fault_point("copied-one");
+                            }
                             g.done += 1;
                             let bytes = bytes_done
                                 .fetch_add(img.size, std::sync::atomic::Ordering::Relaxed)
@@ -786,6 +790,7 @@ impl Engine {
             self.activate_sets(plan);
         }
         self.state.save(&self.paths.state_dir)?;
+        crate::cancel::fault_point("recorded");
 
         let missing = present.iter().filter(|p| !**p).count();
         let replaced = plan.sets.iter().any(|s| {
@@ -813,6 +818,7 @@ impl Engine {
             // outside sees the sets as still coming in, not as ready.
             self.busy.clear();
             copied = res?;
+            crate::cancel::fault_point("copied");
             Some(marker)
         } else {
             None
@@ -832,6 +838,7 @@ impl Engine {
             b.updated = now();
         }
         self.state.save(&self.paths.state_dir)?;
+        crate::cancel::fault_point("imported");
         if copied == 0 && already {
             tracing::info!(bundle = %plan.name, "already imported; nothing to copy");
         }

@@ -164,7 +164,15 @@ impl Store {
         // directory, what a killed copy leaves is swept (see engine).
         std::fs::create_dir_all(&self.tmp)
             .with_context(|| format!("creating {}", self.tmp.display()))?;
-        let mut cmd = Command::new(&self.skopeo);
+        // A copy dies with longshore (as the image proxy does): a killed import leaves no
+        // skopeo writing on behind it.
+        let mut cmd = if Path::new("/usr/bin/setpriv").exists() {
+            let mut c = Command::new("/usr/bin/setpriv");
+            c.args(["--pdeathsig", "SIGKILL", "--"]).arg(&self.skopeo);
+            c
+        } else {
+            Command::new(&self.skopeo)
+        };
         cmd.arg("--tmpdir").arg(&self.tmp);
         if let Some(p) = &self.policy {
             cmd.arg("--policy").arg(p);

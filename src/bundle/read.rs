@@ -224,7 +224,9 @@ pub fn read_head_stream(path: &Path, expected: Option<Digest>) -> Result<Head> {
     Ok(Head { digest, meta })
 }
 
-fn parse_meta(path: &Path, bytes: &[u8]) -> Result<(Digest, BundleMeta)> {
+/// Parses and checks `bundle.json` (read from `path`, named in errors): its schema version,
+/// then every rule of docs/bundle-format.md §3 that needs nothing else.
+pub fn parse_meta(path: &Path, bytes: &[u8]) -> Result<(Digest, BundleMeta)> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Version {
@@ -1020,11 +1022,9 @@ pub fn check_oci_layout(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Checks that `bundle.json`, `index.json`, the manifests and the verified blobs agree.
-/// `blobs` maps each blob whose content matched its name to its size.
 /// Checks `index.json` against `bundle.json`: its digest and size, and one entry per
 /// image with the same reference, digest and media type, in the same order.
-fn check_index(
+pub fn check_index(
     layout: &Path,
     meta: &BundleMeta,
     index_path: &Path,
