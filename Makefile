@@ -46,7 +46,7 @@ DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates po
 BENCH_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates openssl \
 	dbus systemd udev e2fsprogs
 
-.PHONY: all build test test-deps demo bench clean lint binary install rpm ignition-examples
+.PHONY: all build test test-deps demo bench clean lint binary install rpm ignition-examples fuzz
 
 all: build
 
@@ -83,6 +83,23 @@ bench:
 	$(CARGO) build --release --locked --bin longshore
 	$(CARGO) bench --locked --bench import
 	$(CARGO) bench --locked --bench daemon
+
+# Fuzzing the parsers of untrusted input with cargo-fuzz (libFuzzer) on the stable
+# toolchain, without a sanitizer: each target runs FUZZ_SECONDS (an hour by default),
+# with memory held to FUZZ_RSS_MB, from a corpus seeded with tar streams of each format.
+FUZZ_SECONDS ?= 3600
+FUZZ_RSS_MB ?= 512
+FUZZ_TARGETS := tar_reader documents config_and_sets
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	mkdir -p $(addprefix fuzz/corpus/,$(FUZZ_TARGETS))
+	seed=$$(mktemp -d) && mkdir -p $$seed/blobs/sha256 && echo '{}' > $$seed/bundle.json && \
+		echo x > $$seed/blobs/sha256/$$(printf '%064d' 0) && \
+		for f in gnu pax ustar v7; do tar --format=$$f -cf fuzz/corpus/tar_reader/seed-$$f.tar -C $$seed bundle.json blobs; done; \
+		rm -rf $$seed
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+		cargo fuzz run -s none $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=$(FUZZ_RSS_MB) || exit 1; \
+	done
 
 # The binary alone, in the profile asked for.
 binary:

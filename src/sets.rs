@@ -105,8 +105,13 @@ fn load_file(path: &Path) -> Result<SetDef> {
     }
     let text = crate::config::read_text(path, MAX_SET_FILE)
         .with_context(|| format!("reading set file {}", path.display()))?;
+    parse_file(path, name, &text)
+}
+
+/// Parses the text of the set file `path`, which defines the set `name`.
+pub fn parse_file(path: &Path, name: String, text: &str) -> Result<SetDef> {
     let f: SetFile =
-        toml::from_str(&text).with_context(|| format!("set file {}", path.display()))?;
+        toml::from_str(text).with_context(|| format!("set file {}", path.display()))?;
     let mut seen = BTreeSet::new();
     for r in &f.images {
         match split_reference(r) {
