@@ -56,9 +56,20 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let unit = settings.crio.unit.clone();
     let manager = systemd::Systemd::connect(settings.bus).await?;
-    let mut states = manager.watch_active_state(&unit).await?;
-    let mut last_state = manager.active_state(&unit).await?;
-    let mut last_since = manager.active_since(&unit).await?;
+    // Without systemd on the bus the daemon still imports and pins; it looks for systemd
+    // again now and then, and follows CRI-O once it is there.
+    let (mut states, mut last_state, mut last_since) = match follow(&manager, &unit).await {
+        Ok((s, state, since)) => (Some(s), state, since),
+        Err(e) => {
+            SYSTEMD_ABSENT.store(true, Ordering::SeqCst);
+            tracing::warn!(
+                "{unit} is not followed: {e:#}; looking again every {}s",
+                FOLLOW_RETRY.as_secs()
+            );
+            (None, "unknown".to_string(), 0)
+        }
+    };
+    let mut retry = tokio::time::interval(FOLLOW_RETRY);
     let mut watcher = Watcher::new(&watched_dirs(&paths))?;
     let (media_tx, mut media_rx) = mpsc::unbounded_channel();
     let media_on = match media::spawn_monitor(media_tx.clone()) {
@@ -161,7 +172,17 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                     queue(Job::Sync);
                 }
             }
-            state = states.next() => {
+            _ = retry.tick(), if states.is_none() => {
+                if let Ok((s, state, since)) = follow(&manager, &unit).await {
+                    tracing::info!("systemd is on the bus now; following {unit}");
+                    SYSTEMD_ABSENT.store(false, Ordering::SeqCst);
+                    states = Some(s);
+                    last_state = state;
+                    last_since = since;
+                    queue(Job::Heal);
+                }
+            }
+            state = async { states.as_mut().expect("checked by the guard").next().await }, if states.is_some() => {
                 let Some(state) = state else {
                     anyhow::bail!("lost the D-Bus connection to systemd");
                 };
@@ -196,6 +217,29 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+/// How often the daemon looks for systemd when it is not on the bus.
+const FOLLOW_RETRY: Duration = Duration::from_secs(30);
+
+/// Set while systemd is not on the bus, so the status line says so.
+static SYSTEMD_ABSENT: AtomicBool = AtomicBool::new(false);
+
+/// A stream of the unit's ActiveState, with its state and activation time now; fails
+/// when systemd is not on the bus.
+async fn follow(
+    manager: &systemd::Systemd,
+    unit: &str,
+) -> Result<(
+    Box<dyn futures_util::Stream<Item = String> + Unpin + Send>,
+    String,
+    u64,
+)> {
+    anyhow::ensure!(manager.present().await, "systemd is not on the bus");
+    let states = manager.watch_active_state(unit).await?;
+    let state = manager.active_state(unit).await?;
+    let since = manager.active_since(unit).await?;
+    Ok((Box::new(states), state, since))
 }
 
 /// Why work is abandoned when the daemon stops.
@@ -333,6 +377,12 @@ impl Worker {
 
     /// Says what the daemon does, on D-Bus and to systemd.
     async fn status(&self, state: &str, text: &str) {
+        let text = if SYSTEMD_ABSENT.load(Ordering::SeqCst) {
+            format!("{text}; systemd is not on the bus, so CRI-O is not followed or reloaded")
+        } else {
+            text.to_string()
+        };
+        let text = text.as_str();
         systemd::notify_status(text);
         if let Err(e) = self.api.set_status(state, text).await {
             tracing::debug!("D-Bus status: {e:#}");

@@ -981,6 +981,29 @@ impl Engine {
         ours
     }
 
+    /// Whether systemd is on the bus to reload CRI-O through; without it (a container, a
+    /// machine not booted with systemd) the files are written and CRI-O reads them when
+    /// it starts.
+    async fn manager_present(&mut self) -> Result<bool> {
+        let sd = self.systemd().await.with_context(|| {
+            format!(
+                "the pins are written to {}, but {} cannot be reloaded",
+                self.crio.pin_file().display(),
+                self.settings.crio.unit
+            )
+        })?;
+        if sd.present().await {
+            return Ok(true);
+        }
+        tracing::warn!(
+            "systemd is not on the {} bus, so {} was not reloaded; CRI-O reads {} when it starts",
+            self.settings.bus.name(),
+            self.settings.crio.unit,
+            self.crio.pin_file().display()
+        );
+        Ok(false)
+    }
+
     async fn reload_crio(&mut self) -> Result<()> {
         let unit = self.settings.crio.unit.clone();
         if !self.settings.crio.reload {
@@ -988,6 +1011,9 @@ impl Engine {
             return Ok(());
         }
         if !self.crio_is_ours() {
+            return Ok(());
+        }
+        if !self.manager_present().await? {
             return Ok(());
         }
         let outcome = async { self.systemd().await?.reload(&unit).await }
@@ -1018,6 +1044,9 @@ impl Engine {
             return self.reload_crio().await;
         }
         if !self.crio_is_ours() {
+            return Ok(());
+        }
+        if !self.manager_present().await? {
             return Ok(());
         }
         let sd = self.systemd().await?;

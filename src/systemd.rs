@@ -104,6 +104,18 @@ impl Systemd {
         Ok(Systemd { conn })
     }
 
+    /// Whether a service manager (`org.freedesktop.systemd1`) is on the bus: not in a
+    /// container or on a machine whose init is not systemd.
+    pub async fn present(&self) -> bool {
+        let Ok(dbus) = zbus::fdo::DBusProxy::new(&self.conn).await else {
+            return false;
+        };
+        let Ok(name) = zbus::names::BusName::try_from("org.freedesktop.systemd1") else {
+            return false;
+        };
+        dbus.name_has_owner(name).await.unwrap_or(false)
+    }
+
     /// The connection, to share with other services on the same bus.
     pub fn connection(&self) -> &Connection {
         &self.conn
