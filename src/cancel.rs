@@ -83,8 +83,8 @@ impl<R: Read> Read for Checked<R> {
 }
 
 /// A test hook: with `LONGSHORE_TEST_STOP_AT=NAME` in the environment, the process stops
-/// itself (SIGSTOP) at the point called NAME, so a test can kill it exactly there. The
-/// points are listed in docs/journal.md.
+/// itself (SIGSTOP) at the point called NAME, so a test can kill it exactly there
+/// (tests/crash.rs names every point).
 pub fn fault_point(name: &str) {
     if std::env::var("LONGSHORE_TEST_STOP_AT").is_ok_and(|v| v == name) {
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGSTOP);

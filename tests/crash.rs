@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::fixture;
 use common::node::{require, Node};
 
-/// Where `LONGSHORE_TEST_STOP_AT` can stop an import (docs/journal.md lists them).
+/// Every point where `LONGSHORE_TEST_STOP_AT` can stop an import.
 const POINTS: [&str; 6] = [
     "verified",
     "recorded",
