@@ -6,7 +6,10 @@
 //!   the same layout into an empty store;
 //! - no-op re-import vs the same loop run again over the images already present;
 //! - verification throughput vs `openssl dgst -sha256` over the same bytes;
-//! - peak RSS of longshore while importing and verifying.
+//! - peak RSS of longshore while importing and verifying;
+//! - a matrix of shapes, each cold and no-op against the loop in the same run: one base
+//!   layer shared by every image (a release payload's usual shape), no sharing at all,
+//!   200 tiny images, and 2 images of 1 GiB layers (`BENCH_MATRIX=0` skips it).
 //!
 //! Page caches are dropped before each cold run when this runs as root, so both sides
 //! read the bundle from disk.
@@ -116,9 +119,158 @@ fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
 
+/// A shape of the matrix, by its key, to run when it is wanted.
+type ShapeRun<'a> = Box<dyn Fn() -> Shape + 'a>;
+
+/// One shape of the matrix: cold and no-op import, longshore against the loop.
+struct Shape {
+    name: &'static str,
+    cold: (Duration, Duration),
+    noop: (Duration, Duration),
+}
+
+/// Imports `specs` cold and again, with longshore and with the loop, into fresh stores
+/// under `dir`.
+fn shape(dir: &Path, name: &'static str, specs: &[fixture::ImageSpec]) -> Shape {
+    eprintln!("matrix: {name} ({} images) ...", specs.len());
+    fs::create_dir_all(dir).expect("shape dir");
+    let layout = fixture::write_oci_layout(&dir.join("layout"), specs).expect("layout");
+    let refs: Vec<String> = layout.images.iter().map(|i| i.reference.clone()).collect();
+    let bundle = dir.join("bundle");
+    let mut create = Command::new(LONGSHORE);
+    create
+        .args(["bundle", "create", "--name", "shape", "-o"])
+        .arg(&bundle);
+    for r in &refs {
+        create.arg(layout.transport_ref(r));
+    }
+    measure(&mut create);
+    let _ = fs::remove_dir_all(dir.join("layout"));
+    let node = dir.join("node");
+    let d = node.join("etc/longshore/config.d");
+    fs::create_dir_all(&d).expect("config dir");
+    fs::write(d.join("50-bench.toml"), "[crio]\nreload = false\n").expect("config");
+    let import = || {
+        time(
+            Command::new(LONGSHORE)
+                .arg("--sysroot")
+                .arg(&node)
+                .arg("import")
+                .arg(&bundle),
+        )
+    };
+    drop_caches();
+    let loop_cold = skopeo_loop(&bundle, &refs, &dir.join("loop"));
+    drop_caches();
+    let ours_cold = import();
+    let loop_noop = skopeo_loop(&bundle, &refs, &dir.join("loop"));
+    let ours_noop = import();
+    unmount_under(dir);
+    if std::env::var("BENCH_KEEP").is_ok_and(|v| v == "1") {
+        let _ = fs::remove_dir_all(dir.join("node"));
+        let _ = fs::remove_dir_all(dir.join("loop"));
+        eprintln!("kept {}", dir.display());
+    } else {
+        let _ = fs::remove_dir_all(dir);
+    }
+    Shape {
+        name,
+        cold: (ours_cold, loop_cold),
+        noop: (ours_noop, loop_noop),
+    }
+}
+
+/// `n` images `bench.example.com/<prefix>/img-<i>:1`, image `i` made of `layers(i)`.
+fn images(
+    prefix: &str,
+    n: usize,
+    layers: impl Fn(usize) -> Vec<fixture::LayerSpec>,
+) -> Vec<fixture::ImageSpec> {
+    (0..n)
+        .map(|i| fixture::ImageSpec {
+            reference: format!("bench.example.com/{prefix}/img-{i:03}:1"),
+            layers: layers(i),
+        })
+        .collect()
+}
+
+fn layer(seed: u64, size: usize) -> fixture::LayerSpec {
+    fixture::LayerSpec { seed, size }
+}
+
+fn matrix(base: &Path) -> Vec<Shape> {
+    // BENCH_SHAPES=shared,tiny runs only those.
+    let only = std::env::var("BENCH_SHAPES").ok();
+    let wanted = |k: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == k));
+    let mut out = Vec::new();
+    let all: [(&str, ShapeRun); 4] = [
+        (
+            "shared",
+            Box::new(|| {
+                shape(
+                    &base.join("shared"),
+                    "one base shared by 16 images",
+                    &images("shared", 16, |i| {
+                        vec![layer(1, 64 << 20), layer(100 + i as u64, 4 << 20)]
+                    }),
+                )
+            }),
+        ),
+        (
+            "unshared",
+            Box::new(|| {
+                shape(
+                    &base.join("unshared"),
+                    "16 images, no layer shared",
+                    &images("unshared", 16, |i| {
+                        vec![
+                            layer(200 + i as u64, 16 << 20),
+                            layer(300 + i as u64, 4 << 20),
+                        ]
+                    }),
+                )
+            }),
+        ),
+        (
+            "tiny",
+            Box::new(|| {
+                shape(
+                    &base.join("tiny"),
+                    "200 tiny images",
+                    &images("tiny", 200, |i| vec![layer(1000 + i as u64, 16 << 10)]),
+                )
+            }),
+        ),
+        (
+            "big",
+            Box::new(|| {
+                shape(
+                    &base.join("big"),
+                    "2 images of 1 GiB layers",
+                    &images("big", 2, |i| vec![layer(5000 + i as u64, 1 << 30)]),
+                )
+            }),
+        ),
+    ];
+    for (key, run) in all {
+        if wanted(key) {
+            out.push(run());
+        }
+    }
+    out
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return; // `cargo bench -- --list` support: nothing to list.
+    }
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    if std::env::var("BENCH_MATRIX_ONLY").is_ok_and(|v| v == "1") {
+        let dir = base.join(format!("longshore-matrix-{}", std::process::id()));
+        print_matrix(&matrix(&dir));
+        return;
     }
     let images: usize = std::env::var("BENCH_IMAGES")
         .ok()
@@ -128,9 +280,6 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1 << 30);
-    let base = std::env::var_os("BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp"));
     let sb = Sandbox {
         dir: base.join(format!("longshore-bench-{}", std::process::id())),
     };
@@ -331,6 +480,35 @@ fn main() {
         "",
     );
     row("peak RSS, bundle create", &mib(create_rss), "", None, "");
+    drop(sb);
+    if std::env::var("BENCH_MATRIX").as_deref() != Ok("0") {
+        let dir = base.join(format!("longshore-matrix-{}", std::process::id()));
+        let shapes = matrix(&dir);
+        print_matrix(&shapes);
+    }
+}
+
+fn print_matrix(shapes: &[Shape]) {
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    println!();
+    println!("matrix: each shape against a skopeo copy loop over the same bundle, same run");
+    row("figure", "longshore", "loop", None, "target");
+    for s in shapes {
+        row(
+            &format!("cold: {}", s.name),
+            &secs(s.cold.0),
+            &secs(s.cold.1),
+            Some(ratio(s.cold.0, s.cold.1)),
+            "<= 1.00",
+        );
+        row(
+            &format!("no-op: {}", s.name),
+            &secs(s.noop.0),
+            &secs(s.noop.1),
+            Some(ratio(s.noop.0, s.noop.1)),
+            "<= 0.25",
+        );
+    }
 }
 
 fn row(figure: &str, ours: &str, base: &str, ratio: Option<f64>, target: &str) {

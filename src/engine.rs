@@ -33,7 +33,6 @@ use crate::config::{human_size, Bus, Settings, StoreMode};
 use crate::crio::{CrioConfig, FileChange};
 use crate::digest::Digest;
 use crate::paths::HostPaths;
-use crate::proxy::Proxy;
 use crate::sets::{self, Activity, SetView};
 use crate::state::{
     now, ActiveSet, BundleRecord, BundleState, ImageRecord, SetRecord, SourceKind, State, StateLock,
@@ -398,12 +397,14 @@ impl Engine {
             .await
     }
 
-    /// Sees which of the plan's images the store holds.
+    /// Sees which of the plan's images the store holds under all their names.
     async fn presence_of(&self, plan: &Plan) -> Result<Vec<bool>> {
-        let proxy = Proxy::start(&self.settings.skopeo).await?;
-        let present = self.presence(&proxy, plan).await;
-        proxy.finish().await.ok();
-        present
+        let names = self.store.names()?;
+        Ok(plan
+            .images
+            .iter()
+            .map(|i| names.holds(&i.wanted()))
+            .collect())
     }
 
     /// Brings a foreign input into staging as a bundle (see [`crate::bundle::intake`]),
@@ -555,14 +556,6 @@ impl Engine {
         }
     }
 
-    async fn presence(&self, proxy: &Proxy, plan: &Plan) -> Result<Vec<bool>> {
-        let mut out = Vec::with_capacity(plan.images.len());
-        for img in &plan.images {
-            out.push(self.store.holds(proxy, &img.wanted()).await?);
-        }
-        Ok(out)
-    }
-
     /// Bytes the missing images will take in the store: each layer counted once, and not
     /// at all when an image already present has it.
     fn store_need(&self, plan: &Plan, present: &[bool]) -> SpaceNeed {
@@ -644,7 +637,10 @@ impl Engine {
     }
 
     /// Copies the images the store lacks, two at a time, never two that would write the
-    /// same layer at once (the second waits and then reuses it).
+    /// same layer at once (the second waits and then reuses it). Each image is copied
+    /// once under its first name, which writes its layers; its other names (the digest
+    /// name last) are then added by copies on a lane of their own, which write no layer
+    /// and so run beside the next image's copy rather than after it.
     fn copy_missing(&self, plan: &Plan, present: &[bool]) -> Result<usize> {
         let todo: Vec<&PlannedImage> = plan
             .images
@@ -666,88 +662,130 @@ impl Engine {
             failed: None,
         });
         let wake = Condvar::new();
+        let (names_tx, names_rx) = std::sync::mpsc::channel::<usize>();
+        // Read by the name lane alone; the lock only makes it shareable with the scope.
+        let names_rx = Mutex::new(names_rx);
+        let fail = |e: anyhow::Error, img: &PlannedImage| {
+            let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
+            g.failed
+                .get_or_insert(e.context(format!("copying {}@{}", img.repository, img.digest)));
+            wake.notify_all();
+        };
         std::thread::scope(|s| {
-            for _ in 0..jobs.min(total) {
-                s.spawn(|| loop {
-                    let (i, claimed) = {
-                        let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
-                        loop {
-                            if g.failed.is_some() || g.pending.is_empty() {
-                                return;
-                            }
-                            if let Err(c) = self.cancel.check() {
-                                g.failed = Some(c.into());
-                                wake.notify_all();
-                                return;
-                            }
-                            // A layer another copy is writing now is waited for, then
-                            // reused; a layer already stored is no reason to wait.
-                            let pick = g.pending.iter().position(|&i| {
-                                todo[i]
-                                    .layers
-                                    .iter()
-                                    .all(|l| g.stored.contains(&l.0) || !g.busy.contains(&l.0))
-                            });
-                            match pick {
-                                Some(p) => {
-                                    let i = g.pending.remove(p).unwrap_or_default();
-                                    let claimed: Vec<Digest> = todo[i]
-                                        .layers
-                                        .iter()
-                                        .map(|l| l.0)
-                                        .filter(|d| !g.stored.contains(d))
-                                        .collect();
-                                    g.busy.extend(claimed.iter().copied());
-                                    break (i, claimed);
-                                }
-                                None => g = wake.wait(g).unwrap_or_else(|p| p.into_inner()),
-                            }
-                        }
-                    };
+            // The name lane: every name of an image but its first, the digest name last,
+            // so the image counts as present only once it has them all.
+            s.spawn(|| {
+                let rx = names_rx.lock().unwrap_or_else(|p| p.into_inner());
+                while let Ok(i) = rx.recv() {
                     let img = todo[i];
-                    tracing::info!(image = %img.repository, digest = %img.digest, "copying into the store");
-                    let res = self.store.copy_image(&img.source, &img.wanted());
+                    if sched
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .failed
+                        .is_some()
+                    {
+                        continue;
+                    }
+                    let res = img.wanted().names()[1..]
+                        .iter()
+                        .try_for_each(|n| self.store.copy(&img.source, n));
+                    if let Err(e) = res {
+                        fail(e, img);
+                        continue;
+                    }
                     let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
-                    for d in &claimed {
-                        g.busy.remove(d);
+                    if g.done == 0 {
+                        crate::cancel::fault_point("copied-one");
                     }
-                    if res.is_ok() {
-                        g.stored.extend(claimed);
+                    g.done += 1;
+                    let bytes = bytes_done
+                        .fetch_add(img.size, std::sync::atomic::Ordering::Relaxed)
+                        + img.size;
+                    let line = format!(
+                        "Importing bundle {}: {}/{total} images, {}/{}",
+                        plan.name,
+                        g.done,
+                        human_size(bytes),
+                        human_size(total_bytes)
+                    );
+                    tracing::info!("{line}");
+                    crate::systemd::notify_status(&line);
+                    if let Some(tx) = &self.progress {
+                        let _ = tx.send(crate::api::Progress {
+                            bundle: plan.name.clone(),
+                            image: format!("{}@{}", img.repository, img.digest),
+                            done: bytes,
+                            total: total_bytes,
+                            images: Some((g.done, total)),
+                        });
                     }
-                    match res {
-                        Ok(()) => {
-                            if g.done == 0 {
-                                crate::cancel::fault_point("copied-one");
-                            }
-                            g.done += 1;
-                            let bytes = bytes_done
-                                .fetch_add(img.size, std::sync::atomic::Ordering::Relaxed)
-                                + img.size;
-                            let line = format!(
-                                "Importing bundle {}: {}/{total} images, {}/{}",
-                                plan.name,
-                                g.done,
-                                human_size(bytes),
-                                human_size(total_bytes)
-                            );
-                            tracing::info!("{line}");
-                            crate::systemd::notify_status(&line);
-                            if let Some(tx) = &self.progress {
-                                let _ = tx.send(crate::api::Progress {
-                                    bundle: plan.name.clone(),
-                                    image: format!("{}@{}", img.repository, img.digest),
-                                    done: bytes,
-                                    total: total_bytes,
-                                    images: Some((g.done, total)),
+                }
+            });
+            let (sched, wake, todo, fail) = (&sched, &wake, &todo, &fail);
+            let workers: Vec<_> = (0..jobs.min(total))
+                .map(|_| {
+                    let names_tx = names_tx.clone();
+                    s.spawn(move || loop {
+                        let (i, claimed) = {
+                            let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
+                            loop {
+                                if g.failed.is_some() || g.pending.is_empty() {
+                                    return;
+                                }
+                                if let Err(c) = self.cancel.check() {
+                                    g.failed = Some(c.into());
+                                    wake.notify_all();
+                                    return;
+                                }
+                                // A layer another copy is writing now is waited for, then
+                                // reused; a layer already stored is no reason to wait.
+                                let pick = g.pending.iter().position(|&i| {
+                                    todo[i].layers.iter().all(|l| {
+                                        g.stored.contains(&l.0) || !g.busy.contains(&l.0)
+                                    })
                                 });
+                                match pick {
+                                    Some(p) => {
+                                        let i = g.pending.remove(p).unwrap_or_default();
+                                        let claimed: Vec<Digest> = todo[i]
+                                            .layers
+                                            .iter()
+                                            .map(|l| l.0)
+                                            .filter(|d| !g.stored.contains(d))
+                                            .collect();
+                                        g.busy.extend(claimed.iter().copied());
+                                        break (i, claimed);
+                                    }
+                                    None => g = wake.wait(g).unwrap_or_else(|p| p.into_inner()),
+                                }
                             }
+                        };
+                        let img = todo[i];
+                        tracing::info!(image = %img.repository, digest = %img.digest, "copying into the store");
+                        let first = img.wanted().names().swap_remove(0);
+                        let res = self.store.copy(&img.source, &first);
+                        {
+                            let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
+                            for d in &claimed {
+                                g.busy.remove(d);
+                            }
+                            if res.is_ok() {
+                                g.stored.extend(claimed);
+                            }
+                            wake.notify_all();
                         }
-                        Err(e) => {
-                            g.failed.get_or_insert(e.context(format!("copying {}@{}", img.repository, img.digest)));
+                        match res {
+                            Ok(()) => {
+                                let _ = names_tx.send(i);
+                            }
+                            Err(e) => fail(e, img),
                         }
-                    }
-                    wake.notify_all();
-                });
+                    })
+                })
+                .collect();
+            drop(names_tx);
+            for w in workers {
+                let _ = w.join();
             }
         });
         let g = sched.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -1390,10 +1428,9 @@ pub async fn evaluate_sets(
     if defs.is_empty() {
         return Ok((vec![], other));
     }
-    let proxy = Proxy::start(&settings.skopeo).await?;
-    let views = sets::evaluate(&defs, state, store, &proxy, &activity).await;
-    proxy.finish().await.ok();
-    Ok((views?, other))
+    let _ = settings;
+    let views = sets::evaluate(&defs, state, &store.names()?, &activity);
+    Ok((views, other))
 }
 
 struct Scheduler {

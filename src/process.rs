@@ -58,29 +58,55 @@ pub fn run_cancellable(cmd: &mut Command, cancel: &Cancel) -> Result<Output> {
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
-    let mut stopped_at: Option<Instant> = None;
-    let status = loop {
-        if let Some(st) = child
-            .try_wait()
-            .with_context(|| format!("waiting for {line}"))?
-        {
-            break st;
-        }
-        if cancel.is_cancelled() {
-            match stopped_at {
-                None => {
-                    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                    stopped_at = Some(Instant::now());
+    // The program is waited for here, without polling, so its end is seen at once; a
+    // watcher thread looks at the token meanwhile and stops it when asked. The watcher
+    // only signals while the child is not reaped yet: the wait below leaves it a zombie
+    // (WNOWAIT) until the watcher is told it is done.
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (stopped, cancel) = (stopped.clone(), cancel.clone());
+        std::thread::spawn(move || {
+            let mut stopped_at: Option<Instant> = None;
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(POLL) {
+                if cancel.is_cancelled() {
+                    use nix::sys::signal::{kill, Signal};
+                    match stopped_at {
+                        None => {
+                            let _ = kill(pid, Signal::SIGTERM);
+                            stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+                            stopped_at = Some(Instant::now());
+                        }
+                        Some(t) if t.elapsed() > STOP_GRACE => {
+                            let _ = kill(pid, Signal::SIGKILL);
+                        }
+                        Some(_) => {}
+                    }
                 }
-                Some(t) if t.elapsed() > STOP_GRACE => {
-                    let _ = child.kill();
-                }
-                Some(_) => {}
             }
-        }
-        std::thread::sleep(POLL);
+        })
     };
+    let waited = loop {
+        match nix::sys::wait::waitid(
+            nix::sys::wait::Id::Pid(pid),
+            nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let _ = done_tx.send(());
+    let _ = watcher.join();
+    if let Err(e) = waited {
+        tracing::debug!("waitid on {line}: {e}");
+    }
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {line}"))?;
+    let stopped_at = stopped
+        .load(std::sync::atomic::Ordering::SeqCst)
+        .then_some(());
     let out = Output {
         status,
         stdout: stdout.join().unwrap_or_default(),
@@ -96,7 +122,7 @@ pub fn run_cancellable(cmd: &mut Command, cancel: &Cancel) -> Result<Output> {
     succeeded(&line, out)
 }
 
-/// How often a cancellable program is looked at.
+/// How often the token of a cancellable program is looked at.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a program asked to stop gets before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(10);

@@ -11,7 +11,6 @@ use crate::config::{human_size, Settings};
 use crate::digest::Digest;
 use crate::engine;
 use crate::paths::HostPaths;
-use crate::proxy::Proxy;
 use crate::sets::{SetView, Source};
 use crate::state::{BundleState, State};
 use crate::store::{Store, Wanted};
@@ -108,11 +107,7 @@ pub async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
     let state = State::load(&paths.state_dir)?;
     let store = Store::new(paths, settings);
     let mut images: Vec<ImageStatus> = Vec::new();
-    let proxy = if state.bundles.values().any(|b| b.state != BundleState::Held) {
-        Some(Proxy::start(&settings.skopeo).await?)
-    } else {
-        None
-    };
+    let names = store.names()?;
     for b in state.bundles.values() {
         for i in &b.images {
             let reference = format!("{}@{}", i.repository, i.digest);
@@ -120,14 +115,14 @@ pub async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
                 existing.bundles.push(b.name.clone());
                 continue;
             }
-            let st = match (&proxy, b.state) {
-                (Some(p), BundleState::Imported | BundleState::Importing) => {
+            let st = match b.state {
+                BundleState::Imported | BundleState::Importing => {
                     let w = Wanted {
                         repository: &i.repository,
                         digest: i.digest,
                         tags: &i.tags,
                     };
-                    if store.holds(p, &w).await? {
+                    if names.holds(&w) {
                         "present"
                     } else {
                         "missing"
@@ -143,9 +138,6 @@ pub async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
                 size: i.size,
             });
         }
-    }
-    if let Some(p) = proxy {
-        p.finish().await.ok();
     }
     let (sets, _) = engine::evaluate_sets(paths, settings, &state, &store, None).await?;
     let mut bundles: Vec<BundleStatus> = state

@@ -18,9 +18,8 @@ use crate::bundle::read::valid_set_name;
 use crate::config::fragment_files;
 use crate::digest::Digest;
 use crate::paths::HostPaths;
-use crate::proxy::Proxy;
 use crate::state::State;
-use crate::store::Store;
+use crate::store::StoredNames;
 
 /// A set file as written (`/etc/longshore/sets.d/NAME.toml`).
 #[derive(Debug, Deserialize)]
@@ -248,23 +247,15 @@ pub struct Activity {
     pub overriding: Vec<PathBuf>,
 }
 
-/// Looks each image up in the store and works out every set's state and pins.
-pub async fn evaluate(
+/// Looks each image up among the names the store holds and works out every set's state
+/// and pins.
+pub fn evaluate(
     defs: &[SetDef],
     state: &State,
-    store: &Store,
-    proxy: &Proxy,
+    names: &StoredNames,
     activity: &Activity,
-) -> Result<Vec<SetView>> {
-    let mut lookups: HashMap<String, Option<Digest>> = HashMap::new();
-    let mut lookup = async |r: &str| -> Result<Option<Digest>> {
-        if let Some(d) = lookups.get(r) {
-            return Ok(*d);
-        }
-        let d = store.lookup(proxy, r).await?;
-        lookups.insert(r.to_string(), d);
-        Ok(d)
-    };
+) -> Vec<SetView> {
+    let lookup = |r: &str| names.lookup(r);
     // What the records know of each image: its layers, and the names bundles gave it.
     let mut known: HashMap<Digest, (&crate::state::ImageRecord, Vec<String>)> = HashMap::new();
     for b in state.bundles.values() {
@@ -280,14 +271,14 @@ pub async fn evaluate(
         let mut layers_seen = BTreeSet::new();
         let mut bytes = 0u64;
         for r in &def.images {
-            let found = lookup(r).await?;
+            let found = lookup(r);
             let mut names = Vec::new();
             if let Some(d) = found {
                 names.push(r.clone());
                 if let Some((rec, recorded)) = known.get(&d) {
                     for n in recorded {
                         // A recorded tag may since have moved to another image.
-                        if n != r && lookup(n).await? == Some(d) {
+                        if n != r && lookup(n) == Some(d) {
                             names.push(n.clone());
                         }
                     }
@@ -338,7 +329,7 @@ pub async fn evaluate(
             pins,
         });
     }
-    Ok(views)
+    views
 }
 
 fn conditions(

@@ -12,7 +12,6 @@ use crate::config::{human_size, Settings, StoreMode};
 use crate::digest::Digest;
 use crate::paths::HostPaths;
 use crate::process;
-use crate::proxy::Proxy;
 
 /// A containers-storage store, as skopeo addresses it.
 #[derive(Debug, Clone)]
@@ -27,6 +26,8 @@ pub struct Store {
     policy: Option<PathBuf>,
     /// Where skopeo keeps its temporary files (`--tmpdir`), swept by longshore.
     tmp: PathBuf,
+    /// Environment for copies (see [`Store::new`]).
+    env: Vec<(String, String)>,
     cancel: Cancel,
 }
 
@@ -39,6 +40,22 @@ pub struct Wanted<'a> {
     pub digest: Digest,
     /// Tags it must also carry.
     pub tags: &'a [String],
+}
+
+impl Wanted<'_> {
+    /// Every name the image is stored under, in the order they are given: each tag, then
+    /// the digest name. Sets name images by digest, so an image counts as present only
+    /// once it carries all its names.
+    pub fn names(&self) -> Vec<String> {
+        self.tags
+            .iter()
+            .map(|t| format!("{}:{t}", self.repository))
+            .chain(std::iter::once(format!(
+                "{}@{}",
+                self.repository, self.digest
+            )))
+            .collect()
+    }
 }
 
 impl Store {
@@ -65,6 +82,7 @@ impl Store {
             skopeo: settings.skopeo.clone(),
             policy,
             tmp: paths.state_dir.join("tmp"),
+            env: blob_info_cache_env(paths),
             cancel: Cancel::default(),
         }
     }
@@ -80,32 +98,49 @@ impl Store {
         )
     }
 
-    /// Whether the store holds `image` under its digest and under every tag (a tag that
-    /// names another image counts as missing, so the copy moves it).
-    pub async fn holds(&self, proxy: &Proxy, image: &Wanted<'_>) -> Result<bool> {
-        let by_digest = format!("{}@{}", image.repository, image.digest);
-        let Some(img) = proxy.open_optional(&self.reference(&by_digest)).await? else {
-            return Ok(false);
-        };
-        let found = img.digest;
-        proxy.close(img).await?;
-        if found != image.digest {
-            return Ok(false);
+    /// The names the store has recorded for its images, read from containers-storage's
+    /// `<driver>-images/images.json` (images.go, written whole and renamed into place, so
+    /// it is read without the store's lock). CRI-O's pins match these names and nothing
+    /// else: containers/image resolves `repo@digest` to an image stored as `repo:tag`
+    /// with that digest, but such an image is not pinned by `repo@digest`
+    /// (../shared/DESIGN.md), so presence is decided on the names themselves.
+    pub fn names(&self) -> Result<StoredNames> {
+        #[derive(serde::Deserialize)]
+        struct Image {
+            #[serde(default)]
+            digest: Option<String>,
+            #[serde(default)]
+            digests: Vec<String>,
+            #[serde(default)]
+            names: Vec<String>,
         }
-        for tag in image.tags {
-            let name = format!("{}:{}", image.repository, tag);
-            match proxy.open_optional(&self.reference(&name)).await? {
-                Some(img) => {
-                    let d = img.digest;
-                    proxy.close(img).await?;
-                    if d != image.digest {
-                        return Ok(false);
-                    }
-                }
-                None => return Ok(false),
+        let path = self
+            .root
+            .join(format!("{}-images", self.driver))
+            .join("images.json");
+        let bytes = match crate::untrusted::read_admin_file(&path, MAX_IMAGES_JSON) {
+            Ok(b) => b,
+            Err(_) if !path.exists() => return Ok(StoredNames::default()),
+            Err(e) => return Err(e),
+        };
+        let images: Vec<Image> = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let mut out = StoredNames::default();
+        for img in images {
+            let digests: Vec<Digest> = img
+                .digest
+                .iter()
+                .chain(&img.digests)
+                .filter_map(|d| d.parse().ok())
+                .collect();
+            let Some(primary) = digests.first().copied() else {
+                continue;
+            };
+            for n in img.names {
+                out.0.insert(n, (primary, digests.clone()));
             }
         }
-        Ok(true)
+        Ok(out)
     }
 
     /// Makes the store openable read-only, as CRI-O opens an additional image store:
@@ -129,26 +164,6 @@ impl Store {
                 .with_context(|| format!("creating {}", p.display()))?;
         }
         Ok(())
-    }
-
-    /// The digest of the image the store holds under `reference` (a digest or tag
-    /// reference), or `None` when it holds none.
-    pub async fn lookup(&self, proxy: &Proxy, reference: &str) -> Result<Option<Digest>> {
-        let Some(img) = proxy.open_optional(&self.reference(reference)).await? else {
-            return Ok(None);
-        };
-        let d = img.digest;
-        proxy.close(img).await?;
-        // A digest reference resolves to an image with that digest in the same repository;
-        // any other answer is not the image asked for.
-        if let Some((_, crate::bundle::format::RefTail::Digest(want))) =
-            crate::bundle::format::split_reference(reference)
-        {
-            if want != d {
-                return Ok(None);
-            }
-        }
-        Ok(Some(d))
     }
 
     /// Stops copies when `cancel` is raised.
@@ -177,21 +192,61 @@ impl Store {
         if let Some(p) = &self.policy {
             cmd.arg("--policy").arg(p);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.args(["copy", "--quiet", "--preserve-digests", source])
             .arg(self.reference(name));
         process::run_cancellable(&mut cmd, &self.cancel).map(|_| ())
     }
+}
 
-    /// Copies one image and gives it every name it should carry: each tag first, then the
-    /// digest name (later copies of the same image only add the name). Sets name images
-    /// by digest, so an image counts as present only once it carries all its names.
-    /// `source` is longshore's private, verified copy, so every name points at the
-    /// manifest that was verified.
-    pub fn copy_image(&self, source: &str, image: &Wanted<'_>) -> Result<()> {
-        for tag in image.tags {
-            self.copy(source, &format!("{}:{}", image.repository, tag))?;
+/// Where a copy records what it learnt of blobs. containers/image keeps a cache of blob
+/// locations and digests, for root at `/var/lib/containers/cache`, a host path skopeo has
+/// no option for (pkg/blobinfocache/default.go, `blobInfoCacheDir`). For another node's
+/// root (`--sysroot`) that would write the running host's cache, so the copy is told to
+/// take the path a non-root user would, `$XDG_DATA_HOME/containers/cache`, with
+/// `XDG_DATA_HOME` the node's `/var/lib`: the cache lands where that node keeps its own.
+/// `_CONTAINERS_ROOTLESS_UID` is the variable containers/image reads for that decision
+/// (internal/rootless/rootless.go, `GetRootlessEUID`); the store itself is named
+/// explicitly, so nothing else about the copy changes.
+fn blob_info_cache_env(paths: &HostPaths) -> Vec<(String, String)> {
+    if paths.sysroot == Path::new("/") {
+        return vec![];
+    }
+    vec![
+        ("_CONTAINERS_ROOTLESS_UID".into(), "65534".into()),
+        (
+            "XDG_DATA_HOME".into(),
+            paths.host(Path::new("/var/lib")).display().to_string(),
+        ),
+    ]
+}
+
+/// Largest `images.json` read (about 1 KiB per image).
+const MAX_IMAGES_JSON: u64 = 256 << 20;
+
+/// The names a store holds, each with its image's manifest digest and every digest the
+/// image is known by.
+#[derive(Debug, Default, Clone)]
+pub struct StoredNames(HashMap<String, (Digest, Vec<Digest>)>);
+
+impl StoredNames {
+    /// The digest of the image stored under `name` exactly: for a digest name, the digest
+    /// it names (when the image has it); for a tag, the image's manifest digest.
+    pub fn lookup(&self, name: &str) -> Option<Digest> {
+        let (primary, all) = self.0.get(name)?;
+        match crate::bundle::format::split_reference(name) {
+            Some((_, crate::bundle::format::RefTail::Digest(d))) => all.contains(&d).then_some(d),
+            _ => Some(*primary),
         }
-        self.copy(source, &format!("{}@{}", image.repository, image.digest))
+    }
+
+    /// Whether `image` is stored under its digest name and under every tag, all naming
+    /// it (a tag that names another image counts as missing, so the copy moves it).
+    pub fn holds(&self, image: &Wanted<'_>) -> bool {
+        image.names().iter().all(|n| match self.0.get(n) {
+            Some((primary, all)) => *primary == image.digest || all.contains(&image.digest),
+            None => false,
+        })
     }
 }
 

@@ -676,3 +676,32 @@ fn real_docker_save_archives_import_with_the_digests_skopeo_gives_them() {
     let out = node.ok(&["import", archive.to_str().unwrap()]);
     assert!(out.contains("already in the store"), "{out}");
 }
+
+#[test]
+fn an_image_stored_under_its_tag_alone_is_given_its_digest_name() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let layout = layout(&node, "example.com/tagonly", 1);
+    let img = &layout.images[0];
+    // Stored by tag only, as a plain pull by tag leaves it: containers/image resolves
+    // repo@digest to it, but CRI-O pins match stored names, and repo@digest is none.
+    skopeo_copy(
+        &layout.transport_ref(&img.reference),
+        &node.store_ref(&img.reference),
+    );
+    let (repo, _) = img.reference.rsplit_once(':').unwrap();
+    let by_digest = format!("{repo}@{}", img.manifest_digest);
+    assert!(!node.store_names().contains(&by_digest));
+    let bundle = node.scratch("tagonly");
+    create_bundle(&node, &layout, &bundle, &[]);
+    let out = node.ok(&["import", bundle.to_str().unwrap()]);
+    assert!(out.contains("1 images copied"), "{out}");
+    assert!(
+        node.store_names().contains(&by_digest),
+        "{:?}",
+        node.store_names()
+    );
+    assert_imported(&node, &layout);
+}

@@ -53,6 +53,11 @@ fn a_disk_prepared_offline_is_pinned_and_the_running_hosts_crio_is_left_alone() 
             Some(img.manifest_digest.as_str())
         );
     }
+    // containers/image's blob-info cache is the node's, not the host's.
+    let cache = node
+        .sysroot
+        .join("var/lib/containers/cache/blob-info-cache-v1.boltdb");
+    assert!(cache.is_file(), "{} is missing", cache.display());
 }
 
 #[test]
