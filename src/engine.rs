@@ -1471,8 +1471,18 @@ pub async fn verify(
                 VerifyReport::from(&p, read::verify_stream(&p, None, expected, cancel)?)
             }
             Input::Foreign(f) => {
-                let dir = paths.staging_dir();
-                fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+                // Where longshore's staging cannot be made (a user's machine, not root),
+                // the system's temporary directory takes its place.
+                let mut dir = paths.staging_dir();
+                if let Err(e) = fs::create_dir_all(&dir) {
+                    let tmp = std::env::temp_dir();
+                    tracing::warn!(
+                        "creating {}: {e}; unpacking into {} to verify",
+                        dir.display(),
+                        tmp.display()
+                    );
+                    dir = tmp;
+                }
                 let n = STAGING_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let tmp = dir.join(format!(".verify-{}-{n}", std::process::id()));
                 let res = Layout::create(&tmp, settings.store.min_free_space)

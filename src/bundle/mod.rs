@@ -60,6 +60,16 @@ pub fn detect(path: &Path) -> Result<Input> {
 /// As [`detect`], for an input found inside the collection `root` (which names `dir:`
 /// trees by their path below it).
 pub fn detect_in(path: &Path, root: Option<&Path>) -> Result<Input> {
+    // Inside a collection nothing is followed (the scan skips links; one that appeared
+    // since is refused).
+    if root.is_some()
+        && fs::symlink_metadata(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .file_type()
+            .is_symlink()
+    {
+        return Err(Rejected::new(path, "is a symbolic link inside the collection").into());
+    }
     let md = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if md.is_dir() {
         // Any bundle.json makes a bundle directory, whatever it is; the bundle's reader
