@@ -178,13 +178,7 @@ impl Tree {
 /// Opens an input given by path (a file or a block device, never a FIFO, a character
 /// device or a socket) without blocking, with its length (0 for a device).
 pub fn open_input(path: &Path) -> Result<File> {
-    let fd = rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("opening {}", path.display()))?;
-    let st = rustix::fs::fstat(&fd).with_context(|| format!("reading {}", path.display()))?;
+    let (fd, st) = open_nonblocking(path)?;
     match FileType::from_raw_mode(st.st_mode) {
         FileType::RegularFile | FileType::BlockDevice => Ok(File::from(fd)),
         FileType::Directory => Err(Rejected::new(path, "is a directory").into()),
@@ -203,13 +197,7 @@ pub fn open_input(path: &Path) -> Result<File> {
 /// as the administrator may make them, but only a regular file is read, never more than
 /// `limit` bytes, and never blocking.
 pub fn read_admin_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let fd = rustix::fs::open(
-        path,
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(|| format!("opening {}", path.display()))?;
-    let st = rustix::fs::fstat(&fd).with_context(|| format!("reading {}", path.display()))?;
+    let (fd, st) = open_nonblocking(path)?;
     let kind = FileType::from_raw_mode(st.st_mode);
     if kind != FileType::RegularFile {
         anyhow::bail!(
@@ -237,6 +225,18 @@ pub fn read_admin_file(path: &Path, limit: u64) -> Result<Vec<u8>> {
         );
     }
     Ok(bytes)
+}
+
+/// Opens `path` for reading without blocking (a FIFO opens at once), with what it is.
+fn open_nonblocking(path: &Path) -> Result<(OwnedFd, rustix::fs::Stat)> {
+    let fd = rustix::fs::open(
+        path,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", path.display()))?;
+    let st = rustix::fs::fstat(&fd).with_context(|| format!("reading {}", path.display()))?;
+    Ok((fd, st))
 }
 
 /// Reads `f` (whose length was `len` when opened) whole, up to `limit` bytes.

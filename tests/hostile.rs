@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::fixture;
-use common::node::{require, Node};
+use common::node::{copy_tree, largest_blob, require, Node};
 use common::rawtar::RawTar;
 use tar::EntryType as T;
 
@@ -182,27 +182,6 @@ impl Corpus {
         z.finish().unwrap();
         p
     }
-}
-
-fn copy_tree(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst).unwrap();
-    for e in fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_tree(&e.path(), &to);
-        } else {
-            fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
-
-fn largest_blob(dir: &Path) -> PathBuf {
-    fs::read_dir(dir.join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap()
 }
 
 fn manifest_blob(dir: &Path) -> PathBuf {

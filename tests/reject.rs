@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use common::fixture;
-use common::node::{require, Node};
+use common::node::{copy_tree as copy_dir, largest_blob, require, Node};
 use common::rawtar::RawTar;
 
 const REJECTED: i32 = 3;
@@ -25,32 +25,12 @@ fn good_bundle(node: &Node) -> (PathBuf, String) {
     (out, digest)
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    fs::create_dir_all(dst.join("blobs/sha256")).unwrap();
-    for f in ["bundle.json", "index.json", "oci-layout"] {
-        fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    for e in fs::read_dir(src.join("blobs/sha256")).unwrap() {
-        let e = e.unwrap();
-        fs::copy(e.path(), dst.join("blobs/sha256").join(e.file_name())).unwrap();
-    }
-}
-
 fn json(p: &Path) -> serde_json::Value {
     serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
 }
 
 fn write_json(p: &Path, v: &serde_json::Value) {
     fs::write(p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
-}
-
-/// The largest blob of a bundle directory: a layer.
-fn largest_blob(dir: &Path) -> PathBuf {
-    fs::read_dir(dir.join("blobs/sha256"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .max_by_key(|p| fs::metadata(p).unwrap().len())
-        .unwrap()
 }
 
 /// Imports `input`, expects refusal naming `file_part` and `needle`, and checks that

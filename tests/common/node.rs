@@ -308,6 +308,29 @@ pub fn wait_for_text(path: &Path, needle: &str, secs: u64) {
     }
 }
 
+/// Copies the directory tree `src` to `dst` (regular files and directories).
+pub fn copy_tree(src: &Path, dst: &Path) {
+    fs::create_dir_all(dst).unwrap();
+    for e in fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to);
+        } else {
+            fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+/// The largest blob of a bundle directory or OCI layout: a layer.
+pub fn largest_blob(dir: &Path) -> PathBuf {
+    fs::read_dir(dir.join("blobs/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap()
+}
+
 /// Runs a command and insists that it succeeded.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
