@@ -113,6 +113,10 @@ impl Store {
             digests: Vec<String>,
             #[serde(default)]
             names: Vec<String>,
+            /// `manifest-<digest>` for every manifest stored with the image (images.go
+            /// `recomputeDigests` derives the image's digests from these too).
+            #[serde(default, rename = "big-data-names")]
+            big_data_names: Vec<String>,
         }
         let path = self
             .root
@@ -131,6 +135,12 @@ impl Store {
                 .digest
                 .iter()
                 .chain(&img.digests)
+                .map(String::as_str)
+                .chain(
+                    img.big_data_names
+                        .iter()
+                        .filter_map(|n| n.strip_prefix("manifest-")),
+                )
                 .filter_map(|d| d.parse().ok())
                 .collect();
             let Some(primary) = digests.first().copied() else {
@@ -308,4 +318,46 @@ fn existing_ancestor(p: &Path) -> PathBuf {
         }
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    #[test]
+    fn names_are_matched_exactly_as_the_store_records_them() {
+        let t = tempfile::tempdir().unwrap();
+        let paths = HostPaths::new(t.path());
+        let store = Store::new(&paths, &Settings::default());
+        assert!(store.names().unwrap().lookup("quay.io/a/b:1").is_none());
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let dir = store.root.join("overlay-images");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("images.json"),
+            serde_json::json!([
+                {"id": "1", "digest": a.to_string(), "names": ["quay.io/a/b:1", format!("quay.io/a/b@{a}")]},
+                // Stored by tag alone, with a second manifest recorded as big data.
+                {"id": "2", "digest": b.to_string(), "names": ["quay.io/a/c:1"],
+                 "big-data-names": [format!("manifest-{a}")]},
+            ])
+            .to_string(),
+        )
+        .unwrap();
+        let names = store.names().unwrap();
+        assert_eq!(names.lookup("quay.io/a/b:1"), Some(a));
+        assert_eq!(names.lookup(&format!("quay.io/a/b@{a}")), Some(a));
+        // containers/image would resolve this to image 2; the store holds no such name.
+        assert_eq!(names.lookup(&format!("quay.io/a/c@{b}")), None);
+        let tags = ["1".to_string()];
+        let wanted = |repo, digest| Wanted {
+            repository: repo,
+            digest,
+            tags: &tags,
+        };
+        assert!(names.holds(&wanted("quay.io/a/b", a)));
+        assert!(!names.holds(&wanted("quay.io/a/c", b)));
+        assert!(!names.holds(&wanted("quay.io/a/b", b)));
+    }
 }
