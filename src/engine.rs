@@ -662,6 +662,26 @@ impl Engine {
             failed: None,
         });
         let wake = Condvar::new();
+        // The names each image still lacks: one an earlier, interrupted import gave it is
+        // not copied again.
+        let stored_names = self.store.names()?;
+        let missing_names: Vec<Vec<String>> = todo
+            .iter()
+            .map(|img| {
+                let all = img.wanted().names();
+                let lacking: Vec<String> = all
+                    .iter()
+                    .filter(|n| stored_names.lookup(n) != Some(img.digest))
+                    .cloned()
+                    .collect();
+                if lacking.is_empty() {
+                    all
+                } else {
+                    lacking
+                }
+            })
+            .collect();
+        let missing_names = &missing_names;
         let (names_tx, names_rx) = std::sync::mpsc::channel::<usize>();
         // Read by the name lane alone; the lock only makes it shareable with the scope.
         let names_rx = Mutex::new(names_rx);
@@ -686,7 +706,7 @@ impl Engine {
                     {
                         continue;
                     }
-                    let res = img.wanted().names()[1..]
+                    let res = missing_names[i][1..]
                         .iter()
                         .try_for_each(|n| self.store.copy(&img.source, n));
                     if let Err(e) = res {
@@ -762,8 +782,7 @@ impl Engine {
                         };
                         let img = todo[i];
                         tracing::info!(image = %img.repository, digest = %img.digest, "copying into the store");
-                        let first = img.wanted().names().swap_remove(0);
-                        let res = self.store.copy(&img.source, &first);
+                        let res = self.store.copy(&img.source, &missing_names[i][0]);
                         {
                             let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
                             for d in &claimed {

@@ -294,7 +294,9 @@ fn a_stick_pulled_mid_import_pins_nothing_and_resumes_when_it_is_back() {
     for done in &first {
         assert!(!second.contains(done), "{done} copied twice: {all:?}");
     }
-    assert_eq!(all.len(), 8, "each image by digest and by tag: {all:?}");
+    // Each image by digest and by tag, at most once each; a copy stopped just as it
+    // committed may have left its name without its "done" line.
+    assert!(all.len() <= 8 && all.len() >= 7, "{all:?}");
     let log = daemon.log();
     // A destination is `containers-storage:[…]NAME`; a digest name carries `@`.
     let by_digest = |d: &&String| d.rsplit(']').next().is_some_and(|n| n.contains('@'));

@@ -237,7 +237,11 @@ for a in "$@"; do
     dest="${{@: -1}}"
     echo "start $dest" >> '{log}'
     sleep {delay}
-    skopeo "$@" || exit $?
+    # Stopped, the wrapper stops its skopeo too, as longshore stops a plain skopeo.
+    skopeo "$@" &
+    child=$!
+    trap 'kill -TERM $child 2>/dev/null; wait $child; exit 143' TERM
+    wait $child || exit $?
     echo "done $dest" >> '{log}'
     exit 0
   fi
