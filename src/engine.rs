@@ -340,7 +340,7 @@ impl Engine {
         }
         // What is copied into the store is a private copy, made while it is verified.
         // longshore's own staged and retained copies are read in place.
-        if !stream && path.starts_with(&self.paths.state_dir) {
+        if !stream && !opts.hold && path.starts_with(&self.paths.state_dir) {
             let verified = read::verify_dir(path, opts.expected, &self.cancel, None)?;
             ensure_same(&verified, &digest, path)?;
             check_space(
