@@ -86,7 +86,8 @@ bench:
 
 # Fuzzing the parsers of untrusted input with cargo-fuzz (libFuzzer) on the stable
 # toolchain, without a sanitizer: each target runs FUZZ_SECONDS (an hour by default),
-# with memory held to FUZZ_RSS_MB, from a corpus seeded with tar streams of each format.
+# with memory held to FUZZ_RSS_MB, from a corpus seeded with tar streams of each format, a
+# real bundle's bundle.json and index.json, and the shipped configuration.
 FUZZ_SECONDS ?= 3600
 FUZZ_RSS_MB ?= 512
 FUZZ_TARGETS := tar_reader documents config_and_sets
@@ -97,6 +98,12 @@ fuzz:
 		echo x > $$seed/blobs/sha256/$$(printf '%064d' 0) && \
 		for f in gnu pax ustar v7; do tar --format=$$f -cf fuzz/corpus/tar_reader/seed-$$f.tar -C $$seed bundle.json blobs; done; \
 		rm -rf $$seed
+	$(CARGO) build --release --locked --bin longshore --example sample-images
+	seed=$$(mktemp -d) && ./target/release/examples/sample-images $$seed/images > $$seed/sources && \
+		./target/release/longshore bundle create -o $$seed/bundle --name seed $$(cat $$seed/sources) >/dev/null && \
+		{ cat $$seed/bundle/bundle.json; printf '\0'; cat $$seed/bundle/index.json; } > fuzz/corpus/documents/seed-bundle; \
+		rm -rf $$seed
+	cp config/10-defaults.toml fuzz/corpus/config_and_sets/seed-defaults.toml
 	cd fuzz && for t in $(FUZZ_TARGETS); do \
 		cargo fuzz run -s none $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=$(FUZZ_RSS_MB) || exit 1; \
 	done
