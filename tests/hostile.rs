@@ -129,18 +129,7 @@ impl Corpus {
     /// The good layout as an oci-archive's entries (without the end of archive).
     fn oci_archive(&self) -> RawTar {
         let mut t = RawTar::new();
-        for f in ["oci-layout", "index.json"] {
-            t.file(f, &fs::read(self.layout.dir.join(f)).unwrap());
-        }
-        let mut blobs: Vec<PathBuf> = fs::read_dir(self.layout.dir.join("blobs/sha256"))
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        blobs.sort();
-        for b in blobs {
-            let name = format!("blobs/sha256/{}", b.file_name().unwrap().to_string_lossy());
-            t.file(&name, &fs::read(&b).unwrap());
-        }
+        t.layout(&self.layout.dir);
         t
     }
 

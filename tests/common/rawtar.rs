@@ -49,7 +49,14 @@ impl RawTar {
 
     /// Every file of a bundle directory, bundle.json first.
     pub fn bundle(&mut self, dir: &Path) -> &mut Self {
-        for f in ["bundle.json", "oci-layout", "index.json"] {
+        self.file("bundle.json", &fs::read(dir.join("bundle.json")).unwrap());
+        self.layout(dir)
+    }
+
+    /// Every file of an OCI layout (as an oci-archive holds it): oci-layout, index.json,
+    /// then the blobs in name order.
+    pub fn layout(&mut self, dir: &Path) -> &mut Self {
+        for f in ["oci-layout", "index.json"] {
             self.file(f, &fs::read(dir.join(f)).unwrap());
         }
         let mut blobs: Vec<PathBuf> = fs::read_dir(dir.join("blobs/sha256"))
