@@ -6,7 +6,6 @@ mod common;
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::daemon::Daemon;
 use common::fixture;
@@ -108,16 +107,7 @@ impl BareBus {
     fn start() -> BareBus {
         let dir = tempfile::tempdir().unwrap();
         let address = format!("unix:path={}/bus", dir.path().display());
-        let out = Command::new("dbus-daemon")
-            .args(["--session", "--fork", "--print-pid", "--address", &address])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let pid = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        let pid = common::usermgr::start_bus(&address);
         BareBus { dir, address, pid }
     }
 }

@@ -378,12 +378,13 @@ impl Files {
     }
 
     fn read(&self, layout: &Layout, path: &Path, name: &str, limit: u64) -> Result<Vec<u8>> {
-        let (d, _) = self
+        let (d, size) = self
             .resolve(name)
             .ok_or_else(|| Rejected::new(path, format!("holds no {name}")))?;
-        layout
-            .read(&d, limit)
-            .map_err(|_| Rejected::new(path, format!("{name} is larger than {limit} bytes")).into())
+        if size > limit {
+            return Err(Rejected::new(path, format!("{name} is larger than {limit} bytes")).into());
+        }
+        layout.read(&d, limit)
     }
 }
 

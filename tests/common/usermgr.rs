@@ -36,6 +36,23 @@ pub enum Reload {
     Fails,
 }
 
+/// Starts a private session bus listening on `address`; returns its pid.
+pub fn start_bus(address: &str) -> i32 {
+    let out = Command::new("dbus-daemon")
+        .args(["--session", "--fork", "--print-pid", "--address", address])
+        .output()
+        .expect("starting dbus-daemon");
+    assert!(
+        out.status.success(),
+        "dbus-daemon: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("dbus pid")
+}
+
 impl UserManager {
     pub fn start() -> UserManager {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -51,20 +68,7 @@ impl UserManager {
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o700);
         fs::set_permissions(&runtime_dir, perms).unwrap();
         let bus_address = format!("unix:path={}/bus", runtime_dir.display());
-        let out = Command::new("dbus-daemon")
-            .args(["--session", "--fork", "--print-pid", "--address"])
-            .arg(&bus_address)
-            .output()
-            .expect("starting dbus-daemon");
-        assert!(
-            out.status.success(),
-            "dbus-daemon: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dbus_pid: i32 = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("dbus pid");
+        let dbus_pid = start_bus(&bus_address);
         // systemd --user insists on /run/systemd/system; a private mount namespace with
         // its own /run gives it one without touching the host.
         let systemd = Command::new("unshare")
