@@ -697,9 +697,12 @@ fn init_logging(verbose: bool) {
     let level = if verbose { "debug" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("LONGSHORE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("longshore={level},warn")));
-    // Under systemd, logs go to the journal with their fields; elsewhere to stderr.
+    // Under systemd, logs go to the journal with their fields; elsewhere to stderr. The
+    // fields keep their own names (tracing-journald prefixes them with `F_` unless told
+    // otherwise), so `journalctl MESSAGE_ID=…` and `BUNDLE=…` of docs/journal.md match.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         if let Ok(layer) = tracing_journald::layer() {
+            let layer = layer.with_field_prefix(None);
             tracing_subscriber::registry()
                 .with(filter)
                 .with(layer)

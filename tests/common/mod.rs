@@ -8,3 +8,4 @@ pub mod node;
 pub mod notify;
 pub mod rawtar;
 pub mod usermgr;
+pub mod vm;

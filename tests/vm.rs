@@ -1,0 +1,330 @@
+//! A real node in a VM (tests/vm/README.md): Debian's own kernel under qemu, longshore
+//! installed with `make install` and run by systemd as PID 1 on the guest's system bus,
+//! with the stand-in CRI-O ordered after it. USB sticks (vfat, exfat, a raw tar) are
+//! plugged in and pulled out over QMP, an ISO goes into the CD drive, and the power is
+//! cut mid-import. Each case ends with the images in the guest's store under both
+//! names, pinned, CRI-O reloaded once per change, and the media unmounted.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixture::{self, Layout};
+use common::loopdev::{iso_image, vfat_image};
+use common::node::{run_ok, Node};
+use common::vm::{self, NodeImage, Stick, Vm};
+
+const PINS: &str = "/etc/crio/crio.conf.d/99-longshore-pinned-images.conf";
+
+/// A run directory for one VM, short enough for qemu's socket paths.
+fn run_dir(name: &str) -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/vm")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Two small images under `prefix` and a bundle of them in `out` (a directory, or a
+/// `.tar`/`.tar.zst` stream), made on the host by the longshore under test.
+fn bundle(node: &Node, prefix: &str, out: &Path, extra: &[&str]) -> Layout {
+    let layout = fixture::write_oci_layout(
+        &node.scratch(&format!("layout-{}", prefix.replace('/', "-"))),
+        &fixture::small_images(prefix, 2),
+    )
+    .unwrap();
+    node.bundle_create(&layout, out, extra);
+    layout
+}
+
+/// What the guest's store, pins and stand-in CRI-O show.
+struct Seen {
+    names: Vec<String>,
+    pins: String,
+    hups: usize,
+}
+
+fn seen(vm: &Vm) -> Seen {
+    // Read as root by the guest; containers-storage's own list of names.
+    let images = vm
+        .ok("cat /var/lib/containers/storage/overlay-images/images.json 2>/dev/null || echo '[]'");
+    let v: serde_json::Value = serde_json::from_str(&images).expect("images.json");
+    let names = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|i| i["names"].as_array().cloned().unwrap_or_default())
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    Seen {
+        names,
+        pins: vm.sh(&format!("cat {PINS}")).1,
+        hups: vm.ok("cat /run/crio-hups").lines().count(),
+    }
+}
+
+/// Waits until every image of `layout` is stored under its tag and its digest name and
+/// pinned under both, and the bundle `name` is recorded as imported.
+fn wait_imported(vm: &Vm, name: &str, layout: &Layout, secs: u64) -> Seen {
+    vm.wait_until(
+        &format!(
+            "longshore status --json | grep -q '\"name\": *\"{name}\"' && \
+             longshore status --json | tr -d ' \\n' | grep -q '\"name\":\"{name}\",[^}}]*\"state\":\"imported\"'"
+        ),
+        secs,
+    );
+    let s = seen(vm);
+    for img in &layout.images {
+        let repo = img.reference.rsplit_once(':').unwrap().0;
+        let by_digest = format!("{repo}@{}", img.manifest_digest);
+        for n in [&img.reference, &by_digest] {
+            assert!(s.names.contains(n), "{n} not stored: {:?}", s.names);
+            assert!(s.pins.contains(n.as_str()), "{n} not pinned:\n{}", s.pins);
+        }
+    }
+    s
+}
+
+/// Waits until nothing of longshore's is mounted any more.
+fn wait_unmounted(vm: &Vm) {
+    vm.wait_until(
+        "! grep -q /run/longshore/media /proc/$(systemctl show -p MainPID --value longshore)/mounts",
+        60,
+    );
+}
+
+/// The guest's journal entries with `MESSAGE_ID=id` in this boot, as JSON objects.
+fn journal(vm: &Vm, id: &str) -> Vec<serde_json::Value> {
+    vm.ok(&format!("journalctl -b -o json --no-pager MESSAGE_ID={id}"))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("journal JSON"))
+        .collect()
+}
+
+/// The lines of the copy log the wrapper keeps (see common/vm.rs), from line `from` on.
+fn copies(vm: &Vm, from: usize) -> Vec<String> {
+    let text = vm.sh("cat /run/longshore/copies.log").1;
+    text.lines().skip(from).map(str::to_string).collect()
+}
+
+const DETECTED: &str = "0694dbaaaeb14384977c32f6c298f544";
+const IMPORTED: &str = "dace14cd1ca4471f8697171a376ea349";
+const FAILED: &str = "2fb6a1ccf3be4217bfe8bf4d0cd12a1c";
+const SET_READY: &str = "df616eee526b4fe6a680ffd21c99cea5";
+
+#[test]
+fn sticks_and_discs_in_a_real_kernel() {
+    if !vm::available() {
+        return;
+    }
+    let image = NodeImage::get();
+    let node = Node::new();
+    let run = run_dir("media");
+    let mut vm = Vm::boot(image, &run, &[]);
+    vm.wait_until("systemctl is-active longshore.service crio.service", 120);
+    let hups = std::cell::Cell::new(seen(&vm).hups);
+    let step = |vm: &Vm, what: &str, name: &str, layout: &Layout| {
+        let s = wait_imported(vm, name, layout, 300);
+        assert_eq!(s.hups, hups.get() + 1, "{what}: one reload for one change");
+        hups.set(s.hups);
+        wait_unmounted(vm);
+    };
+
+    // A vfat stick labelled LONGSHORE holding a bundle directory, hot-plugged.
+    let content = node.scratch("vfat");
+    fs::create_dir_all(&content).unwrap();
+    let vfat = bundle(
+        &node,
+        "example.com/vfat",
+        &content.join("apps"),
+        &["--name", "vfat-apps"],
+    );
+    let img = run.join("vfat.img");
+    vfat_image(&img, "LONGSHORE", &content.join("apps"), 64);
+    let stick = Stick::new("vfat", &img);
+    vm.plug(&stick);
+    step(&vm, "vfat", "vfat-apps", &vfat);
+    vm.pull(&stick);
+
+    // An exfat stick holding a .tar.zst. Nothing on the host writes exfat, so the guest
+    // fills the stick under another label first, and the host then relabels it.
+    let exfat = bundle(
+        &node,
+        "example.com/exfat",
+        &vm.share().join("apps.tar.zst"),
+        &["--name", "exfat-apps"],
+    );
+    let img = run.join("exfat.img");
+    run_ok(Command::new("truncate").args(["-s", "64M"]).arg(&img));
+    run_ok(Command::new("mkfs.exfat").args(["-L", "FILLING"]).arg(&img));
+    let filling = Stick::new("fill", &img).writable();
+    vm.plug(&filling);
+    vm.ok("udevadm wait --timeout=60 /dev/disk/by-label/FILLING && \
+           mount -t exfat /dev/disk/by-label/FILLING /mnt/scratch && \
+           cp /mnt/host/apps.tar.zst /mnt/scratch/ && umount /mnt/scratch");
+    vm.pull(&filling);
+    run_ok(Command::new("exfatlabel").arg(&img).arg("LONGSHORE"));
+    let stick = Stick::new("exfat", &img);
+    vm.plug(&stick);
+    step(&vm, "exfat", "exfat-apps", &exfat);
+    vm.pull(&stick);
+
+    // An ISO in the CD drive that is already there: a media change, not a new device.
+    let content = node.scratch("iso");
+    let iso_layout = bundle(&node, "example.com/iso", &content, &["--name", "iso-apps"]);
+    let iso = run.join("apps.iso");
+    iso_image(&iso, "LONGSHORE", &content);
+    vm.cd_insert(&iso);
+    step(&vm, "ISO", "iso-apps", &iso_layout);
+    vm.cd_eject();
+    vm.wait_until(
+        "! udevadm info --query=property /dev/sr0 | grep -q ID_FS_TYPE=iso9660",
+        60,
+    );
+    // Taking the disc out unpins nothing.
+    let s = seen(&vm);
+    assert!(
+        s.pins.contains(&iso_layout.images[0].reference),
+        "{}",
+        s.pins
+    );
+    assert_eq!(s.hups, hups.get(), "an eject reloads nothing");
+
+    // A stick whose label matches nothing, then a bundle tar written raw onto a stick.
+    // The daemon takes devices in order, so once the raw one is in, the other was judged.
+    let content = node.scratch("photos");
+    bundle(&node, "example.com/photos", &content, &["--name", "photos"]);
+    let img = run.join("photos.img");
+    vfat_image(&img, "PHOTOS", &content, 64);
+    let photos = Stick::new("photos", &img);
+    let daemon_log = |vm: &Vm| vm.ok("journalctl -b -u longshore --no-pager -o cat");
+    let logged = daemon_log(&vm).lines().count();
+    vm.plug(&photos);
+    vm.ok("udevadm wait --timeout=60 /dev/disk/by-label/PHOTOS");
+    let photos_dev = vm
+        .ok("readlink -f /dev/disk/by-label/PHOTOS")
+        .trim()
+        .to_string();
+    let raw = run.join("raw.tar");
+    let raw_layout = bundle(&node, "example.com/raw", &raw, &["--name", "raw-apps"]);
+    // Whole sectors: what `dd` onto a stick leaves after the tar is never read.
+    run_ok(Command::new("truncate").args(["-s", "%1M"]).arg(&raw));
+    let stick = Stick::new("raw", &raw);
+    vm.plug(&stick);
+    step(&vm, "raw tar", "raw-apps", &raw_layout);
+    let status = vm.ok("longshore status --json");
+    assert!(!status.contains("\"photos\""), "{status}");
+    assert!(!seen(&vm).names.iter().any(|n| n.contains("/photos/")));
+    let log: Vec<String> = daemon_log(&vm)
+        .lines()
+        .skip(logged)
+        .map(str::to_string)
+        .collect();
+    assert!(
+        !log.iter()
+            .any(|l| l.starts_with(&format!("mounted {photos_dev} "))),
+        "{log:?}"
+    );
+    vm.pull(&stick);
+    vm.pull(&photos);
+
+    // A stick pulled out mid-import: copies are slowed, the stick goes once one is done.
+    let content = node.scratch("pulled");
+    let pulled = fixture::write_oci_layout(
+        &node.scratch("layout-pulled"),
+        &fixture::small_images("example.com/pulled", 3),
+    )
+    .unwrap();
+    node.bundle_create(&pulled, &content, &["--name", "pulled"]);
+    let img = run.join("pulled.img");
+    vfat_image(&img, "LONGSHORE_P", &content, 64);
+    vm.ok("mkdir -p /etc/longshore-test && echo 4 > /etc/longshore-test/copy-delay");
+    let before = copies(&vm, 0).len();
+    let stick = Stick::new("pull1", &img);
+    vm.plug(&stick);
+    vm.wait_until(
+        "grep -q '^done .*example.com/pulled' /run/longshore/copies.log",
+        300,
+    );
+    vm.pull(&stick);
+    vm.wait_until(
+        &format!("journalctl -b -o cat MESSAGE_ID={FAILED} | grep -q 'went away'"),
+        120,
+    );
+    wait_unmounted(&vm);
+    let done: Vec<String> = copies(&vm, before)
+        .iter()
+        .filter_map(|l| l.strip_prefix("done ").map(str::to_string))
+        .collect();
+    assert!(!done.is_empty());
+    let s = seen(&vm);
+    assert!(
+        !s.pins.contains("example.com/pulled"),
+        "nothing of the pulled stick is pinned:\n{}",
+        s.pins
+    );
+    assert_eq!(s.hups, hups.get(), "nothing changed, nothing reloaded");
+    let status = vm.ok("longshore status --json");
+    assert!(status.contains("\"importing\""), "{status}");
+
+    // The same stick again: only what is missing is copied.
+    vm.ok("rm /etc/longshore-test/copy-delay");
+    let before = copies(&vm, 0).len();
+    let stick = Stick::new("pull2", &img);
+    vm.plug(&stick);
+    step(&vm, "stick back", "pulled", &pulled);
+    let again = copies(&vm, before);
+    for d in &done {
+        assert!(
+            !again.iter().any(|l| l == &format!("start {d}")),
+            "{d} was copied again: {again:?}"
+        );
+    }
+    assert!(!again.is_empty(), "the missing names were copied");
+    vm.pull(&stick);
+
+    // What an administrator looks at.
+    let status = vm.ok("longshore status");
+    for b in ["vfat-apps", "exfat-apps", "iso-apps", "raw-apps", "pulled"] {
+        assert!(status.contains(b), "{b} not in status:\n{status}");
+    }
+    let text = vm.ok(
+        "busctl get-property io.longshore.Longshore1 /io/longshore/Longshore1 \
+         io.longshore.Longshore1.Manager StatusText",
+    );
+    assert!(text.contains("Idle: 5 of 5 image sets ready"), "{text}");
+    let show = vm.ok("systemctl show longshore.service -p StatusText -p ActiveState -p NRestarts");
+    assert!(
+        show.contains("ActiveState=active") && show.contains("NRestarts=0"),
+        "{show}"
+    );
+    assert!(show.contains("StatusText=Idle: 5 of 5"), "{show}");
+    // One "media detected" per bundle stick or disc (the stick pulled counts twice, the
+    // stick filled in the guest and PHOTOS not at all), one "imported" per bundle, one
+    // abandoned import, and every set ready.
+    assert_eq!(journal(&vm, DETECTED).len(), 6, "media detected");
+    let imported: Vec<String> = journal(&vm, IMPORTED)
+        .iter()
+        .map(|e| e["BUNDLE"].as_str().unwrap_or("").to_string())
+        .collect();
+    for b in ["vfat-apps", "exfat-apps", "iso-apps", "raw-apps", "pulled"] {
+        assert!(imported.iter().any(|i| i == b), "{b}: {imported:?}");
+    }
+    assert_eq!(journal(&vm, FAILED).len(), 1);
+    assert!(journal(&vm, SET_READY).len() >= 5);
+}
+
+/// `LONGSHORE_VM_RUN=DIR LONGSHORE_VM_SH='cmd' cargo test --test vm -- --ignored look`
+/// runs a shell line in a VM a failed test left running (`LONGSHORE_VM_KEEP=1`).
+#[test]
+#[ignore]
+fn look() {
+    let run = std::env::var("LONGSHORE_VM_RUN").expect("LONGSHORE_VM_RUN");
+    let line = std::env::var("LONGSHORE_VM_SH").expect("LONGSHORE_VM_SH");
+    let (code, out, err) = Vm::reattach(Path::new(&run)).sh(&line);
+    println!("{out}");
+    eprintln!("{err}exit {code}");
+}
