@@ -36,10 +36,11 @@ BUILD_PACKAGES := pkg-config libudev-dev
 # dosfstools, mtools, e2fsprogs, xorriso and xfsprogs (media images); ignition
 # (ignition-validate), rpm, rpmlint and gnupg (building, signing and linting the RPM),
 # man-db (systemd-analyze verify checks the unit's man pages), debootstrap and
-# systemd-container (a node booted with systemd-nspawn) for the packaging tests.
+# systemd-container (a node booted with systemd-nspawn) for the packaging tests;
+# exfatprogs for exfat sticks and qemu (tests/vm/install-qemu.sh) for the VM tests.
 TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates docker-registry \
 	dbus systemd udev dosfstools mtools e2fsprogs xorriso xfsprogs \
-	ignition rpm rpmlint gnupg man-db make debootstrap systemd-container
+	ignition rpm rpmlint gnupg man-db make debootstrap systemd-container exfatprogs
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
 # The benchmark compares verification with openssl's sha256.
@@ -65,6 +66,7 @@ endef
 
 test-deps:
 	$(call apt_install,$(TEST_PACKAGES))
+	./tests/vm/install-qemu.sh
 
 lint:
 	$(CARGO) fmt --check

@@ -109,14 +109,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     worker.run(Job::Heal).await;
     let mut later = VecDeque::new();
     if media_on {
-        // The monitor thread reports the devices present before it says it listens, so
-        // they are all in the channel now.
-        let mut present = Vec::new();
-        while let Ok(dev) = media_rx.try_recv() {
-            if seen.is_new(&dev) {
-                present.push(dev);
-            }
-        }
+        let present = media_at_start(&mut media_rx, &mut seen).await;
         later = worker.boot(present).await;
     }
     if stopping.is_cancelled() {
@@ -220,6 +213,61 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
 }
 
 /// How often the daemon looks for systemd when it is not on the bus.
+/// At start, how long the block devices must have been quiet before the media present
+/// are taken as all there, and how long at most to wait for media still arriving.
+const MEDIA_QUIET: Duration = Duration::from_secs(1);
+const MEDIA_ARRIVAL_LIMIT: Duration = Duration::from_secs(30);
+
+/// The devices present at start. The monitor thread reports those already there before
+/// it says it listens; at boot a stick left in the machine may not be a block device yet
+/// (the USB controller's driver loading, usb-storage waiting before it scans), so the
+/// devices are gathered until none has come for [`MEDIA_QUIET`] and nothing is still on
+/// its way ([`media::still_arriving`]), for at most [`MEDIA_ARRIVAL_LIMIT`].
+async fn media_at_start(
+    rx: &mut mpsc::UnboundedReceiver<BlockDevice>,
+    seen: &mut media::Seen,
+) -> Vec<BlockDevice> {
+    let start = std::time::Instant::now();
+    let mut last = start;
+    let mut present: Vec<BlockDevice> = Vec::new();
+    let mut told = false;
+    loop {
+        while let Ok(dev) = rx.try_recv() {
+            last = std::time::Instant::now();
+            if dev.is_gone() {
+                present.retain(|d| d.devnode != dev.devnode);
+            }
+            if seen.is_new(&dev) {
+                present.retain(|d| d.devnode != dev.devnode);
+                present.push(dev);
+            }
+        }
+        let arriving = tokio::task::spawn_blocking(media::still_arriving)
+            .await
+            .unwrap_or_default();
+        if arriving.is_empty() && last.elapsed() >= MEDIA_QUIET {
+            break;
+        }
+        if start.elapsed() >= MEDIA_ARRIVAL_LIMIT {
+            tracing::warn!(
+                "still waiting for {} after {} s; going on with the media present",
+                arriving.join(", "),
+                MEDIA_ARRIVAL_LIMIT.as_secs()
+            );
+            break;
+        }
+        if !arriving.is_empty() && !told {
+            tracing::info!(
+                "waiting for {} before looking at the media present",
+                arriving.join(", ")
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    present
+}
+
 const FOLLOW_RETRY: Duration = Duration::from_secs(30);
 
 /// Set while systemd is not on the bus, so the status line says so.

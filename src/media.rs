@@ -234,6 +234,53 @@ pub fn enumerate(tx: &tokio::sync::mpsc::UnboundedSender<BlockDevice>) -> Result
     Ok(())
 }
 
+/// What is still on its way to becoming a block device: udev's event queue while it is
+/// not empty, and every USB mass-storage interface (`usb-storage` or `uas` bound) with no
+/// disk below it yet. The kernel reports a stick's disk a second or more after the stick
+/// itself (usb-storage waits `delay_use` before it scans), and at boot the controller's
+/// driver may still be loading when the daemon starts.
+pub fn still_arriving() -> Vec<String> {
+    let mut out = Vec::new();
+    // systemd-udevd keeps this file while events are queued (what `udevadm settle` waits
+    // on: src/libudev/libudev-queue.c, udev_queue_get_queue_is_empty).
+    if Path::new("/run/udev/queue").exists() {
+        out.push("udev's event queue".to_string());
+    }
+    let scan = |subsystem: &str| -> Vec<udev::Device> {
+        udev::Enumerator::new()
+            .and_then(|mut en| {
+                en.match_subsystem(subsystem)?;
+                Ok(en.scan_devices()?.collect())
+            })
+            .unwrap_or_default()
+    };
+    let interfaces: Vec<PathBuf> = scan("usb")
+        .into_iter()
+        .filter(|d| d.devtype().is_some_and(|t| t == "usb_interface"))
+        .filter(|d| {
+            d.driver()
+                .is_some_and(|drv| drv == "usb-storage" || drv == "uas")
+        })
+        .map(|d| d.syspath().to_path_buf())
+        .collect();
+    if interfaces.is_empty() {
+        return out;
+    }
+    let disks: Vec<PathBuf> = scan("block")
+        .into_iter()
+        .map(|d| d.syspath().to_path_buf())
+        .collect();
+    for i in interfaces {
+        if !disks.iter().any(|d| d.starts_with(&i)) {
+            out.push(format!(
+                "USB storage {}",
+                i.file_name().unwrap_or_default().to_string_lossy()
+            ));
+        }
+    }
+    out
+}
+
 /// A filesystem mounted read-only for as long as it is needed.
 #[derive(Debug)]
 pub struct Mounted {

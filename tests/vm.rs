@@ -317,6 +317,139 @@ fn sticks_and_discs_in_a_real_kernel() {
     assert!(journal(&vm, SET_READY).len() >= 5);
 }
 
+/// A `systemctl show -p PROP --value` number of the guest.
+fn show_number(vm: &Vm, unit: &str, prop: &str) -> u64 {
+    let v = vm.ok(&format!("systemctl show -p {prop} --value {unit}"));
+    v.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{unit} {prop}: {v:?}"))
+}
+
+/// The store, the state file and the pins agree, and nothing is left over: every name the
+/// store has reads back with the guest's skopeo, every pinned test image is stored, the
+/// state file parses, and staging and skopeo's temporary directory are empty.
+fn assert_consistent(vm: &Vm) {
+    let s = seen(vm);
+    for n in &s.names {
+        vm.ok(&format!(
+            "skopeo inspect --raw 'containers-storage:[overlay@/var/lib/containers/storage+/run/containers/storage]{n}' > /dev/null"
+        ));
+    }
+    for line in s.pins.lines() {
+        let Some(pin) = line.trim().strip_prefix('"') else {
+            continue;
+        };
+        let pin = pin.trim_end_matches(',').trim_end_matches('"');
+        if pin.starts_with("example.com/") {
+            assert!(s.names.iter().any(|n| n == pin), "{pin} pinned, not stored");
+        }
+    }
+    let state = vm.ok("cat /var/lib/longshore/state.json");
+    serde_json::from_str::<serde_json::Value>(&state).expect("state.json parses");
+    let left = vm.ok(
+        "ls -A /var/lib/longshore/staging /var/lib/longshore/tmp 2>/dev/null; \
+         ls -A /var/lib/longshore | grep '^\\.' || true",
+    );
+    let left: Vec<&str> = left
+        .lines()
+        .filter(|l| !l.is_empty() && !l.ends_with(':'))
+        .collect();
+    assert!(left.is_empty(), "left over: {left:?}");
+}
+
+#[test]
+fn a_boot_with_a_critical_stick_and_a_power_cut() {
+    if !vm::available() {
+        return;
+    }
+    let image = NodeImage::get();
+    let node = Node::new();
+    let run = run_dir("boot");
+
+    // The node is switched on with a stick carrying a critical set already in it.
+    let content = node.scratch("critical");
+    let critical = bundle(
+        &node,
+        "example.com/critical",
+        &content,
+        &["--name", "site-critical", "--set", "cni", "--critical"],
+    );
+    let img = run.join("critical.img");
+    vfat_image(&img, "LONGSHORE", &content, 64);
+    let stick = Stick::new("crit", &img);
+    let mut vm = Vm::boot(image, &run, std::slice::from_ref(&stick));
+    vm.wait_until("systemctl is-active longshore.service crio.service", 300);
+    let s = wait_imported(&vm, "site-critical", &critical, 60);
+    // READY=1 came after the import, and CRI-O started after READY=1 (systemd's clocks).
+    let imported = journal(&vm, IMPORTED);
+    assert_eq!(imported.len(), 1, "{imported:?}");
+    let imported_at: u64 = imported[0]["__MONOTONIC_TIMESTAMP"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let ready_at = show_number(&vm, "longshore.service", "ActiveEnterTimestampMonotonic");
+    let crio_at = show_number(&vm, "crio.service", "ExecMainStartTimestampMonotonic");
+    assert!(
+        imported_at < ready_at,
+        "imported at {imported_at} µs, ready at {ready_at} µs"
+    );
+    assert!(
+        ready_at <= crio_at,
+        "ready at {ready_at} µs, CRI-O at {crio_at} µs"
+    );
+    // CRI-O was not running when the pins were first written: no reload was needed.
+    assert_eq!(s.hups, 0, "CRI-O started with the pins in place");
+    let sets = vm.ok("longshore sets --json");
+    assert!(sets.contains("\"critical\": true"), "{sets}");
+    wait_unmounted(&vm);
+    vm.pull(&stick);
+
+    // A power cut in the middle of an import.
+    let content = node.scratch("late");
+    let late = fixture::write_oci_layout(
+        &node.scratch("layout-late"),
+        &fixture::small_images("example.com/late", 3),
+    )
+    .unwrap();
+    node.bundle_create(&late, &content, &["--name", "late"]);
+    let img = run.join("late.img");
+    vfat_image(&img, "LONGSHORE", &content, 64);
+    vm.ok("mkdir -p /etc/longshore-test && echo 4 > /etc/longshore-test/copy-delay && sync");
+    let stick = Stick::new("late", &img);
+    vm.plug(&stick);
+    vm.wait_until(
+        "grep -q '^done .*example.com/late' /run/longshore/copies.log",
+        300,
+    );
+    let boot_id = vm.ok("cat /proc/sys/kernel/random/boot_id");
+    vm.power_cut();
+
+    // Switched on again without the stick: the daemon starts clean.
+    let vm = Vm::boot(image, &run, &[]);
+    assert_ne!(vm.ok("cat /proc/sys/kernel/random/boot_id"), boot_id);
+    vm.wait_until("systemctl is-active longshore.service crio.service", 300);
+    vm.ok("rm -f /etc/longshore-test/copy-delay");
+    assert_consistent(&vm);
+    let status = vm.ok("longshore status --json");
+    assert!(status.contains("site-critical"), "{status}");
+    let pins = seen(&vm).pins;
+    for img in &critical.images {
+        assert!(pins.contains(&img.reference), "{pins}");
+    }
+    assert!(!pins.contains("example.com/late"), "{pins}");
+    // The journal kept the boot before.
+    let boots = vm.ok("journalctl --list-boots --no-pager | wc -l");
+    assert!(boots.trim().parse::<u32>().unwrap() >= 2, "{boots}");
+
+    // The stick seen again: the import completes.
+    let mut vm = vm;
+    vm.plug(&Stick::new("late2", &img));
+    wait_imported(&vm, "late", &late, 300);
+    wait_unmounted(&vm);
+    assert_consistent(&vm);
+}
+
 /// `LONGSHORE_VM_RUN=DIR LONGSHORE_VM_SH='cmd' cargo test --test vm -- --ignored look`
 /// runs a shell line in a VM a failed test left running (`LONGSHORE_VM_KEEP=1`).
 #[test]

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Installs qemu-system-x86 for the VM tests, when it is missing.
+# Installs qemu-system-x86 and qemu-utils (qemu-img) for the VM tests, when missing.
 #
 # Debian 12 machines of this kind carry qemu-utils from bookworm-backports, and that
 # version Breaks bookworm's qemu-system-common: a plain `apt-get install qemu-system-x86`
@@ -8,7 +8,7 @@
 # apt configuration is not changed. Anywhere else bookworm's own package is taken.
 set -eu
 
-command -v qemu-system-x86_64 >/dev/null && exit 0
+command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null && exit 0
 
 export DEBIAN_FRONTEND=noninteractive
 utils=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
@@ -29,11 +29,11 @@ case "$utils" in
     echo "installing qemu-system-x86 from bookworm-backports (qemu-utils $utils is from there)"
     apt-get "$@" update -qq
     apt-get "$@" install -y -qq --no-install-recommends -t bookworm-backports \
-        qemu-system-x86 >/dev/null
+        qemu-system-x86 qemu-utils >/dev/null
     ;;
 *)
     echo "installing qemu-system-x86"
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends qemu-system-x86 >/dev/null
+    apt-get install -y -qq --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
     ;;
 esac
