@@ -157,7 +157,8 @@ RPM_PACKAGES := $(BUILD_PACKAGES) rpm
 rpm:
 	$(call apt_install,$(RPM_PACKAGES))
 	rm -rf target/rpm && mkdir -p target/rpm/SOURCES
-	tar --exclude=./target --exclude=./.git --transform 's|^\.|longshore-$(VERSION)|' \
+	tar --exclude=./target --exclude=./.git --exclude=./fuzz/target --exclude=./fuzz/corpus \
+		--exclude=./fuzz/artifacts --transform 's|^\.|longshore-$(VERSION)|' \
 		-czf target/rpm/SOURCES/longshore-$(VERSION).tar.gz .
 	macros=""; [ -n "$$(rpm --eval '%{?_unitdir}')" ] || macros="--load packaging/fallback.macros"; \
 	rpmbuild -bb --nodeps $$macros --define "_topdir $(CURDIR)/target/rpm" \

@@ -377,7 +377,14 @@ fn a_boot_with_a_critical_stick_and_a_power_cut() {
     let img = run.join("critical.img");
     vfat_image(&img, "LONGSHORE", &content, 64);
     let stick = Stick::new("crit", &img);
-    let mut vm = Vm::boot(image, &run, std::slice::from_ref(&stick));
+    // usb-storage waits 12 s (instead of 1) before it scans the stick, so its disk comes
+    // well after the daemon starts, as with a slow stick or hub on hardware.
+    let mut vm = Vm::boot_with(
+        image,
+        &run,
+        std::slice::from_ref(&stick),
+        "usb-storage.delay_use=12",
+    );
     vm.wait_until("systemctl is-active longshore.service crio.service", 300);
     let s = wait_imported(&vm, "site-critical", &critical, 60);
     // READY=1 came after the import, and CRI-O started after READY=1 (systemd's clocks).
@@ -397,6 +404,12 @@ fn a_boot_with_a_critical_stick_and_a_power_cut() {
     assert!(
         ready_at <= crio_at,
         "ready at {ready_at} µs, CRI-O at {crio_at} µs"
+    );
+    // The daemon had to wait for the stick's disk (the 12 s above).
+    let log = vm.ok("journalctl -b -u longshore -o cat --no-pager");
+    assert!(
+        log.contains("waiting for USB storage"),
+        "the daemon did not wait for the stick:\n{log}"
     );
     // CRI-O was not running when the pins were first written: no reload was needed.
     assert_eq!(s.hups, 0, "CRI-O started with the pins in place");

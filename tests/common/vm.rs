@@ -264,6 +264,11 @@ impl Vm {
     /// `run` again is a reboot of the same disk) and `sticks` plugged in before power-on.
     /// `run/share` is the guest's /mnt/host.
     pub fn boot(image: &NodeImage, run: &Path, sticks: &[Stick]) -> Vm {
+        Vm::boot_with(image, run, sticks, "")
+    }
+
+    /// [`Vm::boot`] with more on the kernel command line.
+    pub fn boot_with(image: &NodeImage, run: &Path, sticks: &[Stick], cmdline: &str) -> Vm {
         fs::create_dir_all(run.join("share")).unwrap();
         let disk = run.join("disk.qcow2");
         if !disk.exists() {
@@ -295,10 +300,10 @@ impl Vm {
             .arg("-initrd")
             .arg(guest.join("initrd.img"))
             // Sticks are found by udev as the kernel polls; a CD change within a second.
-            .args([
-                "-append",
-                "root=/dev/vda rw console=ttyS0 panic=5 block.events_dfl_poll_msecs=1000 mitigations=off",
-            ])
+            .arg("-append")
+            .arg(format!(
+                "root=/dev/vda rw console=ttyS0 panic=5 block.events_dfl_poll_msecs=1000 mitigations=off {cmdline}"
+            ))
             .arg("-drive")
             .arg(format!(
                 "file={},if=virtio,format=qcow2,discard=unmap",
