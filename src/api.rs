@@ -710,7 +710,10 @@ where
 }
 
 /// Sends `Progress` signals from a channel, so the copy threads need no bus handle.
-pub fn forward_progress(conn: Connection, mut rx: mpsc::UnboundedReceiver<Progress>) {
+pub fn forward_progress(
+    conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<crate::events::Progress>,
+) {
     tokio::spawn(async move {
         let Ok(emitter) = SignalEmitter::new(&conn, PATH) else {
             return;
@@ -722,21 +725,6 @@ pub fn forward_progress(conn: Connection, mut rx: mpsc::UnboundedReceiver<Progre
             }
         }
     });
-}
-
-/// One step of a copy, for the `Progress` signal.
-#[derive(Debug, Clone)]
-pub struct Progress {
-    /// The bundle's name.
-    pub bundle: String,
-    /// The image just copied.
-    pub image: String,
-    /// Bytes copied so far.
-    pub done: u64,
-    /// Bytes to copy in all.
-    pub total: u64,
-    /// Images copied and to copy, where known (not carried by the D-Bus signal).
-    pub images: Option<(usize, usize)>,
 }
 
 #[cfg(test)]

@@ -591,7 +591,7 @@ mod via_daemon {
                     if let Ok((bundle, image, done, total)) =
                         m.body().deserialize::<(String, String, u64, u64)>()
                     {
-                        display.step(&crate::api::Progress {
+                        display.step(&crate::events::Progress {
                             bundle,
                             image,
                             done,

@@ -361,7 +361,7 @@ struct Worker {
     paths: HostPaths,
     settings: Settings,
     api: Api,
-    progress: mpsc::UnboundedSender<api::Progress>,
+    progress: crate::events::ProgressSender,
     sets: SetStates,
     current: Arc<Mutex<Current>>,
     sync_queued: Arc<AtomicBool>,

@@ -5,8 +5,8 @@
 use std::io::{self, IsTerminal, Write};
 use std::sync::Mutex;
 
-use crate::api::Progress;
 use crate::config::human_size;
+use crate::events::Progress;
 
 /// The bar on screen, if any: what log lines must clear and redraw.
 static BAR: Mutex<Option<String>> = Mutex::new(None);

@@ -1,0 +1,306 @@
+//! Sets in force, the pin drop-in, the store drop-in and CRI-O control.
+
+use super::*;
+
+impl Engine {
+    /// Brings CRI-O's configuration in line with the sets: evaluates every set against
+    /// the store, writes the pin file (and the additional-store drop-in), and reloads or
+    /// restarts CRI-O when a file changed. Returns the sets' state.
+    pub async fn sync(&mut self) -> Result<Vec<SetView>> {
+        let (views, other) = evaluate_sets(
+            &self.paths,
+            &self.settings,
+            &self.state,
+            &self.store,
+            Some(&self.busy),
+        )
+        .await?;
+        let mut changed = false;
+        for v in views.iter().filter(|v| v.missing.is_empty()) {
+            if let Some(a) = self.state.sets.get_mut(&v.name) {
+                if !a.previous.is_empty() {
+                    a.previous.clear();
+                    changed = true;
+                }
+            }
+        }
+        if self.gc_retained() {
+            changed = true;
+        }
+        if changed {
+            self.state.save(&self.paths.state_dir)?;
+        }
+        for f in &other.overriding {
+            tracing::warn!(
+                "{} sets crio.image.pinned_images and is read after {}, so CRI-O ignores longshore's pins",
+                f.display(),
+                self.crio.pin_file().display()
+            );
+        }
+        for f in &other.wildcard {
+            tracing::warn!(
+                "{} pins \"*\", which makes CRI-O panic at start and on reload; longshore leaves it out of {}",
+                f.display(),
+                self.crio.pin_file().display()
+            );
+        }
+        let mut pins = other.before;
+        pins.extend(sets::pins(&views));
+        // CRI-O panics on a bare "*" (see docs/crio.md); it is never written.
+        pins.remove("*");
+        let pin_change = self.crio.write_pins(&pins)?;
+        let store_change = self.sync_store_dropin()?;
+        match pin_change {
+            FileChange::Written => tracing::info!(
+                "wrote {} with {} pinned images",
+                self.crio.pin_file().display(),
+                pins.len()
+            ),
+            FileChange::Removed => {
+                tracing::info!("removed {}: nothing to pin", self.crio.pin_file().display())
+            }
+            FileChange::Unchanged => {}
+        }
+        if store_change.changed() {
+            self.restart_crio().await?;
+        } else if pin_change.changed() {
+            self.reload_crio().await?;
+        }
+        Ok(views)
+    }
+
+    pub(super) async fn systemd(&mut self) -> Result<Systemd> {
+        if let Some(s) = &self.systemd {
+            return Ok(s.clone());
+        }
+        let s = Systemd::connect(self.settings.bus).await?;
+        self.systemd = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Whether CRI-O is this host's to reload: not when `--sysroot` names another node's
+    /// disk (prepared offline, the factory case), whose CRI-O reads the new files when
+    /// that node boots; the running host's CRI-O on the system bus is never its CRI-O.
+    pub(super) fn crio_is_ours(&self) -> bool {
+        let ours = self.paths.sysroot == Path::new("/") || self.settings.bus != Bus::System;
+        if !ours {
+            tracing::info!(
+                "{} is not reloaded: {} is another node's root, whose CRI-O reads the files when it starts",
+                self.settings.crio.unit,
+                self.paths.sysroot.display()
+            );
+        }
+        ours
+    }
+
+    /// Whether systemd is on the bus to reload CRI-O through; without it (a container, a
+    /// machine not booted with systemd) the files are written and CRI-O reads them when
+    /// it starts.
+    pub(super) async fn manager_present(&mut self) -> Result<bool> {
+        let sd = self.systemd().await.with_context(|| {
+            format!(
+                "the pins are written to {}, but {} cannot be reloaded",
+                self.crio.pin_file().display(),
+                self.settings.crio.unit
+            )
+        })?;
+        if sd.present().await {
+            return Ok(true);
+        }
+        tracing::warn!(
+            "systemd is not on the {} bus, so {} was not reloaded; CRI-O reads {} when it starts",
+            self.settings.bus.name(),
+            self.settings.crio.unit,
+            self.crio.pin_file().display()
+        );
+        Ok(false)
+    }
+
+    pub(super) async fn reload_crio(&mut self) -> Result<()> {
+        let unit = self.settings.crio.unit.clone();
+        if !self.settings.crio.reload {
+            tracing::info!("{unit} not reloaded ([crio] reload = false)");
+            return Ok(());
+        }
+        if !self.crio_is_ours() {
+            return Ok(());
+        }
+        if !self.manager_present().await? {
+            return Ok(());
+        }
+        let outcome = async { self.systemd().await?.reload(&unit).await }
+            .await
+            .with_context(|| {
+                format!(
+                    "the pins are written to {}, but {unit} was not reloaded",
+                    self.crio.pin_file().display()
+                )
+            })?;
+        match outcome {
+            Reload::Done => tracing::info!("reloaded {unit}"),
+            Reload::NotActive(state) => tracing::info!(
+                "{unit} is {state}, so it was not reloaded; CRI-O reads the pins when it starts"
+            ),
+        }
+        Ok(())
+    }
+
+    pub(super) async fn restart_crio(&mut self) -> Result<()> {
+        let unit = self.settings.crio.unit.clone();
+        if !self.settings.crio.allow_restart {
+            tracing::warn!(
+                "CRI-O's image store configuration changed; it takes effect when {unit} restarts \
+                 (`systemctl restart {unit}`; set [crio] allow_restart = true to let longshore do it)"
+            );
+            // The pins still reload without a restart.
+            return self.reload_crio().await;
+        }
+        if !self.crio_is_ours() {
+            return Ok(());
+        }
+        if !self.manager_present().await? {
+            return Ok(());
+        }
+        let sd = self.systemd().await?;
+        if sd.active_state(&unit).await? != "active" {
+            tracing::info!("{unit} is not active; it reads the new configuration when it starts");
+            return Ok(());
+        }
+        sd.restart(&unit)
+            .await
+            .with_context(|| format!("restarting {unit} for its new image store"))?;
+        tracing::info!("restarted {unit}");
+        Ok(())
+    }
+
+    /// In additional-store mode, makes sure CRI-O can open longshore's store read-only
+    /// and that the drop-in names it; in primary mode, that no such drop-in is left.
+    pub(super) fn sync_store_dropin(&self) -> Result<FileChange> {
+        match self.settings.store.mode {
+            StoreMode::Primary => self.crio.write_store(None),
+            StoreMode::Additional => {
+                self.store.prepare_read_only()?;
+                // CRI-O refuses to start when the directory a store option names is
+                // missing: the drop-in is written only once it exists.
+                anyhow::ensure!(
+                    self.store.root.is_dir(),
+                    "{} is missing, so CRI-O could not start with it as an image store",
+                    self.store.root.display()
+                );
+                // CRI-O runs on the host, so the drop-in names the path as the host sees it.
+                let on_node = self.paths.on_node(&self.store.root);
+                self.crio.write_store(Some(&on_node))
+            }
+        }
+    }
+
+    /// Removes a set that came from a bundle; its images are unpinned (not removed).
+    pub async fn remove_set(&mut self, name: &str) -> Result<()> {
+        if let Some(f) = sets::load_files(&self.paths)?
+            .into_iter()
+            .find(|f| f.name == name)
+        {
+            if let sets::Source::File { path } = f.source {
+                bail!(
+                    "set {name} comes from {}; remove that file to remove the set",
+                    path.display()
+                );
+            }
+        }
+        if self.state.sets.remove(name).is_none() {
+            bail!("no set named {name:?}; `longshore sets` lists them");
+        }
+        self.state.save(&self.paths.state_dir)?;
+        tracing::info!("removed set {name}; its images are no longer pinned");
+        self.sync().await?;
+        Ok(())
+    }
+}
+
+/// A mark in `/run/longshore/progress.json` that sets are being imported, so another
+/// process (`longshore status`) can report them as progressing. Removed when dropped.
+pub(super) struct Busy(Option<PathBuf>);
+
+impl Busy {
+    pub(super) fn mark(paths: &HostPaths, sets: &std::collections::BTreeSet<String>) -> Busy {
+        let path = paths.run_dir.join("progress.json");
+        let doc = serde_json::json!({ "pid": std::process::id(), "sets": sets });
+        let res = fs::create_dir_all(&paths.run_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::state::write_atomic(&path, doc.to_string().as_bytes()));
+        match res {
+            Ok(()) => Busy(Some(path)),
+            Err(e) => {
+                tracing::debug!("writing {}: {e:#}", path.display());
+                Busy(None)
+            }
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// The sets a process marked as being imported, if it is still running.
+pub(super) fn busy_elsewhere(paths: &HostPaths) -> std::collections::BTreeSet<String> {
+    #[derive(serde::Deserialize)]
+    struct Progress {
+        pid: i32,
+        sets: Vec<String>,
+    }
+    let Ok(bytes) = fs::read(paths.run_dir.join("progress.json")) else {
+        return Default::default();
+    };
+    let Ok(p) = serde_json::from_slice::<Progress>(&bytes) else {
+        return Default::default();
+    };
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.pid), None).is_ok();
+    if alive {
+        p.sets.into_iter().collect()
+    } else {
+        Default::default()
+    }
+}
+
+/// CRI-O's configuration files on this host.
+pub fn crio_config(paths: &HostPaths) -> CrioConfig {
+    CrioConfig {
+        main: paths.host(Path::new("/etc/crio/crio.conf")),
+        dropins: paths.crio_conf_dir.clone(),
+    }
+}
+
+/// Every set in force and its state, and the pins of CRI-O's other files.
+///
+/// `busy` is what the caller is importing itself, when it holds the state lock (then no
+/// other process imports); without it, the mark an importing process leaves is read.
+pub async fn evaluate_sets(
+    paths: &HostPaths,
+    settings: &Settings,
+    state: &State,
+    store: &Store,
+    busy: Option<&std::collections::BTreeSet<String>>,
+) -> Result<(Vec<SetView>, crate::crio::OtherPins)> {
+    let files = sets::load_files(paths)?;
+    let defs = sets::effective(state, files);
+    let other = crio_config(paths).other_pins()?;
+    let importing = match busy {
+        Some(b) => b.clone(),
+        None => busy_elsewhere(paths),
+    };
+    let activity = Activity {
+        importing,
+        overriding: other.overriding.clone(),
+    };
+    if defs.is_empty() {
+        return Ok((vec![], other));
+    }
+    let _ = settings;
+    let views = sets::evaluate(&defs, state, &store.names()?, &activity);
+    Ok((views, other))
+}
