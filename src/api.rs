@@ -15,12 +15,11 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{interface, Connection};
 
-use crate::bundle::Rejected;
 use crate::config::Bus;
 use crate::engine::{ImportOutcome, ImportReport, VerifyReport};
+use crate::error::ErrorKind;
 use crate::sets::{SetView, Source};
 use crate::state::State;
-use crate::store::NoSpace;
 
 /// The service's well-known name.
 pub const BUS_NAME: &str = "io.longshore.Longshore1";
@@ -51,19 +50,15 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// Classifies an engine error.
+    /// The API's error for an engine error: its [`ErrorKind`], with the whole message.
     pub fn from_anyhow(e: &anyhow::Error) -> ApiError {
         let text = format!("{e:#}");
-        if e.chain().any(|c| c.downcast_ref::<Rejected>().is_some()) {
-            ApiError::Rejected(text)
-        } else if crate::cancel::is_cancelled(e) {
-            ApiError::Abandoned(text)
-        } else if e.chain().any(|c| c.downcast_ref::<NoSpace>().is_some()) {
-            ApiError::NoSpace(text)
-        } else if text.contains("no bundle named") || text.contains("no set named") {
-            ApiError::NotFound(text)
-        } else {
-            ApiError::Failed(text)
+        match ErrorKind::of(e) {
+            ErrorKind::Rejected => ApiError::Rejected(text),
+            ErrorKind::NoSpace => ApiError::NoSpace(text),
+            ErrorKind::NotFound => ApiError::NotFound(text),
+            ErrorKind::Abandoned => ApiError::Abandoned(text),
+            ErrorKind::Failed => ApiError::Failed(text),
         }
     }
 }
@@ -730,6 +725,21 @@ pub fn forward_progress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_error_names_are_those_of_their_kinds() {
+        use zbus::DBusError;
+        for k in ErrorKind::ALL {
+            let e = match k {
+                ErrorKind::Rejected => ApiError::Rejected(String::new()),
+                ErrorKind::NoSpace => ApiError::NoSpace(String::new()),
+                ErrorKind::NotFound => ApiError::NotFound(String::new()),
+                ErrorKind::Abandoned => ApiError::Abandoned(String::new()),
+                ErrorKind::Failed => ApiError::Failed(String::new()),
+            };
+            assert_eq!(ErrorKind::from_dbus_name(e.name().as_str()), k);
+        }
+    }
 
     #[test]
     fn path_elements() {

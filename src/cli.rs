@@ -9,19 +9,13 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::bundle::write::{self, CreateOptions, SourceArg};
-use crate::bundle::Rejected;
 use crate::config::{human_size, Settings};
 use crate::digest::Digest;
 use crate::engine::{self, Engine, ImportOptions};
 use crate::paths::HostPaths;
 use crate::report;
 
-use crate::store::NoSpace;
-
-/// Exit code for input that was refused (malformed, lying, or not what was required).
-pub const EXIT_REJECTED: u8 = 3;
-/// Exit code for an import that does not fit in the free space.
-pub const EXIT_NO_SPACE: u8 = 4;
+pub use crate::error::{EXIT_NO_SPACE, EXIT_REJECTED};
 
 /// Brings container images onto CRI-O nodes from bundles, verified, without a registry.
 #[derive(Debug, Parser)]
@@ -518,7 +512,7 @@ mod via_daemon {
     use anyhow::{Context, Result};
     use zbus::zvariant::Value;
 
-    use super::{print_json, EXIT_NO_SPACE, EXIT_REJECTED};
+    use super::print_json;
     use crate::api::{ImportResult, BUS_NAME, PATH};
     use crate::engine::ImportReport;
 
@@ -543,11 +537,7 @@ mod via_daemon {
                 .with_context(|| format!("reading the daemon's answer to {method}"))?)),
             Err(zbus::Error::MethodError(name, message, _)) => {
                 eprintln!("error: {}", message.unwrap_or_else(|| name.to_string()));
-                let code = match name.as_str() {
-                    "io.longshore.Longshore1.Error.Rejected" => EXIT_REJECTED,
-                    "io.longshore.Longshore1.Error.NoSpace" => EXIT_NO_SPACE,
-                    _ => 1,
-                };
+                let code = crate::error::ErrorKind::from_dbus_name(name.as_str()).exit_code();
                 Ok(Err(ExitCode::from(code)))
             }
             Err(e) => Err(e).with_context(|| format!("calling {method} on the longshore daemon")),
@@ -675,13 +665,7 @@ mod via_daemon {
 
 /// The exit code for an error: refused input and lack of space have their own.
 pub fn exit_code_for(e: &anyhow::Error) -> u8 {
-    if e.chain().any(|c| c.downcast_ref::<Rejected>().is_some()) {
-        EXIT_REJECTED
-    } else if e.chain().any(|c| c.downcast_ref::<NoSpace>().is_some()) {
-        EXIT_NO_SPACE
-    } else {
-        1
-    }
+    crate::error::ErrorKind::of(e).exit_code()
 }
 
 fn print_json<T: Serialize>(v: &T) -> Result<()> {

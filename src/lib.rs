@@ -14,6 +14,7 @@ pub mod crio;
 pub mod daemon;
 pub mod digest;
 pub mod engine;
+pub mod error;
 pub mod events;
 pub mod install;
 pub mod media;

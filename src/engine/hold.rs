@@ -65,7 +65,10 @@ impl Engine {
             .collect();
         match matches.as_slice() {
             [one] => Ok(one),
-            [] => bail!("no bundle named {which:?} is known; `longshore status` lists them"),
+            [] => Err(crate::error::NotFound(format!(
+                "no bundle named {which:?} is known; `longshore status` lists them"
+            ))
+            .into()),
             _ => bail!("{which:?} names {} bundles; give the digest", matches.len()),
         }
     }

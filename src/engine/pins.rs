@@ -208,7 +208,10 @@ impl Engine {
             }
         }
         if self.state.sets.remove(name).is_none() {
-            bail!("no set named {name:?}; `longshore sets` lists them");
+            return Err(crate::error::NotFound(format!(
+                "no set named {name:?}; `longshore sets` lists them"
+            ))
+            .into());
         }
         self.state.save(&self.paths.state_dir)?;
         tracing::info!("removed set {name}; its images are no longer pinned");
