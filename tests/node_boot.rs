@@ -56,14 +56,7 @@ fn write(path: &Path, text: &str) {
 }
 
 fn enable(root: &Path, unit: &str) {
-    let wants = root.join("etc/systemd/system/multi-user.target.wants");
-    fs::create_dir_all(&wants).unwrap();
-    let target = ["etc/systemd/system", "usr/lib/systemd/system"]
-        .iter()
-        .map(|d| Path::new("/").join(d).join(unit))
-        .find(|p| root.join(p.strip_prefix("/").unwrap()).exists())
-        .unwrap_or_else(|| panic!("{unit} is not installed"));
-    std::os::unix::fs::symlink(target, wants.join(unit)).unwrap();
+    common::node::enable_unit(root, unit);
 }
 
 const CHECK: &str = r#"#!/bin/sh

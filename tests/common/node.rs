@@ -346,3 +346,16 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// Enables `unit` in the root `root` for multi-user.target, as `systemctl enable` would:
+/// a wants link to wherever the unit is installed (/etc or /usr/lib).
+pub fn enable_unit(root: &Path, unit: &str) {
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    fs::create_dir_all(&wants).unwrap();
+    let target = ["etc/systemd/system", "usr/lib/systemd/system"]
+        .iter()
+        .map(|d| Path::new("/").join(d).join(unit))
+        .find(|p| root.join(p.strip_prefix("/").unwrap()).exists())
+        .unwrap_or_else(|| panic!("{unit} is not installed"));
+    std::os::unix::fs::symlink(target, wants.join(unit)).unwrap();
+}

@@ -160,14 +160,7 @@ impl NodeImage {
                 0o644,
             );
             for unit in ["longshore.service", "crio.service"] {
-                let wants = root.join("etc/systemd/system/multi-user.target.wants");
-                fs::create_dir_all(&wants).unwrap();
-                let target = ["etc/systemd/system", "usr/lib/systemd/system"]
-                    .iter()
-                    .map(|d| Path::new("/").join(d).join(unit))
-                    .find(|p| root.join(p.strip_prefix("/").unwrap()).exists())
-                    .unwrap_or_else(|| panic!("{unit} is not installed"));
-                std::os::unix::fs::symlink(target, wants.join(unit)).unwrap();
+                super::node::enable_unit(&root, unit);
             }
             let path = dir.join(format!("node-{}.img", std::process::id()));
             run_ok(
