@@ -63,22 +63,65 @@ impl ApiError {
     }
 }
 
-/// One import's result, as D-Bus carries it: digest, name, state, images copied, images
-/// already present.
-pub type ImportResult = (String, String, String, u32, u32);
+/// One import's result as D-Bus carries it, `(sssuuut)`: the engine's [`ImportReport`]
+/// field for field, so the other side gets the report itself back (digest, name, state,
+/// images copied, images already present, images in all, bytes verified).
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, zbus::zvariant::Type,
+)]
+pub struct ImportResult {
+    /// `sha256:…` of the bundle.
+    pub digest: String,
+    /// The bundle's name.
+    pub name: String,
+    /// The state it ended in (`held`, `importing`, `imported`).
+    pub state: String,
+    /// Images copied into the store.
+    pub copied: u32,
+    /// Images the store already held.
+    pub present: u32,
+    /// The bundle's images.
+    pub images: u32,
+    /// Bytes hashed while verifying it.
+    pub bytes_verified: u64,
+}
 
-fn import_result(r: &ImportReport) -> ImportResult {
-    let state = serde_json::to_value(r.state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    (
-        r.digest.to_string(),
-        r.name.clone(),
-        state,
-        r.copied as u32,
-        r.present as u32,
-    )
+impl From<&ImportReport> for ImportResult {
+    fn from(r: &ImportReport) -> ImportResult {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        ImportResult {
+            digest: r.digest.to_string(),
+            name: r.name.clone(),
+            state: serde_json::to_value(r.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            copied: count(r.copied),
+            present: count(r.present),
+            images: count(r.images),
+            bytes_verified: r.bytes_verified,
+        }
+    }
+}
+
+impl TryFrom<ImportResult> for ImportReport {
+    type Error = anyhow::Error;
+
+    fn try_from(r: ImportResult) -> Result<ImportReport> {
+        Ok(ImportReport {
+            digest: r
+                .digest
+                .parse()
+                .context("the bundle digest from the daemon")?,
+            name: r.name,
+            images: r.images as usize,
+            copied: r.copied as usize,
+            present: r.present as usize,
+            bytes_verified: r.bytes_verified,
+            state: serde_json::from_value(serde_json::Value::String(r.state))
+                .context("the bundle state from the daemon")?,
+        })
+    }
 }
 
 /// Work the daemon's loop does for a method call.
@@ -279,7 +322,7 @@ mod iface {
                     other => other,
                 });
             }
-            Ok(outcome.reports.iter().map(import_result).collect())
+            Ok(outcome.reports.iter().map(ImportResult::from).collect())
         }
 
         /// Verifies what `path` holds without importing it. Option: `digest` (s). Returns one
@@ -314,7 +357,7 @@ mod iface {
         /// Imports a held bundle (by name or digest).
         async fn apply(&self, bundle: String) -> Result<ImportResult, ApiError> {
             let r = self.ask(|reply| Request::Apply { bundle, reply }).await?;
-            Ok(import_result(&r))
+            Ok(ImportResult::from(&r))
         }
 
         /// Removes a set that came from a bundle; its images are unpinned.
@@ -725,6 +768,31 @@ pub fn forward_progress(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_import_report_crosses_the_bus_whole() {
+        let report = ImportReport {
+            digest: format!("sha256:{}", "ab".repeat(32)).parse().unwrap(),
+            name: "site".into(),
+            images: 5,
+            copied: 3,
+            present: 1,
+            bytes_verified: 123_456_789_012,
+            state: crate::state::BundleState::Importing,
+        };
+        let wire = ImportResult::from(&report);
+        assert_eq!(
+            <ImportResult as zbus::zvariant::Type>::SIGNATURE.to_string(),
+            "(sssuuut)",
+            "{wire:?}"
+        );
+        let back = ImportReport::try_from(wire).unwrap();
+        assert_eq!(back.digest, report.digest);
+        assert_eq!(back.name, "site");
+        assert_eq!((back.images, back.copied, back.present), (5, 3, 1));
+        assert_eq!(back.bytes_verified, 123_456_789_012);
+        assert_eq!(back.state, report.state);
+    }
 
     #[test]
     fn api_error_names_are_those_of_their_kinds() {

@@ -544,19 +544,6 @@ mod via_daemon {
         }
     }
 
-    fn report(r: &ImportResult) -> Result<ImportReport> {
-        Ok(ImportReport {
-            digest: r.0.parse().context("digest from the daemon")?,
-            name: r.1.clone(),
-            images: (r.3 + r.4) as usize,
-            copied: r.3 as usize,
-            present: r.4 as usize,
-            bytes_verified: 0,
-            state: serde_json::from_value(serde_json::Value::String(r.2.clone()))
-                .context("bundle state from the daemon")?,
-        })
-    }
-
     /// Calls `method` while showing the daemon's `Progress` signals. Signals that
     /// arrived before the reply are shown before it is taken.
     async fn call_showing_progress<B, R>(
@@ -612,7 +599,10 @@ mod via_daemon {
                 Ok(r) => r,
                 Err(code) => return Ok(code),
             };
-        let reports = results.iter().map(report).collect::<Result<Vec<_>>>()?;
+        let reports = results
+            .into_iter()
+            .map(ImportReport::try_from)
+            .collect::<Result<Vec<_>>>()?;
         if a.json {
             print_json(&reports)?;
         } else {
@@ -628,7 +618,7 @@ mod via_daemon {
             Ok(r) => r,
             Err(code) => return Ok(code),
         };
-        let r = report(&result)?;
+        let r = ImportReport::try_from(result)?;
         if json {
             print_json(&r)?;
         } else {

@@ -112,8 +112,15 @@ fn properties_methods_objects_signals_and_errors() {
             "false",
         ],
     );
-    assert!(reply.starts_with("a(sssuu) 1 \""), "{reply}");
-    assert!(reply.contains("\"api\" \"imported\" 2 0"), "{reply}");
+    // The report whole: digest, name, state, copied, present, images, bytes verified.
+    assert!(reply.starts_with("a(sssuuut) 1 \""), "{reply}");
+    assert!(reply.contains("\"api\" \"imported\" 2 0 2 "), "{reply}");
+    let verified: u64 = reply
+        .split_whitespace()
+        .last()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("bytes verified at the end: {reply}"));
+    assert!(verified > 0, "{reply}");
     for img in &layout.images {
         assert_eq!(
             node.inspect_digest(&img.reference).as_deref(),
@@ -253,6 +260,20 @@ fn properties_methods_objects_signals_and_errors() {
         "{log}"
     );
     assert!(node.inspect_digest(&layout2.images[0].reference).is_some());
+    // `--json` through the daemon prints the engine's report whole, as a local import
+    // does: nothing is left out or made up on the way across the bus.
+    let (_, tar3) = bundle(&node, "lc", "example.com/api-json", "json");
+    let json: serde_json::Value =
+        serde_json::from_str(&node.ok(&["import", "--json", tar3.to_str().unwrap()])).unwrap();
+    let r = &json[0];
+    assert_eq!(r["name"], "json", "{json}");
+    assert_eq!(r["state"], "imported", "{json}");
+    assert_eq!(
+        (r["images"].as_u64(), r["copied"].as_u64()),
+        (Some(2), Some(2)),
+        "{json}"
+    );
+    assert!(r["bytesVerified"].as_u64().unwrap_or(0) > 0, "{json}");
     // Its errors keep their exit codes.
     node.fails(&["import", junk.to_str().unwrap()], 3);
 
