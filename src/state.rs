@@ -60,6 +60,67 @@ pub enum BundleState {
     Imported,
 }
 
+impl BundleState {
+    /// Whether a recorded bundle may go from this state to `to`:
+    ///
+    /// ```text
+    ///   Held ------apply-----> Importing --copies done--> Imported
+    ///   Importing --a copy failed, or imported again--> Importing
+    ///   Imported --imported again, or restored after the store lost images--> Importing
+    /// ```
+    ///
+    /// A new record may start in `Held` or `Importing`; nothing goes back to `Held`, and
+    /// nothing reaches `Imported` but through `Importing`.
+    pub fn may_become(self, to: BundleState) -> bool {
+        use BundleState::*;
+        matches!(
+            (self, to),
+            (Held, Importing)
+                | (Importing, Importing)
+                | (Importing, Imported)
+                | (Imported, Importing)
+        )
+    }
+}
+
+/// A move of a recorded bundle that its state does not allow (a bug, not bad input).
+#[derive(Debug, thiserror::Error)]
+#[error("bundle {name} cannot go from {from:?} to {to:?}")]
+pub struct BadTransition {
+    /// The bundle.
+    pub name: String,
+    /// Where it stands.
+    pub from: BundleState,
+    /// Where it was sent.
+    pub to: BundleState,
+}
+
+impl BundleRecord {
+    fn become_(&mut self, to: BundleState) -> std::result::Result<(), BadTransition> {
+        if !self.state.may_become(to) {
+            return Err(BadTransition {
+                name: self.name.clone(),
+                from: self.state,
+                to,
+            });
+        }
+        self.state = to;
+        self.updated = now();
+        Ok(())
+    }
+
+    /// Its images are being copied: from `Held` (apply), `Importing` (again) or `Imported`
+    /// (imported again, or restored).
+    pub fn to_importing(&mut self) -> std::result::Result<(), BadTransition> {
+        self.become_(BundleState::Importing)
+    }
+
+    /// Every image is in the store: from `Importing` only.
+    pub fn to_imported(&mut self) -> std::result::Result<(), BadTransition> {
+        self.become_(BundleState::Imported)
+    }
+}
+
 /// What kind of input a bundle came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -270,6 +331,55 @@ pub fn now() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    fn record(state: BundleState) -> BundleRecord {
+        BundleRecord {
+            digest: format!("sha256:{}", "cd".repeat(32)).parse().unwrap(),
+            name: "site".into(),
+            version: None,
+            kind: SourceKind::BundleDir,
+            source: "/media/site".into(),
+            state,
+            staged: None,
+            updated: 0,
+            images: vec![],
+            sets: vec![],
+            retained: None,
+        }
+    }
+
+    #[test]
+    fn bundle_states_move_only_along_the_machine() {
+        use BundleState::*;
+        let all = [Held, Importing, Imported];
+        let allowed = [
+            (Held, Importing),
+            (Importing, Importing),
+            (Importing, Imported),
+            (Imported, Importing),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.may_become(to),
+                    allowed.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+        // Applying a held bundle, then finishing it.
+        let mut r = record(Held);
+        r.to_importing().unwrap();
+        assert!(r.updated > 0, "the time of the move is recorded");
+        r.to_imported().unwrap();
+        assert_eq!(r.state, Imported);
+        // A held bundle is never imported without its copies.
+        let mut r = record(Held);
+        let e = r.to_imported().unwrap_err();
+        assert_eq!((e.from, e.to), (Held, Imported));
+        assert_eq!(r.state, Held, "a refused move changes nothing");
+        assert_eq!(r.updated, 0);
+    }
+
     use super::*;
 
     #[test]

@@ -295,7 +295,7 @@ impl Engine {
         let known = self.state.bundles.contains_key(&plan.digest);
         if plan.restore && known {
             if let Some(b) = self.state.bundles.get_mut(&plan.digest) {
-                b.state = BundleState::Importing;
+                b.to_importing()?;
             }
         } else {
             let mut rec = self.record(source, plan, BundleState::Importing, None);
@@ -352,8 +352,7 @@ impl Engine {
             }
         }
         if let Some(b) = self.state.bundles.get_mut(&plan.digest) {
-            b.state = BundleState::Imported;
-            b.updated = now();
+            b.to_imported()?;
         }
         self.state.save(&self.paths.state_dir)?;
         crate::cancel::fault_point("imported");
