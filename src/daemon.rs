@@ -212,10 +212,10 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     Ok(())
 }
 
-/// How often the daemon looks for systemd when it is not on the bus.
 /// At start, how long the block devices must have been quiet before the media present
-/// are taken as all there, and how long at most to wait for media still arriving.
+/// are taken as all there.
 const MEDIA_QUIET: Duration = Duration::from_secs(1);
+/// At start, how long at most to wait for media still arriving.
 const MEDIA_ARRIVAL_LIMIT: Duration = Duration::from_secs(30);
 
 /// The devices present at start. The monitor thread reports those already there before
@@ -268,6 +268,7 @@ async fn media_at_start(
     present
 }
 
+/// How often the daemon looks for systemd when it is not on the bus.
 const FOLLOW_RETRY: Duration = Duration::from_secs(30);
 
 /// Set while systemd is not on the bus, so the status line says so.
