@@ -241,8 +241,9 @@ pub fn enumerate(tx: &tokio::sync::mpsc::UnboundedSender<BlockDevice>) -> Result
 /// driver may still be loading when the daemon starts.
 pub fn still_arriving() -> Vec<String> {
     let mut out = Vec::new();
-    // systemd-udevd keeps this file while events are queued (what `udevadm settle` waits
-    // on: src/libudev/libudev-queue.c, udev_queue_get_queue_is_empty).
+    // systemd-udevd keeps this file while events are queued; libudev's
+    // udev_queue_get_queue_is_empty (systemd src/libudev/libudev-queue.c) asks
+    // udev_queue_is_empty (src/shared/udev-util.c), which tests for it.
     if Path::new("/run/udev/queue").exists() {
         out.push("udev's event queue".to_string());
     }
