@@ -462,3 +462,77 @@ fn retained_source(def: &SetDef, state: &State) -> Option<String> {
 pub fn pins(views: &[SetView]) -> BTreeSet<String> {
     views.iter().flat_map(|v| v.pins.iter().cloned()).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn parse(text: &str) -> Result<SetDef> {
+        parse_file(
+            Path::new("/etc/longshore/sets.d/edge.toml"),
+            "edge".into(),
+            text,
+        )
+    }
+
+    #[test]
+    fn a_set_file_names_images_by_digest_unless_it_allows_tags() {
+        let def = parse(&format!("images = [\"quay.io/a/b@{D}\"]\n")).unwrap();
+        assert_eq!(def.images, vec![format!("quay.io/a/b@{D}")]);
+        assert!(def.pinned, "pinned by default");
+        assert!(!def.critical, "not critical by default");
+        let e = parse("images = [\"quay.io/a/b:1\"]\n").unwrap_err();
+        assert!(format!("{e:#}").contains("named by tag"), "{e:#}");
+        let def =
+            parse("images = [\"quay.io/a/b:1\"]\nallow_tags = true\ncritical = true\n").unwrap();
+        assert!(def.critical);
+    }
+
+    #[test]
+    fn a_set_file_is_refused_for_duplicates_bad_names_and_unknown_keys() {
+        let twice = format!("images = [\"quay.io/a/b@{D}\", \"quay.io/a/b@{D}\"]\n");
+        assert!(format!("{:#}", parse(&twice).unwrap_err()).contains("listed twice"));
+        let bad = parse("images = [\"-evil.com/x@sha256:00\"]\n").unwrap_err();
+        assert!(
+            format!("{bad:#}").contains("not a full image reference"),
+            "{bad:#}"
+        );
+        assert!(
+            parse("images = []\npinnned = false\n").is_err(),
+            "a typo is an error"
+        );
+    }
+
+    #[test]
+    fn a_file_set_takes_the_place_of_a_bundle_set_of_the_same_name() {
+        let bundle: Digest = D.parse().unwrap();
+        let mut state = State::default();
+        for name in ["edge", "core"] {
+            state.sets.insert(
+                name.into(),
+                crate::state::ActiveSet {
+                    name: name.into(),
+                    images: vec![format!("quay.io/{name}/x@{D}")],
+                    pinned: true,
+                    critical: false,
+                    bundle,
+                    previous: vec![],
+                },
+            );
+        }
+        let file = parse(&format!(
+            "images = [\"quay.io/file/y@{D}\"]\npinned = false\n"
+        ))
+        .unwrap();
+        let sets = effective(&state, vec![file]);
+        assert_eq!(sets.len(), 2);
+        let edge = sets.iter().find(|s| s.name == "edge").unwrap();
+        assert!(matches!(edge.source, Source::File { .. }));
+        assert_eq!(edge.images, vec![format!("quay.io/file/y@{D}")]);
+        assert!(!edge.pinned);
+        let core = sets.iter().find(|s| s.name == "core").unwrap();
+        assert!(matches!(core.source, Source::Bundle { .. }));
+    }
+}
