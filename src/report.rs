@@ -249,3 +249,91 @@ pub fn render_sets(sets: &[SetView]) -> String {
 fn short(d: &Digest) -> String {
     format!("sha256:{}", &d.hex()[..12])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sets::Condition;
+
+    fn set(name: &str, conditions: Vec<Condition>) -> SetView {
+        SetView {
+            name: name.into(),
+            source: Source::File {
+                path: format!("/etc/longshore/sets.d/{name}.toml").into(),
+            },
+            pinned: true,
+            critical: false,
+            images: vec![],
+            missing: vec![],
+            bytes_on_disk: 0,
+            conditions,
+            pins: vec![],
+        }
+    }
+
+    fn cond(kind: &'static str, status: bool, reason: &'static str, message: &str) -> Condition {
+        Condition {
+            kind,
+            status,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn a_set_reads_progressing_before_ready_and_degraded_says_why() {
+        let sets = vec![
+            set(
+                "busy",
+                vec![
+                    cond("Ready", true, "AllPresent", ""),
+                    cond("Progressing", true, "Importing", "copying"),
+                ],
+            ),
+            set("fine", vec![cond("Ready", true, "AllPresent", "")]),
+            set(
+                "short",
+                vec![
+                    cond("Ready", false, "ImagesMissing", ""),
+                    cond(
+                        "Degraded",
+                        true,
+                        "ImagesMissing",
+                        "missing quay.io/a/b@sha256:…",
+                    ),
+                ],
+            ),
+        ];
+        let text = render_sets(&sets);
+        let line = |n: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(n))
+                .unwrap()
+                .to_string()
+        };
+        assert!(line("busy").contains("progressing"), "{text}");
+        assert!(line("fine").contains("ready"), "{text}");
+        assert!(line("short").contains("degraded"), "{text}");
+        assert!(
+            text.contains("Degraded (ImagesMissing): missing quay.io/a/b@sha256:…"),
+            "{text}"
+        );
+        assert!(
+            line("fine").contains("from /etc/longshore/sets.d/fine.toml"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_sets_json_carries_the_api_version() {
+        let v = sets_json(&[set("fine", vec![cond("Ready", true, "AllPresent", "")])]);
+        assert_eq!(v["apiVersion"], STATUS_API_VERSION);
+        assert_eq!(v["sets"][0]["name"], "fine");
+        assert_eq!(v["sets"][0]["conditions"][0]["type"], "Ready");
+        assert!(
+            v["sets"][0].get("pins").is_none(),
+            "pins are not part of the interface"
+        );
+        assert_eq!(render_sets(&[]), "SETS\n  none\n");
+    }
+}
