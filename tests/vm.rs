@@ -31,9 +31,14 @@ fn run_dir(name: &str) -> PathBuf {
 /// Two small images under `prefix` and a bundle of them in `out` (a directory, or a
 /// `.tar`/`.tar.zst` stream), made on the host by the longshore under test.
 fn bundle(node: &Node, prefix: &str, out: &Path, extra: &[&str]) -> Layout {
+    bundle_of(node, prefix, 2, out, extra)
+}
+
+/// [`bundle`] with `n` images.
+fn bundle_of(node: &Node, prefix: &str, n: usize, out: &Path, extra: &[&str]) -> Layout {
     let layout = fixture::write_oci_layout(
         &node.scratch(&format!("layout-{}", prefix.replace('/', "-"))),
-        &fixture::small_images(prefix, 2),
+        &fixture::small_images(prefix, n),
     )
     .unwrap();
     node.bundle_create(&layout, out, extra);
@@ -233,12 +238,13 @@ fn sticks_and_discs_in_a_real_kernel() {
 
     // A stick pulled out mid-import: copies are slowed, the stick goes once one is done.
     let content = node.scratch("pulled");
-    let pulled = fixture::write_oci_layout(
-        &node.scratch("layout-pulled"),
-        &fixture::small_images("example.com/pulled", 3),
-    )
-    .unwrap();
-    node.bundle_create(&pulled, &content, &["--name", "pulled"]);
+    let pulled = bundle_of(
+        &node,
+        "example.com/pulled",
+        3,
+        &content,
+        &["--name", "pulled"],
+    );
     let img = run.join("pulled.img");
     vfat_image(&img, "LONGSHORE_P", &content, 64);
     vm.ok("mkdir -p /etc/longshore-test && echo 4 > /etc/longshore-test/copy-delay");
@@ -420,12 +426,7 @@ fn a_boot_with_a_critical_stick_and_a_power_cut() {
 
     // A power cut in the middle of an import.
     let content = node.scratch("late");
-    let late = fixture::write_oci_layout(
-        &node.scratch("layout-late"),
-        &fixture::small_images("example.com/late", 3),
-    )
-    .unwrap();
-    node.bundle_create(&late, &content, &["--name", "late"]);
+    let late = bundle_of(&node, "example.com/late", 3, &content, &["--name", "late"]);
     let img = run.join("late.img");
     vfat_image(&img, "LONGSHORE", &content, 64);
     vm.ok("mkdir -p /etc/longshore-test && echo 4 > /etc/longshore-test/copy-delay && sync");
