@@ -86,6 +86,49 @@ pub struct ImportResult {
     pub bytes_verified: u64,
 }
 
+/// What a cache collection did, as `CollectCache` returns it: `(uttuu)`, blobs evicted,
+/// bytes freed, bytes left, blobs referenced, unreferenced blobs kept.
+#[derive(
+    Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, zbus::zvariant::Type,
+)]
+pub struct Collected {
+    /// Blobs evicted.
+    pub evicted: u32,
+    /// Bytes freed.
+    pub freed: u64,
+    /// Bytes the cache holds afterwards.
+    pub bytes: u64,
+    /// Blobs kept because something references them.
+    pub referenced: u32,
+    /// Unreferenced blobs kept within the limits.
+    pub unreferenced: u32,
+}
+
+impl From<&crate::cache::gc::Collected> for Collected {
+    fn from(c: &crate::cache::gc::Collected) -> Collected {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Collected {
+            evicted: count(c.evicted),
+            freed: c.freed,
+            bytes: c.bytes,
+            referenced: count(c.referenced),
+            unreferenced: count(c.unreferenced),
+        }
+    }
+}
+
+impl From<Collected> for crate::cache::gc::Collected {
+    fn from(c: Collected) -> Self {
+        crate::cache::gc::Collected {
+            evicted: c.evicted as usize,
+            freed: c.freed,
+            bytes: c.bytes,
+            referenced: c.referenced as usize,
+            unreferenced: c.unreferenced as usize,
+        }
+    }
+}
+
 impl From<&ImportReport> for ImportResult {
     fn from(r: &ImportReport) -> ImportResult {
         let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -159,6 +202,11 @@ pub enum Request {
         name: String,
         /// Where the answer goes.
         reply: oneshot::Sender<Result<()>>,
+    },
+    /// `CollectCache`.
+    CollectCache {
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<crate::cache::gc::Collected>>,
     },
     /// `Rescan`.
     Rescan {
@@ -403,6 +451,26 @@ mod iface {
             } else {
                 Ok(crate::report::render_sets(&sets))
             }
+        }
+
+        /// What the cache holds, as `longshore cache` shows it: `format` is `text` or
+        /// `json`. Answered at once, also while an import runs.
+        async fn cache(&self, format: String) -> Result<String, ApiError> {
+            let json = check_format(&format)?;
+            let r = crate::engine::cache_report(&self.paths, &self.settings)
+                .map_err(|e| ApiError::from_anyhow(&e))?;
+            if json {
+                to_json(&r)
+            } else {
+                Ok(r.render())
+            }
+        }
+
+        /// Evicts what nothing references beyond the cache's cap, as `longshore cache gc`.
+        async fn collect_cache(&self) -> Result<Collected, ApiError> {
+            let done: crate::cache::gc::Collected =
+                self.ask(|reply| Request::CollectCache { reply }).await?;
+            Ok(Collected::from(&done))
         }
 
         /// Checks every set again and looks at the block devices present for bundle media.

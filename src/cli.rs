@@ -60,7 +60,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check every set, put back from retained bundles what the store lost, and bring
+    /// Show the cache of original blobs: its size, what it holds, what keeps each bundle
+    /// in it (see docs/cache.md).
+    Cache {
+        #[command(subcommand)]
+        action: Option<CacheCommand>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every set, put back from the cache what the store lost, and bring
     /// CRI-O's pins in line (what the daemon does at start).
     Sync,
     /// Run the daemon (longshore.service): import what bundle media carry when they are
@@ -166,6 +175,17 @@ impl NodeArgs {
         }
         Ok(c)
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Evict now what nothing references, oldest first, down to `[cache] max_size` and
+    /// while the filesystem is below `[store] min_free_space`.
+    Gc {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -373,6 +393,41 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 print_json(&report::sets_json(&views))?;
             } else {
                 print!("{}", report::render_sets(&views));
+            }
+        }
+        Command::Cache {
+            action: Some(CacheCommand::Gc { json }),
+            ..
+        } => {
+            let done = match daemon_connection(&settings).await {
+                Some(conn) => match via_daemon::collect_cache(&conn).await? {
+                    Ok(done) => done,
+                    Err(code) => return Ok(code),
+                },
+                None => Engine::open(paths, settings)?.collect_cache()?,
+            };
+            if json {
+                print_json(&done)?;
+            } else {
+                println!(
+                    "cache collected: {} blobs evicted, {} freed; {} left ({} blobs referenced, {} unreferenced within the limits)",
+                    done.evicted,
+                    human_size(done.freed),
+                    human_size(done.bytes),
+                    done.referenced,
+                    done.unreferenced
+                );
+            }
+        }
+        Command::Cache { action: None, json } => {
+            if let Some(conn) = daemon_connection(&settings).await {
+                return via_daemon::show(&conn, "Cache", json).await;
+            }
+            let r = engine::cache_report(&paths, &settings)?;
+            if json {
+                print_json(&r)?;
+            } else {
+                print!("{}", r.render());
             }
         }
         Command::Sync => {
@@ -640,6 +695,15 @@ mod via_daemon {
             }
             Err(code) => Ok(code),
         }
+    }
+
+    /// `CollectCache`: what the daemon's collection did.
+    pub async fn collect_cache(
+        conn: &zbus::Connection,
+    ) -> Result<std::result::Result<crate::cache::gc::Collected, ExitCode>> {
+        Ok(call::<_, crate::api::Collected>(conn, "CollectCache", &())
+            .await?
+            .map(Into::into))
     }
 
     pub async fn remove_set(conn: &zbus::Connection, name: &str) -> Result<ExitCode> {

@@ -26,6 +26,14 @@ struct Fragment {
     import: Option<ImportFragment>,
     crio: Option<CrioFragment>,
     media: Option<MediaFragment>,
+    cache: Option<CacheFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CacheFragment {
+    #[serde(default, deserialize_with = "byte_size")]
+    max_size: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -185,8 +193,12 @@ pub struct Settings {
     pub import_jobs: usize,
     /// Whether the implicit set of a foreign input (a `podman save` archive) is pinned.
     pub pin_foreign: bool,
-    /// Whether a verified copy of each imported bundle is kept to heal the store from.
+    /// `[import] retain_bundles`: read so that older configuration still loads, with no
+    /// effect now that the cache keeps every imported bundle's blobs.
     pub retain_bundles: bool,
+    /// `[cache] max_size`: the cap beyond which unreferenced cache blobs are evicted;
+    /// `None` is a quarter of the cache's filesystem.
+    pub cache_max_size: Option<u64>,
     /// The bus systemd is reached on.
     pub bus: Bus,
     /// CRI-O.
@@ -218,6 +230,7 @@ impl Default for Settings {
             import_jobs: DEFAULT_IMPORT_JOBS,
             pin_foreign: true,
             retain_bundles: false,
+            cache_max_size: None,
             bus: Bus::System,
             crio: CrioSettings {
                 unit: "crio.service".to_string(),
@@ -272,6 +285,11 @@ impl Settings {
             set(&mut self.import_jobs, i.jobs);
             set(&mut self.pin_foreign, i.pin_foreign);
             set(&mut self.retain_bundles, i.retain_bundles);
+        }
+        if let Some(c) = f.cache {
+            if c.max_size.is_some() {
+                self.cache_max_size = c.max_size;
+            }
         }
         if let Some(m) = f.media {
             set(&mut self.media.labels, m.labels);
@@ -535,6 +553,7 @@ mod tests {
         assert_eq!(shipped.store.mode, built_in.store.mode);
         assert_eq!(shipped.pin_foreign, built_in.pin_foreign);
         assert_eq!(shipped.retain_bundles, built_in.retain_bundles);
+        assert_eq!(shipped.cache_max_size, built_in.cache_max_size);
         assert_eq!(shipped.bus, built_in.bus);
         assert_eq!(shipped.crio.unit, built_in.crio.unit);
         assert_eq!(shipped.crio.reload, built_in.crio.reload);

@@ -11,7 +11,7 @@
 //!   another file's pins or a set changed, so the pin file is synced;
 //! - CRI-O's unit becoming active again (its `ActiveState` over D-Bus): an unclean
 //!   shutdown may have made CRI-O wipe its storage, so every set is checked and lost
-//!   images are put back from retained bundles.
+//!   images are put back from the cache.
 //!
 //! The loop stays free while the worker copies, so it can abandon the work in hand: when
 //! the device being read goes away, and on SIGTERM or SIGINT, which stop the daemon. An
@@ -529,6 +529,10 @@ impl Worker {
                 let res = async { self.engine()?.remove_set(&name).await }.await;
                 let _ = reply.send(res);
                 self.work(Work::Sync).await;
+            }
+            Request::CollectCache { reply } => {
+                let res = async { self.engine()?.collect_cache() }.await;
+                let _ = reply.send(res);
             }
             Request::Rescan { reply } => {
                 self.status("checking", "Checking image sets").await;

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod bundle;
+pub mod cache;
 pub mod cancel;
 pub mod cli;
 pub mod config;

@@ -51,9 +51,15 @@ impl HostPaths {
         }
     }
 
-    /// Where bundles are staged while they are read or held.
+    /// Where bundles are verified into before their blobs move into the cache.
     pub fn staging_dir(&self) -> PathBuf {
         self.state_dir.join("staging")
+    }
+
+    /// The cache of original blobs (see [`crate::cache`]). It shares the state
+    /// directory's filesystem with staging, so verified blobs move in by renaming.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.state_dir.join("cache")
     }
 }
 

@@ -419,7 +419,9 @@ fn conditions(
                 "missing {}{more}; {}",
                 shown.join(", "),
                 match from {
-                    Some(b) => format!("the retained copy of bundle {b} can restore them"),
+                    Some(b) => format!(
+                        "the cache holds bundle {b}, which can restore them (`longshore sync`)"
+                    ),
                     None => "import a bundle that carries them".to_string(),
                 }
             ),
@@ -442,12 +444,13 @@ fn conditions(
     out
 }
 
-/// The name of a retained bundle that carries every image of the set, if there is one.
+/// The name of a bundle the cache holds whole that carries every image of the set, if
+/// there is one.
 fn retained_source(def: &SetDef, state: &State) -> Option<String> {
     state
         .bundles
         .values()
-        .filter(|b| b.retained.as_ref().is_some_and(|p| p.exists()))
+        .filter(|b| b.cached)
         .find(|b| {
             def.images.iter().all(|r| {
                 b.images.iter().any(|i| {

@@ -202,9 +202,13 @@ pub struct BundleRecord {
     pub images: Vec<ImageRecord>,
     /// Its image sets, as it declared them.
     pub sets: Vec<SetRecord>,
-    /// The verified copy kept to heal the store from (`[import] retain_bundles`).
+    /// Where the layout before the cache kept a verified copy to heal from; moved into
+    /// the cache at start (see engine), never written now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retained: Option<PathBuf>,
+    /// Whether the cache holds every blob of the bundle: heal and `apply` read it there.
+    #[serde(default)]
+    pub cached: bool,
 }
 
 /// An image set in force, from the bundle that declared it last.
@@ -344,6 +348,7 @@ mod tests {
             images: vec![],
             sets: vec![],
             retained: None,
+            cached: false,
         }
     }
 
@@ -401,6 +406,7 @@ mod tests {
                 images: vec![],
                 sets: vec![],
                 retained: None,
+                cached: false,
             },
         );
         s.save(t.path()).unwrap();

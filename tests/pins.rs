@@ -1,6 +1,6 @@
 //! Pinning in CRI-O: the pin drop-in, its union with CRI-O's other files, reloads over
 //! systemd's D-Bus API (a real systemd user manager and a stand-in crio.service), the
-//! order of changes, crash safety, healing from retained bundles, and the additional
+//! order of changes, crash safety, healing from the cache, and the additional
 //! image store.
 
 mod common;
@@ -369,12 +369,11 @@ fn stopped(pid: u32) -> bool {
 }
 
 #[test]
-fn a_wiped_store_is_healed_from_the_retained_bundle() {
+fn a_wiped_store_is_healed_from_the_cache() {
     if !require(TOOLS) {
         return;
     }
     let (um, node) = UserManager::with_crio();
-    node.write_config("60-retain.toml", "[import]\nretain_bundles = true\n");
     let a = layout(&node, "la", "example.com/heal", 2);
     let bundle = node.scratch("heal.tar.zst");
     node.bundle_create(&a, &bundle, &["--name", "heal", "--set", "edge"]);
@@ -395,10 +394,7 @@ fn a_wiped_store_is_healed_from_the_retained_bundle() {
     assert!(node.inspect_digest(&a.images[0].reference).is_none());
     let (degraded, reason, message) = set_condition(&node, "edge", "Degraded");
     assert!(degraded && reason == "ImagesMissing", "{reason}: {message}");
-    assert!(
-        message.contains("retained copy of bundle heal"),
-        "{message}"
-    );
+    assert!(message.contains("the cache holds bundle heal"), "{message}");
     assert!(!set_condition(&node, "edge", "Ready").0);
 
     // CRI-O comes back; the daemon notices and puts the images back.
@@ -426,7 +422,7 @@ fn a_wiped_store_is_healed_from_the_retained_bundle() {
 }
 
 #[test]
-fn without_a_retained_copy_the_set_stays_degraded_naming_what_is_missing() {
+fn without_the_cache_the_set_stays_degraded_naming_what_is_missing() {
     if !require(TOOLS) {
         return;
     }
@@ -437,6 +433,8 @@ fn without_a_retained_copy_the_set_stays_degraded_naming_what_is_missing() {
     node.ok(&["import", bundle.to_str().unwrap()]);
     assert!(!pins(&node).is_empty());
     wipe_store(&node);
+    // The cache lost too (a new disk, say): nothing can put the images back.
+    fs::remove_dir_all(node.sysroot.join("var/lib/longshore/cache")).unwrap();
     let out = node.ok(&["sync"]);
     assert!(out.contains("degraded"), "{out}");
     let (degraded, _, message) = set_condition(&node, "lost", "Degraded");
@@ -628,7 +626,6 @@ fn healing_from_an_older_bundle_does_not_bring_back_its_old_sets() {
         return;
     }
     let node = Node::new();
-    node.write_config("60-retain.toml", "[import]\nretain_bundles = true\n");
     let all = layout(&node, "l", "example.com/restore", 3);
     let v1 = Layout {
         dir: all.dir.clone(),
@@ -642,7 +639,7 @@ fn healing_from_an_older_bundle_does_not_bring_back_its_old_sets() {
     let b2 = node.scratch("v2");
     node.bundle_create(&v1, &b1, &["--name", "apps-1", "--set", "apps"]);
     node.bundle_create(&v2, &b2, &["--name", "apps-2", "--set", "apps"]);
-    // v1 also declares a second set, which keeps its retained copy in use after v2
+    // v1 also declares a second set, which keeps it referenced in the cache after v2
     // replaces "apps".
     let meta_path = b1.join("bundle.json");
     let mut meta: serde_json::Value =

@@ -1,10 +1,11 @@
-//! Heal: images CRI-O's store lost put back from retained bundles; retention.
+//! Heal: images CRI-O's store lost put back from the cache.
 
 use super::*;
 
 impl Engine {
-    /// Checks every set and puts back, from retained bundles, the images the store lost
-    /// (an unclean shutdown can make CRI-O wipe its storage); then syncs the pins.
+    /// Checks every set and puts back, from the cache, the images the store lost (an
+    /// unclean shutdown or an upgrade can make CRI-O wipe its storage); then syncs the
+    /// pins. Media are not needed: the cache holds the bundles' original blobs.
     pub async fn heal(&mut self) -> Result<Vec<SetView>> {
         let views = self.sync().await?;
         let missing: HashSet<String> = views
@@ -18,7 +19,7 @@ impl Engine {
             .state
             .bundles
             .values()
-            .filter(|b| b.retained.as_ref().is_some_and(|p| p.exists()))
+            .filter(|b| b.cached && b.state != BundleState::Held)
             .filter(|b| {
                 b.images
                     .iter()
@@ -27,26 +28,27 @@ impl Engine {
             .cloned()
             .collect();
         for b in sources {
-            let Some(retained) = b.retained.clone() else {
+            let whole = self
+                .cached_meta(&b.digest)
+                .ok()
+                .flatten()
+                .is_some_and(|m| self.cache_holds(&m));
+            if !whole {
+                tracing::error!(
+                    "the store lost images of bundle {}, and the cache no longer holds all of it",
+                    b.name
+                );
+                if let Some(rec) = self.state.bundles.get_mut(&b.digest) {
+                    rec.cached = false;
+                }
+                self.state.save(&self.paths.state_dir)?;
                 continue;
-            };
+            }
             tracing::warn!(
-                "the store lost images of bundle {}; importing them again from {}",
-                b.name,
-                retained.display()
+                "the store lost images of bundle {}; importing them again from the cache",
+                b.name
             );
-            // Every retained copy is a bundle directory longshore wrote, foreign inputs
-            // included (see crate::bundle::intake).
-            let input: Result<Input> = Ok(Input::BundleDir(retained));
-            let opts = ImportOptions {
-                expected: Some(b.digest),
-                hold: false,
-                restore: true,
-            };
-            let res = match input {
-                Ok(input) => self.import_one(input, &opts).await,
-                Err(e) => Err(e),
-            };
+            let res = self.import_from_cache(&b.digest, true).await;
             // The record keeps where the bundle first came from.
             if let Some(rec) = self.state.bundles.get_mut(&b.digest) {
                 rec.source = b.source.clone();
@@ -54,52 +56,9 @@ impl Engine {
             }
             self.state.save(&self.paths.state_dir)?;
             if let Err(e) = res {
-                tracing::error!("restoring bundle {} from its retained copy: {e:#}", b.name);
+                tracing::error!("restoring bundle {} from the cache: {e:#}", b.name);
             }
         }
         self.sync().await
     }
-
-    /// Keeps a verified copy of a bundle in `/var/lib/longshore/bundles/<digest>`.
-    pub(super) fn retain(&self, digest: &Digest, from: Retain) -> Result<PathBuf> {
-        let dir = self.paths.state_dir.join("bundles");
-        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let dest = dir.join(digest.hex());
-        let Retain::Move(p) = from;
-        if p != dest {
-            replace_dir(&p, &dest)?;
-        }
-        tracing::info!("kept a verified copy of the bundle in {}", dest.display());
-        Ok(dest)
-    }
-
-    /// Drops retained copies of bundles that no set in force comes from. Returns whether
-    /// the state changed.
-    pub(super) fn gc_retained(&mut self) -> bool {
-        let in_use: HashSet<Digest> = self.state.sets.values().map(|s| s.bundle).collect();
-        let mut changed = false;
-        for b in self.state.bundles.values_mut() {
-            if in_use.contains(&b.digest) {
-                continue;
-            }
-            if let Some(p) = b.retained.take() {
-                tracing::info!(
-                    "no set comes from bundle {} any more; removing its retained copy {}",
-                    b.name,
-                    p.display()
-                );
-                if let Err(e) = fs::remove_dir_all(&p) {
-                    tracing::warn!("removing {}: {e}", p.display());
-                }
-                changed = true;
-            }
-        }
-        changed
-    }
-}
-
-/// Where a retained copy comes from.
-pub(super) enum Retain {
-    /// A staged, verified layout, moved into place.
-    Move(PathBuf),
 }

@@ -1,9 +1,9 @@
-//! Held bundles: verified and staged now, copied by `apply` later.
+//! Held bundles: verified into the cache now, copied into the store by `apply` later.
 
 use super::*;
 
 impl Engine {
-    /// Copies a held bundle's images into the store.
+    /// Copies a held bundle's images from the cache into the store.
     pub async fn apply(&mut self, which: &str) -> Result<ImportReport> {
         sets::load_files(&self.paths)?;
         let rec = self.find_bundle(which)?.clone();
@@ -15,40 +15,10 @@ impl Engine {
                 rec.state
             );
         }
-        let staged = rec
-            .staged
-            .clone()
-            .with_context(|| format!("bundle {} is held but has no staged copy", rec.name))?;
-        // The staged copy is longshore's own, verified when it was made; it is checked
-        // again before it is used.
-        let verified = read::verify_dir(&staged, Some(rec.digest), &self.cancel, None)?;
-        let mut plan = plan_from_meta(verified.digest, &verified.meta, rec.kind);
-        let present = self.presence_of(&plan).await?;
-        check_space(
-            &[self.store_need(&plan, &present)],
-            self.settings.store.min_free_space,
-            &staged,
-        )?;
-        let retain = self
-            .settings
-            .retain_bundles
-            .then(|| Retain::Move(staged.clone()));
-        let report = self
-            .commit(
-                &rec.source,
-                &mut plan,
-                &present,
-                Some(&staged),
-                Some(verified.bytes_verified),
-                retain,
-            )
-            .await?;
-        if staged.exists() {
-            remove_staging(&staged);
-        }
-        Ok(report)
+        let report = self.import_from_cache(&rec.digest, false).await;
+        self.collect_quietly();
+        report
     }
-
     pub(super) fn find_bundle(&self, which: &str) -> Result<&BundleRecord> {
         let matches: Vec<&BundleRecord> = self
             .state

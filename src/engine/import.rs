@@ -87,48 +87,21 @@ impl Engine {
         let mut plan = plan_from_meta(digest, &meta, kind);
         plan.restore = opts.restore;
         let present = self.presence_of(&plan).await?;
-        if !opts.hold && present.iter().all(|p| *p) {
-            return self
-                .commit(path, &mut plan, &present, None, None, None)
-                .await;
+        let cached = self.cache_holds(&meta);
+        if !opts.hold && cached && present.iter().all(|p| *p) {
+            return self.commit(path, &mut plan, &present, None, None).await;
         }
-        // What is copied into the store is a private copy, made while it is verified.
-        // longshore's own staged and retained copies are read in place.
-        if !stream && !opts.hold && path.starts_with(&self.paths.state_dir) {
-            let verified = read::verify_dir(path, opts.expected, &self.cancel, None)?;
-            ensure_same(&verified, &digest, path)?;
-            check_space(
-                &[self.store_need(&plan, &present)],
-                self.settings.store.min_free_space,
-                path,
-            )?;
-            return self
-                .commit(
-                    path,
-                    &mut plan,
-                    &present,
-                    Some(path),
-                    Some(verified.bytes_verified),
-                    None,
-                )
-                .await;
-        }
-        let needs = [
-            self.store_need(&plan, &present),
-            SpaceNeed {
-                path: self.paths.staging_dir(),
-                bytes: unique_bundle_bytes(&meta),
-            },
-        ];
+        // The cache and the store each on their own filesystem: the cache takes what it
+        // lacks of the bundle (verified into staging beside it, then moved in), the store
+        // what its missing images unpack to.
+        let needs = [self.store_need(&plan, &present), self.cache_need(&meta)];
         check_space(&needs, self.settings.store.min_free_space, path)?;
         let tmp = self.temp_staging()?;
         let verified = if stream {
             read::verify_stream(path, Some(&tmp), opts.expected, &self.cancel)
         } else {
-            // Only what the missing images need is copied, unless the whole bundle is
-            // kept (held, or retained to heal from).
-            let keep = (!opts.hold && !self.settings.retain_bundles)
-                .then(|| plan.blobs_of_missing(&meta, &present));
+            // Every blob is hashed; only those the cache lacks are written.
+            let keep = Some(self.not_cached(&meta));
             Layout::create(&tmp, self.settings.store.min_free_space).and_then(|layout| {
                 read::verify_dir(
                     path,
@@ -193,11 +166,9 @@ impl Engine {
             let _ = fs::remove_dir_all(&tmp);
         })?;
         tracing::info!(input = %f.path.display(), "verified {} images, {} read", plan.images.len(), human_size(staged.bytes_read));
-        if !opts.hold && present.iter().all(|p| *p) {
+        if !opts.hold && present.iter().all(|p| *p) && self.cache.has(&plan.digest).is_some() {
             let _ = fs::remove_dir_all(&tmp);
-            return self
-                .commit(&f.path, &mut plan, &present, None, None, None)
-                .await;
+            return self.commit(&f.path, &mut plan, &present, None, None).await;
         }
         if let Err(e) = check_space(&[self.store_need(&plan, &present)], floor, &f.path) {
             let _ = fs::remove_dir_all(&tmp);
@@ -207,8 +178,8 @@ impl Engine {
             .await
     }
 
-    /// After a bundle is verified into `tmp`: holds it, or copies its missing images into
-    /// the store (keeping the copy when bundles are retained).
+    /// After a bundle is verified into `tmp`: moves it into the cache, then holds it
+    /// or copies its missing images from the cache into the store.
     pub(super) async fn finish_staged(
         &mut self,
         source: &Path,
@@ -219,31 +190,21 @@ impl Engine {
         hold: bool,
     ) -> Result<ImportReport> {
         crate::cancel::fault_point("verified");
-        let final_dir = self.paths.staging_dir().join(plan.digest.hex());
-        if let Err(e) = replace_dir(&tmp, &final_dir) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if hold {
-            return self.record_held(source, &plan, final_dir, bytes_verified);
-        }
-        let retain = self
-            .settings
-            .retain_bundles
-            .then(|| Retain::Move(final_dir.clone()));
-        let report = self
-            .commit(
+        self.cache_layout(&tmp, &plan)?;
+        let report = if hold {
+            self.record_held(source, &plan, bytes_verified)
+        } else {
+            let root = self.cache.root().to_path_buf();
+            self.commit(
                 source,
                 &mut plan,
                 &present,
-                Some(&final_dir),
+                Some(&root),
                 Some(bytes_verified),
-                retain,
             )
-            .await;
-        if final_dir.exists() {
-            remove_staging(&final_dir);
-        }
+            .await
+        };
+        self.collect_quietly();
         report
     }
 
@@ -277,7 +238,7 @@ impl Engine {
 
     /// After verification (or when the store holds everything already): the bundle's
     /// sets come into force, the pins of what stays are written, the missing images are
-    /// copied, the bundle is retained if so configured, and the new pins are written.
+    /// copied from `layout` (the cache), and the new pins are written.
     pub(super) async fn commit(
         &mut self,
         source: &Path,
@@ -285,7 +246,6 @@ impl Engine {
         present: &[bool],
         layout: Option<&Path>,
         bytes_verified: Option<u64>,
-        retain: Option<Retain>,
     ) -> Result<ImportReport> {
         let already = self
             .state
@@ -298,12 +258,7 @@ impl Engine {
                 b.to_importing()?;
             }
         } else {
-            let mut rec = self.record(source, plan, BundleState::Importing, None);
-            rec.retained = self
-                .state
-                .bundles
-                .get(&plan.digest)
-                .and_then(|b| b.retained.clone());
+            let rec = self.record(source, plan, BundleState::Importing, None);
             self.state.bundles.insert(plan.digest, rec);
             self.activate_sets(plan);
         }
@@ -341,16 +296,6 @@ impl Engine {
         } else {
             None
         };
-        if let Some(from) = retain {
-            match self.retain(&plan.digest, from) {
-                Ok(p) => {
-                    if let Some(b) = self.state.bundles.get_mut(&plan.digest) {
-                        b.retained = Some(p);
-                    }
-                }
-                Err(e) => tracing::warn!("keeping a copy of bundle {}: {e:#}", plan.name),
-            }
-        }
         if let Some(b) = self.state.bundles.get_mut(&plan.digest) {
             b.to_imported()?;
         }

@@ -20,7 +20,7 @@
 //! and `apply`), `pins` (sets in force, drop-ins, CRI-O control), `heal` (putting back
 //! what the store lost, retention), `verify`, and `sweep` (what a killed run left).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
@@ -29,10 +29,11 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::bundle::foreign::Foreign;
-use crate::bundle::format::{BundleMeta, ImageMeta};
+use crate::bundle::format::{BundleMeta, ImageMeta, BUNDLE_JSON};
 use crate::bundle::intake::{self, Layout};
 use crate::bundle::read::{self, Verified};
 use crate::bundle::{self, Input, Rejected};
+use crate::cache::Cache;
 use crate::cancel::Cancel;
 use crate::config::{human_size, Bus, Settings, StoreMode};
 use crate::crio::{CrioConfig, FileChange};
@@ -45,6 +46,7 @@ use crate::state::{
 use crate::store::{check_space, SpaceNeed, Store, Wanted};
 use crate::systemd::{Reload, Systemd};
 
+mod cache;
 mod copy;
 mod heal;
 mod hold;
@@ -53,7 +55,7 @@ mod pins;
 mod sweep;
 mod verify;
 
-use heal::Retain;
+pub use cache::{cache_report, CacheReport, CacheView, CachedBundle};
 use pins::Busy;
 pub use pins::{crio_config, evaluate_sets};
 use sweep::sweep;
@@ -66,7 +68,7 @@ pub struct ImportOptions {
     pub expected: Option<Digest>,
     /// Verify and stage only; copy on `apply`.
     pub hold: bool,
-    /// Only put back missing images (healing from a retained copy): the bundle's sets
+    /// Only put back missing images (healing from the cache): the bundle's sets
     /// are not put in force again, so a newer definition of a set stays.
     pub restore: bool,
 }
@@ -135,6 +137,8 @@ pub struct Engine {
     pub store: Store,
     /// CRI-O's configuration files.
     pub crio: CrioConfig,
+    /// The original blobs of what was brought in.
+    cache: Cache,
     state: State,
     systemd: Option<Systemd>,
     /// Sets whose images this engine is copying now.
@@ -167,6 +171,8 @@ struct PlannedImage {
     repository: String,
     tags: Vec<String>,
     digest: Digest,
+    /// The manifest's media type.
+    media_type: String,
     size: u64,
     /// (digest, bytes it takes in the store) of each layer.
     layers: Vec<(Digest, u64)>,
@@ -177,20 +183,6 @@ struct PlannedImage {
 }
 
 impl Plan {
-    /// Every blob the images the store lacks are made of.
-    fn blobs_of_missing(&self, meta: &BundleMeta, present: &[bool]) -> HashSet<Digest> {
-        meta.images
-            .iter()
-            .zip(present)
-            .filter(|(_, p)| !**p)
-            .flat_map(|(i, _)| {
-                [i.digest, i.config.digest]
-                    .into_iter()
-                    .chain(i.layers.iter().map(|l| l.digest))
-            })
-            .collect()
-    }
-
     /// The layers of the images the store already holds.
     fn present_layers(&self, present: &[bool]) -> HashSet<Digest> {
         self.images
@@ -234,18 +226,22 @@ impl Engine {
         let store = Store::new(&paths, &settings);
         let crio = crio_config(&paths);
         sweep(&paths, &state);
-        Ok(Engine {
+        let cache = Cache::new(paths.cache_dir());
+        let mut engine = Engine {
             paths,
             settings,
             store,
             crio,
+            cache,
             state,
             systemd: None,
             busy: Default::default(),
             progress: None,
             cancel: Cancel::default(),
             _lock: lock,
-        })
+        };
+        engine.migrate_to_cache()?;
+        Ok(engine)
     }
 
     /// Sends copy progress to `tx` from now on.
@@ -273,10 +269,9 @@ impl Engine {
         &mut self,
         source: &Path,
         plan: &Plan,
-        staged: PathBuf,
         bytes_verified: u64,
     ) -> Result<ImportReport> {
-        let rec = self.record(source, plan, BundleState::Held, Some(staged));
+        let rec = self.record(source, plan, BundleState::Held, None);
         self.state.bundles.insert(plan.digest, rec);
         self.state.save(&self.paths.state_dir)?;
         Ok(ImportReport {
@@ -309,6 +304,7 @@ impl Engine {
             images: plan.images.iter().map(PlannedImage::record).collect(),
             sets: plan.sets.clone(),
             retained: None,
+            cached: self.cache.has(&plan.digest).is_some(),
         }
     }
 }
@@ -341,6 +337,7 @@ fn planned_from_meta(i: &ImageMeta) -> PlannedImage {
         repository: i.repository.clone(),
         tags: i.tags.clone(),
         digest: i.digest,
+        media_type: i.media_type.clone(),
         size: i.size,
         layers: i
             .layers
@@ -355,29 +352,6 @@ fn planned_from_meta(i: &ImageMeta) -> PlannedImage {
         overhead: i.size - i.layers.iter().map(|l| l.size).sum::<u64>(),
         config: Some(i.config.digest),
     }
-}
-
-/// Bytes of a bundle's blobs, each counted once: what staging it takes.
-fn unique_bundle_bytes(meta: &BundleMeta) -> u64 {
-    let mut seen = HashSet::new();
-    let mut total = meta.index.size;
-    for i in &meta.images {
-        for (d, s) in [
-            (
-                i.digest,
-                i.size - i.config.size - i.layers.iter().map(|l| l.size).sum::<u64>(),
-            ),
-            (i.config.digest, i.config.size),
-        ]
-        .into_iter()
-        .chain(i.layers.iter().map(|l| (l.digest, l.size)))
-        {
-            if seen.insert(d) {
-                total += s;
-            }
-        }
-    }
-    total
 }
 
 /// `--digest` names one bundle: a collection must then hold exactly one input.
@@ -427,15 +401,6 @@ fn dir_size(p: &Path) -> Result<u64> {
         )?;
     }
     Ok(total)
-}
-
-fn replace_dir(tmp: &Path, final_dir: &Path) -> Result<()> {
-    if final_dir.exists() {
-        fs::remove_dir_all(final_dir)
-            .with_context(|| format!("removing {}", final_dir.display()))?;
-    }
-    fs::rename(tmp, final_dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), final_dir.display()))
 }
 
 fn remove_staging(dir: &Path) {

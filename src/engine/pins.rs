@@ -24,9 +24,6 @@ impl Engine {
                 }
             }
         }
-        if self.gc_retained() {
-            changed = true;
-        }
         if changed {
             self.state.save(&self.paths.state_dir)?;
         }

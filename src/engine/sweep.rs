@@ -56,6 +56,13 @@ pub(super) fn sweep(paths: &HostPaths, state: &State) {
             remove(&p);
         }
     }
+    // The cache's own temporary files (its index being rewritten); partial blobs stay,
+    // to be resumed, until collection finds nothing wants them.
+    for (name, p) in entries(&paths.cache_dir()) {
+        if name.starts_with('.') && name.contains(".tmp") {
+            remove(&p);
+        }
+    }
     for (_, p) in entries(&paths.state_dir.join("tmp")) {
         remove(&p);
     }
