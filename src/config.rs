@@ -34,6 +34,42 @@ struct Fragment {
 struct CacheFragment {
     #[serde(default, deserialize_with = "byte_size")]
     max_size: Option<u64>,
+    #[serde(default, deserialize_with = "duration_secs")]
+    keep_imported: Option<u64>,
+}
+
+/// A duration: a number of seconds, or a number with `s`, `m`, `h` or `d`.
+fn duration_secs<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Secs(n) => Ok(Some(n)),
+        Raw::Text(t) => parse_duration(&t)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
+    }
+}
+
+/// Parses `90`, `90s`, `15m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{s:?} is not a duration (like 90s, 15m, 24h or 7d)"))?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => anyhow::bail!("{s:?} is not a duration (like 90s, 15m, 24h or 7d)"),
+    };
+    n.checked_mul(mult)
+        .with_context(|| format!("{s:?} is too long a duration"))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +235,9 @@ pub struct Settings {
     /// `[cache] max_size`: the cap beyond which unreferenced cache blobs are evicted;
     /// `None` is a quarter of the cache's filesystem.
     pub cache_max_size: Option<u64>,
+    /// `[cache] keep_imported`: seconds an import keeps its bundle's blobs referenced
+    /// after nothing in force names them any more.
+    pub cache_keep_imported: u64,
     /// The bus systemd is reached on.
     pub bus: Bus,
     /// CRI-O.
@@ -231,6 +270,7 @@ impl Default for Settings {
             pin_foreign: true,
             retain_bundles: false,
             cache_max_size: None,
+            cache_keep_imported: 24 * 3600,
             bus: Bus::System,
             crio: CrioSettings {
                 unit: "crio.service".to_string(),
@@ -290,6 +330,7 @@ impl Settings {
             if c.max_size.is_some() {
                 self.cache_max_size = c.max_size;
             }
+            set(&mut self.cache_keep_imported, c.keep_imported);
         }
         if let Some(m) = f.media {
             set(&mut self.media.labels, m.labels);
@@ -554,6 +595,7 @@ mod tests {
         assert_eq!(shipped.pin_foreign, built_in.pin_foreign);
         assert_eq!(shipped.retain_bundles, built_in.retain_bundles);
         assert_eq!(shipped.cache_max_size, built_in.cache_max_size);
+        assert_eq!(shipped.cache_keep_imported, built_in.cache_keep_imported);
         assert_eq!(shipped.bus, built_in.bus);
         assert_eq!(shipped.crio.unit, built_in.crio.unit);
         assert_eq!(shipped.crio.reload, built_in.crio.reload);

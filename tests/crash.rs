@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 
 use common::fixture;
 use common::node::{require, Node};
+use sha2::Digest as _;
 
 /// Every point where `LONGSHORE_TEST_STOP_AT` can stop an import.
-const POINTS: [&str; 6] = [
+const POINTS: [&str; 7] = [
     "verified",
+    "cached-one",
     "recorded",
     "copied-one",
     "copied",
@@ -115,6 +117,23 @@ impl Case {
                 })
                 .unwrap_or_default()
         };
+        // Whatever the kill interrupted, the cache names no blob wrongly and keeps no
+        // partial once the import is complete.
+        let blobs = self.node.state_dir().join("cache/blobs/sha256");
+        for e in fs::read_dir(&blobs).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert!(!name.ends_with(".partial"), "{when}: partial {name} left");
+            let bytes = fs::read(e.path()).unwrap();
+            let got: String = sha2::Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            assert_eq!(got, name, "{when}: cache blob {name} holds other content");
+        }
+        for img in &self.layout.images {
+            let hex = img.manifest_digest.trim_start_matches("sha256:");
+            assert!(blobs.join(hex).exists(), "{when}: manifest not cached");
+        }
         assert!(
             left(self.node.state_dir().join("tmp"), "").is_empty(),
             "{when}: tmp"

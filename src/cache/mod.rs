@@ -175,13 +175,25 @@ impl Cache {
     }
 
     /// Stores a small document (a `bundle.json`, an `index.json`) and returns its digest.
+    /// A partial left by a killed writer is resumed; if what it held turns out wrong, it
+    /// is discarded and the document written again whole.
     pub fn put_bytes(&self, bytes: &[u8]) -> Result<Digest> {
         let d = Digest::of(bytes);
-        if self.has(&d).is_none() {
+        if self.has(&d).is_some() {
+            return Ok(d);
+        }
+        let write = || -> Result<bool> {
             let mut w = self.writer(d, bytes.len() as u64)?;
-            let from = w.resume_at() as usize;
-            w.write_all(&bytes[from..])?;
-            w.finish()?;
+            let from = w.resume_at();
+            w.write_all(&bytes[from as usize..])?;
+            match w.finish() {
+                Ok(_) => Ok(true),
+                Err(_) if from > 0 => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        if !write()? {
+            write()?;
         }
         Ok(d)
     }
@@ -554,6 +566,17 @@ mod tests {
         assert!(c.has(&d).is_none());
         let l = c.list().expect("list");
         assert!(l.blobs.is_empty() && l.partials.is_empty(), "{l:?}");
+    }
+
+    #[test]
+    fn a_wrong_partial_of_a_document_is_replaced() {
+        let (_t, c) = cache();
+        let doc = br#"{"schemaVersion":2}"#;
+        let d = Digest::of(doc);
+        fs::write(c.partial(&d), b"{\"junk").expect("write");
+        assert_eq!(c.put_bytes(doc).expect("put"), d);
+        assert_eq!(c.read(&d, 100).expect("read"), doc);
+        assert!(c.list().expect("list").partials.is_empty());
     }
 
     #[test]

@@ -6,9 +6,6 @@ use crate::bundle::format::{MAX_BUNDLE_JSON, MAX_DOCUMENT};
 use crate::cache::gc::{self, Collected, Limits};
 use crate::cache::{IndexEntry, REF_NAME};
 
-/// How long an imported bundle's blobs stay referenced once nothing in force names them.
-pub const RECENT_IMPORT_SECS: u64 = 24 * 3600;
-
 /// What the cache holds and what references it, for `longshore cache`.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -356,7 +353,7 @@ impl CacheView<'_> {
     }
 
     /// The blobs something keeps in the cache: every blob of the bundles whose sets are
-    /// in force, of held bundles, and of bundles imported in the last day; and every
+    /// in force, of held bundles, and of bundles imported within `[cache] keep_imported`; and every
     /// blob of an image a set in force names, where the cache's index has that name.
     pub fn referenced_blobs(&self) -> Result<HashSet<Digest>> {
         let mut out = HashSet::new();
@@ -409,7 +406,7 @@ impl CacheView<'_> {
                 if b.state == BundleState::Importing {
                     why.push("an unfinished import".into());
                 }
-                if now.saturating_sub(b.updated) < RECENT_IMPORT_SECS {
+                if now.saturating_sub(b.updated) < self.settings.cache_keep_imported {
                     why.push("recent import".into());
                 }
                 (!why.is_empty()).then_some((b.digest, why))
