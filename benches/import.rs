@@ -7,6 +7,8 @@
 //! - no-op re-import vs the same loop run again over the images already present;
 //! - verification throughput vs `openssl dgst -sha256` over the same bytes;
 //! - peak RSS of longshore while importing and verifying;
+//! - cold import into an empty store whose cache already holds the bundle's blobs, vs
+//!   the cold import that fills the cache, and the cache's bytes on disk per bundle byte;
 //! - a matrix of shapes, each cold and no-op against the loop in the same run: one base
 //!   layer shared by every image (a release payload's usual shape), no sharing at all,
 //!   200 tiny images, and 2 images of 1 GiB layers (`BENCH_MATRIX=0` skips it).
@@ -145,6 +147,20 @@ fn skopeo_loop_both_names(bundle: &Path, refs: &[String], root: &Path) -> Durati
         }
     }
     start.elapsed()
+}
+
+/// Bytes the files under `p` take on disk (allocated blocks).
+fn disk_usage(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(md) = fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if !md.is_dir() {
+        return md.blocks() * 512;
+    }
+    fs::read_dir(p)
+        .map(|rd| rd.flatten().map(|e| disk_usage(&e.path())).sum())
+        .unwrap_or(0)
 }
 
 fn secs(d: Duration) -> String {
@@ -431,6 +447,31 @@ fn main() {
             .arg(&tar),
     );
 
+    // Cold into an empty store whose cache already holds the bundle's blobs (a second
+    // node's disk prepared from the first, or the store wiped as CRI-O's wipe does):
+    // every blob is still hashed from the bundle, none written to the cache.
+    eprintln!("cold: longshore import with the blobs already cached ...");
+    let cache_of = |root: &Path| root.join("var/lib/longshore/cache");
+    let node_cached = sb.dir.join("node-cached");
+    no_reload(&node_cached);
+    fs::create_dir_all(cache_of(&node_cached).parent().expect("parent")).expect("state dir");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(cache_of(&node))
+        .arg(cache_of(&node_cached))
+        .status()
+        .expect("cp");
+    assert!(st.success());
+    drop_caches();
+    let import_cached = time(
+        Command::new(LONGSHORE)
+            .arg("--sysroot")
+            .arg(&node_cached)
+            .arg("import")
+            .arg(&bundle),
+    );
+    let cache_disk = disk_usage(&cache_of(&node));
+
     let tput = |d: Duration| blob_bytes as f64 / d.as_secs_f64() / (1 << 20) as f64;
     let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     let threads = std::thread::available_parallelism()
@@ -490,6 +531,20 @@ fn main() {
         &secs(import_tar),
         &secs(loop_cold),
         Some(ratio(import_tar, loop_cold)),
+        "(reference)",
+    );
+    row(
+        "cold import, blobs already cached vs not",
+        &secs(import_cached),
+        &secs(import_cold),
+        Some(ratio(import_cached, import_cold)),
+        "(reference)",
+    );
+    row(
+        "cache on disk vs the bundle's blob bytes",
+        &mib(cache_disk),
+        &mib(blob_bytes),
+        Some(cache_disk as f64 / blob_bytes as f64),
         "(reference)",
     );
     row("peak RSS, import", &mib(import_rss), "", None, "< 64 MiB");

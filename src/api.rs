@@ -86,7 +86,7 @@ pub struct ImportResult {
     pub bytes_verified: u64,
 }
 
-/// What a cache collection did, as `CollectCache` returns it: `(uttuu)`, blobs evicted,
+/// What a cache collection did, as `CollectCache` returns it: `uttuu`, blobs evicted,
 /// bytes freed, bytes left, blobs referenced, unreferenced blobs kept.
 #[derive(
     Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, zbus::zvariant::Type,

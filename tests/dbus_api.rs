@@ -230,6 +230,25 @@ fn properties_methods_objects_signals_and_errors() {
     assert!(!tree.contains(&format!("{PATH}/set/api")), "{tree}");
     busctl_ok(&node, &["call", DEST, PATH, IFACE, "Rescan"]);
 
+    // The cache over D-Bus: the CLI's `cache` goes through the daemon and sees what the
+    // cache directory holds; CollectCache answers with its typed result.
+    let cached = fs::read_dir(node.state_dir().join("cache/blobs/sha256"))
+        .unwrap()
+        .count();
+    assert!(cached > 0);
+    let out = node.run(&["cache", "--json"]);
+    assert!(out.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["blobs"], cached, "{report}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("asking it"),
+        "not through the daemon"
+    );
+    let reply = busctl_ok(&node, &["call", DEST, PATH, IFACE, "CollectCache"]);
+    assert!(reply.starts_with("uttuu 0 0 "), "{reply}");
+    let gc: serde_json::Value = serde_json::from_str(&node.ok(&["cache", "gc", "--json"])).unwrap();
+    assert_eq!(gc["evicted"], 0, "an import of the last day stays: {gc}");
+
     // With the daemon running, the CLI's import goes through it (one writer of the state).
     let (layout2, tar2) = bundle(&node, "lb", "example.com/api-cli", "cli");
     let out = node.run(&["import", tar2.to_str().unwrap()]);

@@ -87,6 +87,7 @@ impl CacheReport {
 /// The cache with the records that say what references it: what `longshore cache` and
 /// the daemon's `Cache` method read, without the state lock.
 pub struct CacheView<'a> {
+    paths: &'a HostPaths,
     cache: &'a Cache,
     state: &'a State,
     settings: &'a Settings,
@@ -97,6 +98,7 @@ pub fn cache_report(paths: &HostPaths, settings: &Settings) -> Result<CacheRepor
     let state = State::load(&paths.state_dir)?;
     let cache = Cache::new(paths.cache_dir());
     CacheView {
+        paths,
         cache: &cache,
         state: &state,
         settings,
@@ -107,6 +109,7 @@ pub fn cache_report(paths: &HostPaths, settings: &Settings) -> Result<CacheRepor
 impl Engine {
     fn view(&self) -> CacheView<'_> {
         CacheView {
+            paths: &self.paths,
             cache: &self.cache,
             state: &self.state,
             settings: &self.settings,
@@ -353,8 +356,9 @@ impl CacheView<'_> {
     }
 
     /// The blobs something keeps in the cache: every blob of the bundles whose sets are
-    /// in force, of held bundles, and of bundles imported within `[cache] keep_imported`; and every
-    /// blob of an image a set in force names, where the cache's index has that name.
+    /// in force, of held bundles, and of bundles imported within `[cache]
+    /// keep_imported`; and every blob of an image a set in force or a set file names,
+    /// where the cache's index has that name.
     pub fn referenced_blobs(&self) -> Result<HashSet<Digest>> {
         let mut out = HashSet::new();
         for (digest, _) in self.keeping_bundles() {
@@ -365,11 +369,19 @@ impl CacheView<'_> {
             }
         }
         let index = self.cache.index()?;
+        // Set files too: a set file may name images a bundle brought. One that cannot be
+        // read references nothing (it is reported where sets are shown).
+        let files = sets::load_files(self.paths).unwrap_or_default();
         let names: HashSet<&str> = self
             .state
             .sets
             .values()
             .flat_map(|s| s.images.iter().map(String::as_str))
+            .chain(
+                files
+                    .iter()
+                    .flat_map(|f| f.images.iter().map(String::as_str)),
+            )
             .collect();
         for e in index
             .iter()
