@@ -176,7 +176,7 @@ pub enum Request {
         /// `--hold`.
         hold: bool,
         /// `--digest`.
-        digest: Option<crate::digest::Digest>,
+        digest: Option<crate::oci::digest::Digest>,
         /// Where the answer goes.
         reply: oneshot::Sender<Result<ImportOutcome>>,
     },
@@ -185,7 +185,7 @@ pub enum Request {
         /// What to verify.
         path: String,
         /// `--digest`.
-        digest: Option<crate::digest::Digest>,
+        digest: Option<crate::oci::digest::Digest>,
         /// Where the answer goes.
         reply: oneshot::Sender<Result<Vec<VerifyReport>>>,
     },
@@ -281,7 +281,7 @@ mod iface {
 
     fn option_digest(
         options: &HashMap<String, OwnedValue>,
-    ) -> Result<Option<crate::digest::Digest>, ApiError> {
+    ) -> Result<Option<crate::oci::digest::Digest>, ApiError> {
         match options.get("digest") {
             None => Ok(None),
             Some(v) => {
@@ -294,7 +294,9 @@ mod iface {
                     })?;
                 s.parse()
                     .map(Some)
-                    .map_err(|e: crate::digest::InvalidDigest| ApiError::InvalidArgs(e.to_string()))
+                    .map_err(|e: crate::oci::digest::InvalidDigest| {
+                        ApiError::InvalidArgs(e.to_string())
+                    })
             }
         }
     }

@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use crate::bundle::write::{self, CreateOptions, SourceArg};
 use crate::config::{human_size, Settings};
-use crate::digest::Digest;
 use crate::engine::{self, Engine, ImportOptions};
+use crate::oci::digest::Digest;
 use crate::paths::HostPaths;
 use crate::report;
 

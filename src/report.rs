@@ -8,8 +8,8 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::config::{human_size, Settings};
-use crate::digest::Digest;
 use crate::engine;
+use crate::oci::digest::Digest;
 use crate::paths::HostPaths;
 use crate::sets::{SetView, Source};
 use crate::state::{BundleState, State};

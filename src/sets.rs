@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::format::{split_reference, RefTail};
 use crate::bundle::read::valid_set_name;
 use crate::config::fragment_files;
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 use crate::paths::HostPaths;
 use crate::state::State;
 use crate::store::StoredNames;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use fs2::FileExt;
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Version of the state file's schema.
 const STATE_VERSION: u32 = 1;
@@ -232,6 +232,52 @@ pub struct ActiveSet {
     pub previous: Vec<String>,
 }
 
+/// Where a set in force stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetPhase {
+    /// Its definition is the one pinned (once its images are in).
+    InForce,
+    /// A new definition came and its images are not all in yet: the older definition's
+    /// images stay pinned where the new one keeps them.
+    Replacing,
+}
+
+impl ActiveSet {
+    /// Where it stands.
+    pub fn phase(&self) -> SetPhase {
+        if self.previous.is_empty() {
+            SetPhase::InForce
+        } else {
+            SetPhase::Replacing
+        }
+    }
+
+    /// A new definition of the same set comes into force (from either phase). When its
+    /// images differ, the set is `Replacing`, remembering the images of the last
+    /// definition that was whole: a set replaced twice before the first replacement
+    /// completed still keeps the pins it had before either.
+    pub fn replace_with(&mut self, new: ActiveSet) {
+        let previous = match self.phase() {
+            _ if new.images == self.images => std::mem::take(&mut self.previous),
+            SetPhase::InForce => std::mem::take(&mut self.images),
+            SetPhase::Replacing => std::mem::take(&mut self.previous),
+        };
+        *self = ActiveSet { previous, ..new };
+    }
+
+    /// Every image of the new definition is in: from `Replacing` to `InForce`. Returns
+    /// whether it moved (a set in force stays as it is).
+    pub fn settle(&mut self) -> bool {
+        match self.phase() {
+            SetPhase::Replacing => {
+                self.previous.clear();
+                true
+            }
+            SetPhase::InForce => false,
+        }
+    }
+}
+
 /// The state file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -425,5 +471,46 @@ mod tests {
         let _held = StateLock::acquire(t.path()).unwrap();
         let f = File::open(t.path().join("lock")).unwrap();
         assert!(f.try_lock_exclusive().is_err());
+    }
+
+    fn set(images: &[&str]) -> ActiveSet {
+        ActiveSet {
+            name: "s".into(),
+            images: images.iter().map(|s| s.to_string()).collect(),
+            pinned: true,
+            critical: false,
+            bundle: Digest::of(images.join(",").as_bytes()),
+            previous: vec![],
+        }
+    }
+
+    #[test]
+    fn a_set_replaced_keeps_the_images_of_its_last_whole_definition() {
+        let mut s = set(&["a", "b"]);
+        assert_eq!(s.phase(), SetPhase::InForce);
+        assert!(!s.settle(), "a set in force does not settle");
+        s.replace_with(set(&["b", "c"]));
+        assert_eq!(s.phase(), SetPhase::Replacing);
+        assert_eq!(s.previous, ["a", "b"]);
+        assert_eq!(s.images, ["b", "c"]);
+        // Replaced again before c came in: a and b are still what was whole.
+        s.replace_with(set(&["c", "d"]));
+        assert_eq!(s.previous, ["a", "b"]);
+        assert_eq!(s.bundle, set(&["c", "d"]).bundle);
+        assert!(s.settle());
+        assert_eq!(s.phase(), SetPhase::InForce);
+        assert!(s.previous.is_empty());
+    }
+
+    #[test]
+    fn the_same_definition_again_changes_no_phase() {
+        let mut s = set(&["a"]);
+        s.replace_with(set(&["a"]));
+        assert_eq!(s.phase(), SetPhase::InForce);
+        let mut r = set(&["a"]);
+        r.replace_with(set(&["b"]));
+        r.replace_with(set(&["b"]));
+        assert_eq!(r.phase(), SetPhase::Replacing, "still waiting for b");
+        assert_eq!(r.previous, ["a"]);
     }
 }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// The only schema version this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;

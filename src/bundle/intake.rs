@@ -23,7 +23,7 @@ use super::foreign::Foreign;
 use super::format::*;
 use super::Rejected;
 use crate::cancel::{Cancel, Checked};
-use crate::digest::{Digest, Hasher, HASH_BUFFER};
+use crate::oci::digest::{Digest, Hasher, HASH_BUFFER};
 use crate::state::SourceKind;
 use crate::untrusted::{quote, Tree};
 
@@ -673,7 +673,7 @@ fn uncompressed_digest(p: &Path) -> Result<Option<Digest>> {
         _ => return Ok(None),
     };
     let mut buf = vec![0u8; HASH_BUFFER];
-    Ok(crate::digest::hash_reader(&mut reader, &mut buf)
+    Ok(crate::oci::digest::hash_reader(&mut reader, &mut buf)
         .ok()
         .map(|(d, _)| d))
 }

@@ -20,7 +20,7 @@ use super::format::*;
 use super::intake::Layout;
 use super::Rejected;
 use crate::cancel::{Cancel, Checked};
-use crate::digest::{hash_reader, Digest, Hasher, HASH_BUFFER};
+use crate::oci::digest::{hash_reader, Digest, Hasher, HASH_BUFFER};
 use crate::untrusted::{quote, Tree};
 
 /// A bundle whose digest chain has been checked end to end.

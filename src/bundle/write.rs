@@ -14,9 +14,9 @@ use anyhow::{bail, Context, Result};
 
 use super::foreign;
 use super::format::*;
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 use crate::process;
-use crate::proxy::Proxy;
+use crate::store::proxy::Proxy;
 
 /// A source named on the command line: `TRANSPORT:DETAILS` with an optional `=NAME`.
 #[derive(Debug, Clone)]
@@ -444,7 +444,7 @@ fn put_blob(
 /// small blob (the config), and counts the unpacked size of a layer as it streams by.
 async fn fetch_blob(
     proxy: &Proxy,
-    img: &crate::proxy::ProxyImage,
+    img: &crate::store::proxy::ProxyImage,
     desc: &Descriptor,
     work: &Path,
     written: &mut HashSet<Digest>,
@@ -494,7 +494,7 @@ async fn fetch_blob(
     Ok(keep_small.then_some(small))
 }
 
-fn img_name(img: &crate::proxy::ProxyImage) -> String {
+fn img_name(img: &crate::store::proxy::ProxyImage) -> String {
     img.digest.to_string()
 }
 

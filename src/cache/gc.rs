@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::Cache;
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// The limits a collection keeps to.
 #[derive(Debug, Clone, Copy)]

@@ -31,7 +31,7 @@ use std::time::SystemTime;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::digest::{hash_reader, Digest, Hasher};
+use crate::oci::digest::{hash_reader, Digest, Hasher};
 
 pub mod gc;
 

@@ -1,6 +1,8 @@
-//! The copy scheduler: which names of which images skopeo copies, in what order.
+//! What the copies read: `dir:` views of a verified layout, and the jobs handed to the
+//! store's copy scheduler.
 
 use super::*;
+use crate::store::copy::{copy_all, Copied, CopyJob};
 
 impl Engine {
     /// Copies the missing images of a verified bundle layout.
@@ -60,191 +62,62 @@ impl Engine {
         res
     }
 
-    /// Copies the images the store lacks, two at a time, never two that would write the
-    /// same layer at once (the second waits and then reuses it). Each image is copied
-    /// once under its first name, which writes its layers; its other names (the digest
-    /// name last) are then added by copies on a lane of their own, which write no layer
-    /// and so run beside the next image's copy rather than after it.
+    /// Copies the images the store lacks with the store's scheduler
+    /// ([`crate::store::copy`]), reporting each as it is done.
     pub(super) fn copy_missing(&self, plan: &Plan, present: &[bool]) -> Result<usize> {
-        let todo: Vec<&PlannedImage> = plan
+        // The names each image still lacks: one an earlier, interrupted import gave it is
+        // not copied again.
+        let stored_names = self.store.names()?;
+        let jobs: Vec<CopyJob> = plan
             .images
             .iter()
             .zip(present)
             .filter(|(_, p)| !**p)
-            .map(|(i, _)| i)
-            .collect();
-        let jobs = self.settings.import_jobs.max(1);
-        let total = todo.len();
-        let total_bytes: u64 = todo.iter().map(|i| i.size).sum();
-        let bytes_done = std::sync::atomic::AtomicU64::new(0);
-        let stored = plan.present_layers(present);
-        let sched = Mutex::new(Scheduler {
-            pending: (0..total).collect(),
-            busy: HashSet::new(),
-            stored,
-            done: 0,
-            failed: None,
-        });
-        let wake = Condvar::new();
-        // The names each image still lacks: one an earlier, interrupted import gave it is
-        // not copied again.
-        let stored_names = self.store.names()?;
-        let missing_names: Vec<Vec<String>> = todo
-            .iter()
-            .map(|img| {
+            .map(|(img, _)| {
                 let all = img.wanted().names();
                 let lacking: Vec<String> = all
                     .iter()
                     .filter(|n| stored_names.lookup(n) != Some(img.digest))
                     .cloned()
                     .collect();
-                if lacking.is_empty() {
-                    all
-                } else {
-                    lacking
+                CopyJob {
+                    source: img.source.clone(),
+                    names: if lacking.is_empty() { all } else { lacking },
+                    layers: img.layers.iter().map(|l| l.0).collect(),
+                    size: img.size,
+                    label: format!("{}@{}", img.repository, img.digest),
                 }
             })
             .collect();
-        let missing_names = &missing_names;
-        let (names_tx, names_rx) = std::sync::mpsc::channel::<usize>();
-        // Read by the name lane alone; the lock only makes it shareable with the scope.
-        let names_rx = Mutex::new(names_rx);
-        let fail = |e: anyhow::Error, img: &PlannedImage| {
-            let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
-            g.failed
-                .get_or_insert(e.context(format!("copying {}@{}", img.repository, img.digest)));
-            wake.notify_all();
-        };
-        std::thread::scope(|s| {
-            // The name lane: every name of an image but its first, the digest name last,
-            // so the image counts as present only once it has them all.
-            s.spawn(|| {
-                let rx = names_rx.lock().unwrap_or_else(|p| p.into_inner());
-                while let Ok(i) = rx.recv() {
-                    let img = todo[i];
-                    if sched
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .failed
-                        .is_some()
-                    {
-                        continue;
-                    }
-                    let res = missing_names[i][1..]
-                        .iter()
-                        .try_for_each(|n| self.store.copy(&img.source, n));
-                    if let Err(e) = res {
-                        fail(e, img);
-                        continue;
-                    }
-                    let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
-                    if g.done == 0 {
-                        crate::cancel::fault_point("copied-one");
-                    }
-                    g.done += 1;
-                    let bytes = bytes_done
-                        .fetch_add(img.size, std::sync::atomic::Ordering::Relaxed)
-                        + img.size;
-                    let line = format!(
-                        "Importing bundle {}: {}/{total} images, {}/{}",
-                        plan.name,
-                        g.done,
-                        human_size(bytes),
-                        human_size(total_bytes)
-                    );
-                    tracing::info!("{line}");
-                    crate::systemd::notify_status(&line);
-                    if let Some(tx) = &self.progress {
-                        let _ = tx.send(crate::events::Progress {
-                            bundle: plan.name.clone(),
-                            image: format!("{}@{}", img.repository, img.digest),
-                            done: bytes,
-                            total: total_bytes,
-                            images: Some((g.done, total)),
-                        });
-                    }
-                }
-            });
-            let (sched, wake, todo, fail) = (&sched, &wake, &todo, &fail);
-            let workers: Vec<_> = (0..jobs.min(total))
-                .map(|_| {
-                    let names_tx = names_tx.clone();
-                    s.spawn(move || loop {
-                        let (i, claimed) = {
-                            let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
-                            loop {
-                                if g.failed.is_some() || g.pending.is_empty() {
-                                    return;
-                                }
-                                if let Err(c) = self.cancel.check() {
-                                    g.failed = Some(c.into());
-                                    wake.notify_all();
-                                    return;
-                                }
-                                // A layer another copy is writing now is waited for, then
-                                // reused; a layer already stored is no reason to wait.
-                                let pick = g.pending.iter().position(|&i| {
-                                    todo[i].layers.iter().all(|l| {
-                                        g.stored.contains(&l.0) || !g.busy.contains(&l.0)
-                                    })
-                                });
-                                match pick {
-                                    Some(p) => {
-                                        let i = g.pending.remove(p).unwrap_or_default();
-                                        let claimed: Vec<Digest> = todo[i]
-                                            .layers
-                                            .iter()
-                                            .map(|l| l.0)
-                                            .filter(|d| !g.stored.contains(d))
-                                            .collect();
-                                        g.busy.extend(claimed.iter().copied());
-                                        break (i, claimed);
-                                    }
-                                    None => g = wake.wait(g).unwrap_or_else(|p| p.into_inner()),
-                                }
-                            }
-                        };
-                        let img = todo[i];
-                        tracing::info!(image = %img.repository, digest = %img.digest, "copying into the store");
-                        let res = self.store.copy(&img.source, &missing_names[i][0]);
-                        {
-                            let mut g = sched.lock().unwrap_or_else(|p| p.into_inner());
-                            for d in &claimed {
-                                g.busy.remove(d);
-                            }
-                            if res.is_ok() {
-                                g.stored.extend(claimed);
-                            }
-                            wake.notify_all();
-                        }
-                        match res {
-                            Ok(()) => {
-                                let _ = names_tx.send(i);
-                            }
-                            Err(e) => fail(e, img),
-                        }
-                    })
-                })
-                .collect();
-            drop(names_tx);
-            for w in workers {
-                let _ = w.join();
+        let total = jobs.len();
+        let total_bytes: u64 = jobs.iter().map(|j| j.size).sum();
+        let on_copied = |job: &CopyJob, c: Copied| {
+            let line = format!(
+                "Importing bundle {}: {}/{total} images, {}/{}",
+                plan.name,
+                c.done,
+                human_size(c.bytes),
+                human_size(total_bytes)
+            );
+            tracing::info!("{line}");
+            crate::systemd::notify_status(&line);
+            if let Some(tx) = &self.progress {
+                let _ = tx.send(crate::events::Progress {
+                    bundle: plan.name.clone(),
+                    image: job.label.clone(),
+                    done: c.bytes,
+                    total: total_bytes,
+                    images: Some((c.done, total)),
+                });
             }
-        });
-        let g = sched.into_inner().unwrap_or_else(|p| p.into_inner());
-        match g.failed {
-            Some(e) => Err(e),
-            None => Ok(g.done),
-        }
+        };
+        copy_all(
+            &self.store,
+            &jobs,
+            self.settings.import_jobs,
+            plan.present_layers(present),
+            &self.cancel,
+            &on_copied,
+        )
     }
-}
-
-pub(super) struct Scheduler {
-    pending: VecDeque<usize>,
-    /// Layers a running copy is writing.
-    busy: HashSet<Digest>,
-    /// Layers the store holds.
-    stored: HashSet<Digest>,
-    done: usize,
-    failed: Option<anyhow::Error>,
 }

@@ -328,28 +328,20 @@ impl Engine {
     /// definition keeps them.
     pub(super) fn activate_sets(&mut self, plan: &Plan) {
         for s in &plan.sets {
-            let previous = match self.state.sets.get(&s.name) {
-                Some(old) if old.images != s.images => {
-                    if old.previous.is_empty() {
-                        old.images.clone()
-                    } else {
-                        old.previous.clone()
-                    }
-                }
-                Some(old) => old.previous.clone(),
-                None => vec![],
+            let new = ActiveSet {
+                name: s.name.clone(),
+                images: s.images.clone(),
+                pinned: s.pinned,
+                critical: s.critical,
+                bundle: plan.digest,
+                previous: vec![],
             };
-            self.state.sets.insert(
-                s.name.clone(),
-                ActiveSet {
-                    name: s.name.clone(),
-                    images: s.images.clone(),
-                    pinned: s.pinned,
-                    critical: s.critical,
-                    bundle: plan.digest,
-                    previous,
-                },
-            );
+            match self.state.sets.get_mut(&s.name) {
+                Some(old) => old.replace_with(new),
+                None => {
+                    self.state.sets.insert(s.name.clone(), new);
+                }
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The import path that ties the parts together: detect → read metadata → see what the
-//! store holds → check space → verify → stage or copy → pin → reload CRI-O → record.
+//! store holds → check space → verify into staging → move into the cache → copy from it
+//! (or hold) → pin → reload CRI-O → record.
 //!
 //! A bundle moves through these states (recorded in [`crate::state`]):
 //!
@@ -16,14 +17,15 @@
 //! reloaded after each change of the pin file.
 //!
 //! One room per job, sharing the [`Engine`] and the plan types here: `import` (a path's
-//! inputs in), `copy` (which names skopeo copies, in what order), `hold` (held bundles
-//! and `apply`), `pins` (sets in force, drop-ins, CRI-O control), `heal` (putting back
-//! what the store lost, retention), `verify`, and `sweep` (what a killed run left).
+//! inputs in), `cache` (verified layouts into the cache, what references it, collection,
+//! migration), `copy` (the views skopeo reads, and the jobs for the store's scheduler),
+//! `hold` (held bundles and `apply`), `pins` (sets in force and drop-ins; CRI-O is
+//! reloaded by [`crate::crio::control`]), `heal` (putting back what the store lost, from
+//! the cache), `verify`, and `sweep` (what a killed run left).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -35,16 +37,15 @@ use crate::bundle::read::{self, Verified};
 use crate::bundle::{self, Input, Rejected};
 use crate::cache::Cache;
 use crate::cancel::Cancel;
-use crate::config::{human_size, Bus, Settings, StoreMode};
+use crate::config::{human_size, Settings, StoreMode};
 use crate::crio::{CrioConfig, FileChange};
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 use crate::paths::HostPaths;
 use crate::sets::{self, Activity, SetView};
 use crate::state::{
     now, ActiveSet, BundleRecord, BundleState, ImageRecord, SetRecord, SourceKind, State, StateLock,
 };
 use crate::store::{check_space, SpaceNeed, Store, Wanted};
-use crate::systemd::{Reload, Systemd};
 
 mod cache;
 mod copy;
@@ -140,7 +141,8 @@ pub struct Engine {
     /// The original blobs of what was brought in.
     cache: Cache,
     state: State,
-    systemd: Option<Systemd>,
+    /// Reloads CRI-O when its drop-ins change.
+    control: crate::crio::control::Control,
     /// Sets whose images this engine is copying now.
     busy: std::collections::BTreeSet<String>,
     /// Where copy progress goes (the daemon's `Progress` signal).
@@ -225,6 +227,7 @@ impl Engine {
         let state = State::load(&paths.state_dir)?;
         let store = Store::new(&paths, &settings);
         let crio = crio_config(&paths);
+        let control = crate::crio::control::Control::new(&settings, &paths, crio.pin_file());
         sweep(&paths, &state);
         let cache = Cache::new(paths.cache_dir());
         let mut engine = Engine {
@@ -234,7 +237,7 @@ impl Engine {
             crio,
             cache,
             state,
-            systemd: None,
+            control,
             busy: Default::default(),
             progress: None,
             cancel: Cancel::default(),

@@ -18,10 +18,7 @@ impl Engine {
         let mut changed = false;
         for v in views.iter().filter(|v| v.missing.is_empty()) {
             if let Some(a) = self.state.sets.get_mut(&v.name) {
-                if !a.previous.is_empty() {
-                    a.previous.clear();
-                    changed = true;
-                }
+                changed |= a.settle();
             }
         }
         if changed {
@@ -59,115 +56,11 @@ impl Engine {
             FileChange::Unchanged => {}
         }
         if store_change.changed() {
-            self.restart_crio().await?;
+            self.control.restart().await?;
         } else if pin_change.changed() {
-            self.reload_crio().await?;
+            self.control.reload().await?;
         }
         Ok(views)
-    }
-
-    pub(super) async fn systemd(&mut self) -> Result<Systemd> {
-        if let Some(s) = &self.systemd {
-            return Ok(s.clone());
-        }
-        let s = Systemd::connect(self.settings.bus).await?;
-        self.systemd = Some(s.clone());
-        Ok(s)
-    }
-
-    /// Whether CRI-O is this host's to reload: not when `--sysroot` names another node's
-    /// disk (prepared offline, the factory case), whose CRI-O reads the new files when
-    /// that node boots; the running host's CRI-O on the system bus is never its CRI-O.
-    pub(super) fn crio_is_ours(&self) -> bool {
-        let ours = self.paths.sysroot == Path::new("/") || self.settings.bus != Bus::System;
-        if !ours {
-            tracing::info!(
-                "{} is not reloaded: {} is another node's root, whose CRI-O reads the files when it starts",
-                self.settings.crio.unit,
-                self.paths.sysroot.display()
-            );
-        }
-        ours
-    }
-
-    /// Whether systemd is on the bus to reload CRI-O through; without it (a container, a
-    /// machine not booted with systemd) the files are written and CRI-O reads them when
-    /// it starts.
-    pub(super) async fn manager_present(&mut self) -> Result<bool> {
-        let sd = self.systemd().await.with_context(|| {
-            format!(
-                "the pins are written to {}, but {} cannot be reloaded",
-                self.crio.pin_file().display(),
-                self.settings.crio.unit
-            )
-        })?;
-        if sd.present().await {
-            return Ok(true);
-        }
-        tracing::warn!(
-            "systemd is not on the {} bus, so {} was not reloaded; CRI-O reads {} when it starts",
-            self.settings.bus.name(),
-            self.settings.crio.unit,
-            self.crio.pin_file().display()
-        );
-        Ok(false)
-    }
-
-    pub(super) async fn reload_crio(&mut self) -> Result<()> {
-        let unit = self.settings.crio.unit.clone();
-        if !self.settings.crio.reload {
-            tracing::info!("{unit} not reloaded ([crio] reload = false)");
-            return Ok(());
-        }
-        if !self.crio_is_ours() {
-            return Ok(());
-        }
-        if !self.manager_present().await? {
-            return Ok(());
-        }
-        let outcome = async { self.systemd().await?.reload(&unit).await }
-            .await
-            .with_context(|| {
-                format!(
-                    "the pins are written to {}, but {unit} was not reloaded",
-                    self.crio.pin_file().display()
-                )
-            })?;
-        match outcome {
-            Reload::Done => tracing::info!("reloaded {unit}"),
-            Reload::NotActive(state) => tracing::info!(
-                "{unit} is {state}, so it was not reloaded; CRI-O reads the pins when it starts"
-            ),
-        }
-        Ok(())
-    }
-
-    pub(super) async fn restart_crio(&mut self) -> Result<()> {
-        let unit = self.settings.crio.unit.clone();
-        if !self.settings.crio.allow_restart {
-            tracing::warn!(
-                "CRI-O's image store configuration changed; it takes effect when {unit} restarts \
-                 (`systemctl restart {unit}`; set [crio] allow_restart = true to let longshore do it)"
-            );
-            // The pins still reload without a restart.
-            return self.reload_crio().await;
-        }
-        if !self.crio_is_ours() {
-            return Ok(());
-        }
-        if !self.manager_present().await? {
-            return Ok(());
-        }
-        let sd = self.systemd().await?;
-        if sd.active_state(&unit).await? != "active" {
-            tracing::info!("{unit} is not active; it reads the new configuration when it starts");
-            return Ok(());
-        }
-        sd.restart(&unit)
-            .await
-            .with_context(|| format!("restarting {unit} for its new image store"))?;
-        tracing::info!("restarted {unit}");
-        Ok(())
     }
 
     /// In additional-store mode, makes sure CRI-O can open longshore's store read-only

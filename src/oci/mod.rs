@@ -1,8 +1,10 @@
-//! OCI and containers/image vocabulary: image references and the rules they follow.
+//! OCI and containers/image vocabulary: digests and hashing, image references and the
+//! rules they follow, and what a manifest names.
 
+pub mod digest;
 pub mod reference;
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// The blobs an image manifest names (its config and layers), whatever its media type
 /// (OCI or Docker schema 2 share these members). Unreadable parts name nothing.

@@ -19,7 +19,7 @@
 //! host (it holds a `.` or a `:`, or is `localhost`), as containers/image's normalisation
 //! decides (`docker/reference/normalize.go`, `splitDockerDomain`).
 
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 
 /// Longest repository name containers/image accepts (`NameTotalLengthMax`).
 pub const NAME_MAX: usize = 255;

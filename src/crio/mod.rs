@@ -1,5 +1,6 @@
 //! CRI-O's configuration: the drop-in that pins images, and the one that adds
-//! longshore's store as an additional image store.
+//! longshore's store as an additional image store; [`control`] reloads CRI-O when they
+//! change.
 //!
 //! Facts this rests on (cri-o/cri-o):
 //! - pkg/config/config.go, `UpdateFromPath`: every file below `/etc/crio/crio.conf.d`
@@ -12,6 +13,8 @@
 //!   `storage_option` only takes effect when CRI-O restarts.
 //! - internal/storage/image.go, `FilterPinnedImage`: pins are matched against the names
 //!   images are stored under.
+
+pub mod control;
 
 use std::collections::BTreeSet;
 use std::fs;

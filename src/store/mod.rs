@@ -1,5 +1,9 @@
-//! The containers-storage store images are written to: presence checks through the image
-//! proxy, space checks, and copies with `skopeo copy`.
+//! The containers-storage store images are written to: presence checks, space checks,
+//! copies with `skopeo copy` and the scheduler that orders them ([`copy`]), and the
+//! bracket around skopeo's image proxy ([`proxy`]).
+
+pub mod copy;
+pub mod proxy;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +13,7 @@ use anyhow::{Context, Result};
 
 use crate::cancel::Cancel;
 use crate::config::{human_size, Settings, StoreMode};
-use crate::digest::Digest;
+use crate::oci::digest::Digest;
 use crate::paths::HostPaths;
 use crate::process;
 

@@ -13,7 +13,7 @@ use containers_image_proxy::{ImageProxy, ImageProxyConfig, OpenedImage};
 use tokio::io::AsyncReadExt;
 
 use crate::bundle::format::Manifest;
-use crate::digest::{Digest, Hasher, HASH_BUFFER};
+use crate::oci::digest::{Digest, Hasher, HASH_BUFFER};
 
 /// A running image proxy.
 pub struct Proxy {
