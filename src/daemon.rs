@@ -883,3 +883,86 @@ impl Watcher {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sets::{Condition, Source};
+
+    fn view(name: &str, ready: bool, degraded: Option<&str>, critical: bool) -> SetView {
+        let c = |kind: &'static str, status: bool, message: &str| Condition {
+            kind,
+            status,
+            reason: "Test",
+            message: message.to_string(),
+        };
+        SetView {
+            name: name.into(),
+            source: Source::File {
+                path: PathBuf::from("/etc/longshore/sets.d/x.toml"),
+            },
+            pinned: true,
+            critical,
+            images: vec![],
+            missing: vec![],
+            bytes_on_disk: 0,
+            conditions: vec![
+                c("Ready", ready, ""),
+                c("Degraded", degraded.is_some(), degraded.unwrap_or("")),
+            ],
+            pins: vec![],
+        }
+    }
+
+    #[test]
+    fn the_status_line_counts_ready_sets_and_names_the_first_degraded() {
+        let mut s = SetStates::default();
+        s.update(&Some(vec![
+            view("a", true, None, false),
+            view("b", false, Some("missing example.com/b"), true),
+            view("c", false, Some("missing example.com/c"), false),
+        ]));
+        assert_eq!(
+            s.summary(),
+            "Idle: 1 of 3 image sets ready; degraded: b: missing example.com/b (and 1 more)"
+        );
+        assert_eq!(s.critical_waiting, ["b"]);
+        // No new views (a failed check): what was known stays.
+        s.update(&None);
+        assert_eq!(s.ready.len(), 3);
+        s.update(&Some(vec![view("a", true, None, false)]));
+        assert_eq!(s.summary(), "Idle: 1 of 1 image sets ready");
+        assert!(s.critical_waiting.is_empty());
+    }
+
+    #[test]
+    fn changes_to_crio_drop_ins_and_set_files_are_watched() {
+        let paths = HostPaths::new(Path::new("/sysroot"));
+        let dirs = watched_dirs(&paths);
+        assert!(dirs.contains(&(PathBuf::from("/sysroot/etc/crio/crio.conf.d"), true)));
+        // The shipped directory under /usr/lib is watched but never made.
+        assert!(dirs
+            .iter()
+            .any(|(d, make)| d.ends_with("sets.d") && d.starts_with("/sysroot/usr") && !make));
+        assert!(dirs
+            .iter()
+            .any(|(d, make)| d == Path::new("/sysroot/etc/longshore/sets.d") && *make));
+    }
+
+    #[test]
+    fn a_bundle_carries_critical_images_when_it_holds_one_a_critical_set_names() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("b");
+        let (_, meta) = crate::bundle::testkit::bundle(
+            t.path(),
+            &dir,
+            &[("example.com/x:1", vec![vec![1u8; 10]])],
+        );
+        assert!(!carries_critical(&dir, &BTreeSet::new()));
+        assert!(carries_critical(&dir, &[meta.images[0].digest].into()));
+        assert!(!carries_critical(
+            &t.path().join("nothing"),
+            &BTreeSet::new()
+        ));
+    }
+}

@@ -130,3 +130,74 @@ fn read_head(path: &Path, buf: &mut [u8]) -> Result<usize> {
     }
     Ok(n)
 }
+
+/// Small bundles made by hand for unit tests: an OCI layout written directly, made into a
+/// bundle by longshore's own intake, with no skopeo.
+#[cfg(test)]
+pub(crate) mod testkit {
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    use super::format::{BundleMeta, REF_NAME};
+    use super::intake::{stage_foreign, Layout};
+    use crate::cancel::Cancel;
+    use crate::oci::digest::Digest;
+
+    /// Writes an OCI layout at `dir` holding one image per `(reference, layers)`; each
+    /// layer is the bytes given, as an uncompressed layer.
+    pub fn oci_layout(dir: &Path, images: &[(&str, Vec<Vec<u8>>)]) {
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs).expect("layout dir");
+        let put = |b: &[u8]| {
+            let d = Digest::of(b);
+            fs::write(blobs.join(d.hex()), b).expect("blob");
+            (d, b.len())
+        };
+        let mut manifests = Vec::new();
+        for (reference, layers) in images {
+            let descs: Vec<(Digest, usize)> = layers.iter().map(|l| put(l)).collect();
+            let config = serde_json::json!({
+                "architecture": crate::bundle::write::host_architecture(),
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": descs.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>()},
+            });
+            let (cd, cs) = put(&serde_json::to_vec(&config).expect("json"));
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd.to_string(), "size": cs},
+                "layers": descs.iter().map(|(d, s)| serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d.to_string(), "size": s})).collect::<Vec<_>>(),
+            });
+            let (md, ms) = put(&serde_json::to_vec(&manifest).expect("json"));
+            manifests.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": md.to_string(),
+                "size": ms,
+                "annotations": {REF_NAME: reference},
+            }));
+        }
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests});
+        fs::write(
+            dir.join("index.json"),
+            serde_json::to_vec(&index).expect("json"),
+        )
+        .expect("index");
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+            .expect("oci-layout");
+    }
+
+    /// A bundle directory at `out` made of those images: its digest and metadata.
+    pub fn bundle(
+        work: &Path,
+        out: &Path,
+        images: &[(&str, Vec<Vec<u8>>)],
+    ) -> (Digest, BundleMeta) {
+        let src: PathBuf = work.join("src-layout");
+        oci_layout(&src, images);
+        let f = super::foreign::detect_dir(&src).expect("detect");
+        let layout = Layout::create(out, 0).expect("layout");
+        let staged = stage_foreign(&f, &layout, true, &Cancel::default()).expect("stage");
+        (staged.digest, staged.meta)
+    }
+}

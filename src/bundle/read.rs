@@ -1198,3 +1198,112 @@ fn check_chain(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::testkit;
+
+    fn images() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+        vec![
+            ("example.com/a:1", vec![vec![1u8; 5000], vec![2u8; 300]]),
+            ("example.com/b:1", vec![vec![1u8; 5000], vec![3u8; 700]]),
+        ]
+    }
+
+    fn made() -> (tempfile::TempDir, PathBuf, Digest, BundleMeta) {
+        let t = tempfile::tempdir().expect("tempdir");
+        let dir = t.path().join("bundle");
+        let (d, meta) = testkit::bundle(t.path(), &dir, &images());
+        (t, dir, d, meta)
+    }
+
+    fn blob(dir: &Path, d: &Digest) -> PathBuf {
+        dir.join("blobs/sha256").join(d.hex())
+    }
+
+    #[test]
+    fn an_intact_bundle_verifies_and_a_copy_keeps_only_what_is_asked() {
+        let (t, dir, digest, meta) = made();
+        let v = verify_dir(&dir, Some(digest), &Cancel::default(), None).expect("verify");
+        assert_eq!(v.digest, digest);
+        assert_eq!(v.meta, meta);
+        // The shared layer is hashed once: the bytes of the unique blobs.
+        assert_eq!(
+            v.bytes_verified,
+            declared_blobs(&meta).values().sum::<u64>()
+        );
+        let keep: HashSet<Digest> = [meta.images[0].layers[1].digest].into();
+        let into = Layout::create(&t.path().join("copy"), 0).expect("layout");
+        verify_dir(&dir, None, &Cancel::default(), Some((&into, Some(&keep)))).expect("copy");
+        let copied: Vec<_> = fs::read_dir(t.path().join("copy/blobs/sha256"))
+            .expect("read")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        // The kept layer, and the manifests (always copied: they are read whole).
+        assert!(
+            copied.contains(&meta.images[0].layers[1].digest.hex()),
+            "{copied:?}"
+        );
+        assert!(
+            !copied.contains(&meta.images[0].layers[0].digest.hex()),
+            "{copied:?}"
+        );
+        assert!(t.path().join("copy/bundle.json").exists());
+    }
+
+    #[test]
+    fn a_changed_byte_is_refused_naming_the_blob() {
+        let (_t, dir, _, meta) = made();
+        let p = blob(&dir, &meta.images[1].layers[1].digest);
+        let mut bytes = fs::read(&p).expect("read");
+        bytes[10] ^= 1;
+        fs::write(&p, bytes).expect("write");
+        let e = verify_dir(&dir, None, &Cancel::default(), None).expect_err("accepted");
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains(&meta.images[1].layers[1].digest.hex()),
+            "{msg}"
+        );
+        assert!(msg.contains("not the"), "{msg}");
+        assert!(e.downcast_ref::<Rejected>().is_some(), "{msg}");
+    }
+
+    #[test]
+    fn a_wrong_digest_is_refused_before_any_blob_is_read() {
+        let (_t, dir, _, meta) = made();
+        // Even with a blob gone, the digest is what fails first.
+        fs::remove_file(blob(&dir, &meta.images[0].layers[0].digest)).expect("remove");
+        let other = Digest::of(b"another bundle");
+        let e = verify_dir(&dir, Some(other), &Cancel::default(), None).expect_err("accepted");
+        assert!(format!("{e:#}").contains("was required"), "{e:#}");
+    }
+
+    #[test]
+    fn links_strays_and_short_blobs_are_refused() {
+        let (_t, dir, _, meta) = made();
+        let layer = blob(&dir, &meta.images[0].layers[1].digest);
+        let saved = fs::read(&layer).expect("read");
+        fs::remove_file(&layer).expect("remove");
+        std::os::unix::fs::symlink("/dev/zero", &layer).expect("link");
+        let e = verify_dir(&dir, None, &Cancel::default(), None).expect_err("a link");
+        assert!(format!("{e:#}").contains("not a regular file"), "{e:#}");
+        fs::remove_file(&layer).expect("remove");
+        fs::write(&layer, &saved[..saved.len() - 1]).expect("short");
+        let e = verify_dir(&dir, None, &Cancel::default(), None).expect_err("short");
+        assert!(format!("{e:#}").contains("declares"), "{e:#}");
+        fs::write(&layer, &saved).expect("restore");
+        let stray = dir.join("blobs/sha256").join(Digest::of(b"x").hex());
+        fs::write(&stray, b"x").expect("stray");
+        let e = verify_dir(&dir, None, &Cancel::default(), None).expect_err("stray");
+        assert!(
+            format!("{e:#}").contains("which no image references"),
+            "{e:#}"
+        );
+        fs::remove_file(&stray).expect("remove");
+        fs::write(dir.join("notes.txt"), b"hi").expect("write");
+        let e = verify_dir(&dir, None, &Cancel::default(), None).expect_err("extra file");
+        assert!(format!("{e:#}").contains("does not belong"), "{e:#}");
+    }
+}

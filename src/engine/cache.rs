@@ -487,3 +487,163 @@ fn fs_size(p: &Path) -> Option<u64> {
     let st = nix::sys::statvfs::statvfs(p).ok()?;
     Some(st.blocks() as u64 * st.fragment_size() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::testkit;
+    use crate::state::{ActiveSet, BundleRecord};
+
+    /// A bundle of `images` moved into `cache` as the engine does, and its record.
+    fn cached(
+        t: &Path,
+        cache: &Cache,
+        name: &str,
+        images: &[(&str, Vec<Vec<u8>>)],
+        state: BundleState,
+    ) -> (BundleRecord, BundleMeta) {
+        let work = t.join(name);
+        let dir = work.join("bundle");
+        let (digest, meta) = testkit::bundle(&work, &dir, images);
+        cache.ensure().expect("ensure");
+        for e in fs::read_dir(dir.join("blobs/sha256"))
+            .expect("read")
+            .flatten()
+        {
+            let d = Digest::from_hex(&e.file_name().to_string_lossy()).expect("digest");
+            cache.adopt(&e.path(), &d).expect("adopt");
+        }
+        for doc in [BUNDLE_JSON, "index.json"] {
+            cache
+                .put_bytes(&fs::read(dir.join(doc)).expect("read"))
+                .expect("put");
+        }
+        let plan = plan_from_meta(digest, &meta, SourceKind::BundleDir);
+        let entries: Vec<IndexEntry> = plan
+            .images
+            .iter()
+            .flat_map(|i| {
+                i.record().names.into_iter().map(|n| IndexEntry {
+                    media_type: i.media_type.clone(),
+                    digest: i.digest,
+                    size: 1,
+                    annotations: [(REF_NAME.to_string(), n)].into(),
+                })
+            })
+            .collect();
+        cache.name_images(&entries).expect("name");
+        let rec = BundleRecord {
+            digest,
+            name: name.into(),
+            version: None,
+            kind: SourceKind::BundleDir,
+            source: dir,
+            state,
+            staged: None,
+            updated: 0,
+            images: vec![],
+            sets: vec![],
+            retained: None,
+            cached: true,
+        };
+        (rec, meta)
+    }
+
+    #[test]
+    fn sets_in_force_and_held_bundles_reference_their_blobs_and_nothing_else_does() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let paths = HostPaths::new(&t.path().join("root"));
+        let cache = Cache::new(paths.cache_dir());
+        let shared = vec![9u8; 4000];
+        let (a, a_meta) = cached(
+            t.path(),
+            &cache,
+            "a",
+            &[("example.com/a:1", vec![shared.clone(), vec![1u8; 100]])],
+            BundleState::Imported,
+        );
+        let (h, h_meta) = cached(
+            t.path(),
+            &cache,
+            "h",
+            &[("example.com/h:1", vec![vec![2u8; 100]])],
+            BundleState::Held,
+        );
+        let (old, old_meta) = cached(
+            t.path(),
+            &cache,
+            "old",
+            &[("example.com/old:1", vec![shared, vec![3u8; 100]])],
+            BundleState::Imported,
+        );
+        let mut state = State::default();
+        for r in [&a, &h, &old] {
+            state.bundles.insert(r.digest, r.clone());
+        }
+        state.sets.insert(
+            "a".into(),
+            ActiveSet {
+                name: "a".into(),
+                images: vec![a_meta.images[0].digest_name()],
+                pinned: true,
+                critical: false,
+                bundle: a.digest,
+                previous: vec![],
+            },
+        );
+        let settings = Settings::default();
+        let view = CacheView {
+            paths: &paths,
+            cache: &cache,
+            state: &state,
+            settings: &settings,
+        };
+        let refs = view.referenced_blobs().expect("referenced");
+        for m in [&a_meta, &h_meta] {
+            assert!(read::declared_blobs(m).keys().all(|d| refs.contains(d)));
+            assert!(refs.contains(&m.index.digest));
+        }
+        assert!(refs.contains(&a.digest) && refs.contains(&h.digest));
+        // The old bundle's own layer is unreferenced; the layer it shares with a is not.
+        assert!(!refs.contains(&old_meta.images[0].layers[1].digest));
+        assert!(refs.contains(&old_meta.images[0].layers[0].digest));
+        assert!(!refs.contains(&old.digest));
+
+        let report = view.report().expect("report");
+        let why = |n: &str| {
+            report
+                .bundles
+                .iter()
+                .find(|b| b.name == n)
+                .map(|b| b.referenced_by.clone())
+                .expect("listed")
+        };
+        assert_eq!(why("a"), ["set a"]);
+        assert_eq!(why("h"), ["held"]);
+        assert!(why("old").is_empty());
+        assert_eq!(report.blobs, cache.list().expect("list").blobs.len());
+
+        // With the cap at zero, a collection takes exactly the unreferenced blobs.
+        let out = gc::collect(
+            &cache,
+            &refs,
+            Limits {
+                max_size: 0,
+                min_free: 0,
+            },
+            &|_| None,
+        )
+        .expect("gc");
+        assert_eq!(out.referenced, refs.len());
+        assert!(cache.has(&old_meta.images[0].layers[1].digest).is_none());
+        assert!(cache.has(&old_meta.images[0].layers[0].digest).is_some());
+        let names: Vec<String> = cache
+            .index()
+            .expect("index")
+            .iter()
+            .filter_map(|e| e.name().map(str::to_string))
+            .collect();
+        assert!(names.iter().all(|n| !n.contains("/old")), "{names:?}");
+        assert_eq!(names.len(), 4, "a and h, by tag and by digest: {names:?}");
+    }
+}

@@ -211,20 +211,9 @@ impl Engine {
     /// Bytes the missing images will take in the store: each layer counted once, and not
     /// at all when an image already present has it.
     pub(super) fn store_need(&self, plan: &Plan, present: &[bool]) -> SpaceNeed {
-        let have = plan.present_layers(present);
-        let mut counted = HashSet::new();
-        let mut bytes = 0u64;
-        for (img, _) in plan.images.iter().zip(present).filter(|(_, p)| !**p) {
-            bytes += img.overhead;
-            for (d, size) in &img.layers {
-                if !have.contains(d) && counted.insert(*d) {
-                    bytes += size;
-                }
-            }
-        }
         SpaceNeed {
             path: self.store.root.clone(),
-            bytes,
+            bytes: plan.store_bytes(present),
         }
     }
 

@@ -185,6 +185,23 @@ struct PlannedImage {
 }
 
 impl Plan {
+    /// Bytes the missing images will take in the store: each layer counted once, and
+    /// not at all when an image already present has it.
+    fn store_bytes(&self, present: &[bool]) -> u64 {
+        let have = self.present_layers(present);
+        let mut counted = HashSet::new();
+        let mut bytes = 0u64;
+        for (img, _) in self.images.iter().zip(present).filter(|(_, p)| !**p) {
+            bytes += img.overhead;
+            for (d, size) in &img.layers {
+                if !have.contains(d) && counted.insert(*d) {
+                    bytes += size;
+                }
+            }
+        }
+        bytes
+    }
+
     /// The layers of the images the store already holds.
     fn present_layers(&self, present: &[bool]) -> HashSet<Digest> {
         self.images
@@ -409,5 +426,100 @@ fn dir_size(p: &Path) -> Result<u64> {
 fn remove_staging(dir: &Path) {
     if let Err(e) = fs::remove_dir_all(dir) {
         tracing::warn!("removing staging directory {}: {e}", dir.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::format::{BlobRef, LayerMeta};
+
+    fn image(name: &str, layers: &[(u8, u64, Option<u64>)]) -> ImageMeta {
+        let layers: Vec<LayerMeta> = layers
+            .iter()
+            .map(|(b, size, unc)| LayerMeta {
+                digest: Digest::of(&[*b]),
+                size: *size,
+                uncompressed_size: *unc,
+            })
+            .collect();
+        let size = 100 + 10 + layers.iter().map(|l| l.size).sum::<u64>();
+        ImageMeta {
+            reference: format!("example.com/{name}:1"),
+            repository: format!("example.com/{name}"),
+            tags: vec!["1".into()],
+            digest: Digest::of(name.as_bytes()),
+            media_type: crate::bundle::format::OCI_MANIFEST.into(),
+            size,
+            uncompressed_size: None,
+            config: BlobRef {
+                digest: Digest::of(format!("{name}-config").as_bytes()),
+                size: 10,
+            },
+            layers,
+        }
+    }
+
+    fn meta(images: Vec<ImageMeta>) -> BundleMeta {
+        BundleMeta {
+            schema_version: 1,
+            name: "b".into(),
+            version: None,
+            architecture: "amd64".into(),
+            created: "2026-12-01T00:00:00Z".into(),
+            index: BlobRef {
+                digest: Digest::of(b"index"),
+                size: 5,
+            },
+            images,
+            sets: vec![],
+        }
+    }
+
+    #[test]
+    fn the_store_need_counts_each_layer_once_and_none_a_present_image_has() {
+        // a and b share layer 1 (uncompressed size known); c has layer 9, whose
+        // uncompressed size is unknown and counted as twice its compressed size.
+        let m = meta(vec![
+            image("a", &[(1, 40, Some(100)), (2, 5, Some(20))]),
+            image("b", &[(1, 40, Some(100)), (3, 5, Some(30))]),
+            image("c", &[(9, 7, None)]),
+        ]);
+        let plan = plan_from_meta(Digest::of(b"bundle"), &m, SourceKind::BundleDir);
+        // Manifest and config bytes: size minus the layers.
+        assert!(plan.images.iter().all(|i| i.overhead == 110));
+        assert_eq!(
+            plan.store_bytes(&[false, false, false]),
+            3 * 110 + 100 + 20 + 30 + 14
+        );
+        // a is present: its layer 1 is no cost for b.
+        assert_eq!(plan.store_bytes(&[true, false, false]), 2 * 110 + 30 + 14);
+        assert_eq!(plan.store_bytes(&[true, true, true]), 0);
+    }
+
+    #[test]
+    fn an_image_record_names_it_by_digest_and_by_each_tag() {
+        let m = meta(vec![image("a", &[(1, 4, None)])]);
+        let plan = plan_from_meta(Digest::of(b"bundle"), &m, SourceKind::BundleDir);
+        let rec = plan.images[0].record();
+        assert_eq!(
+            rec.names,
+            [
+                format!("example.com/a@{}", Digest::of(b"a")),
+                "example.com/a:1".to_string()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_digest_is_required_only_of_a_single_input() {
+        let d = Digest::of(b"x");
+        assert!(one_input_for_digest(Path::new("/m"), 3, None).is_ok());
+        assert!(one_input_for_digest(Path::new("/m"), 1, Some(d)).is_ok());
+        let e = one_input_for_digest(Path::new("/m"), 2, Some(d)).unwrap_err();
+        assert!(format!("{e}").contains("holds 2 inputs"), "{e}");
+        let e = check_expected(Path::new("/m/b"), &d, Some(Digest::of(b"y"))).unwrap_err();
+        assert!(e.downcast_ref::<Rejected>().is_some());
+        assert!(check_expected(Path::new("/m/b"), &d, Some(d)).is_ok());
     }
 }

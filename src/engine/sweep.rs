@@ -67,3 +67,73 @@ pub(super) fn sweep(paths: &HostPaths, state: &State) {
         remove(&p);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{BundleRecord, BundleState, SourceKind};
+
+    #[test]
+    fn what_a_killed_run_left_goes_and_what_is_in_use_stays() {
+        let t = tempfile::tempdir().expect("tempdir");
+        let paths = HostPaths::new(t.path());
+        let staging = paths.staging_dir();
+        let cache = paths.cache_dir();
+        let d = |p: &Path| fs::create_dir_all(p).expect("mkdir");
+        let f = |p: &Path| {
+            fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            fs::write(p, b"x").expect("write");
+        };
+        let held = staging.join("ab".repeat(32));
+        let orphan = staging.join("cd".repeat(32));
+        let live_verify = staging.join(format!(".verify-{}-0", std::process::id()));
+        // No process has a pid this large (pid_max is at most 2^22).
+        let dead_verify = staging.join(".verify-99999999-0");
+        let gone = [
+            staging.join(".tmp-1-0"),
+            orphan.clone(),
+            dead_verify,
+            paths.state_dir.join(".state.json.tmp42"),
+            paths.state_dir.join("tmp/storage1234"),
+            cache.join(".index.json.tmp7"),
+            paths.state_dir.join("bundles/.tmp-3"),
+        ];
+        for p in [&held, &live_verify, &gone[0], &gone[1], &gone[2], &gone[4]] {
+            d(p);
+        }
+        for p in [&gone[3], &gone[5], &gone[6]] {
+            f(p);
+        }
+        let partial = cache
+            .join("blobs/sha256")
+            .join(format!("{}.partial", "ef".repeat(32)));
+        f(&partial);
+        f(&cache.join("index.json"));
+        let mut state = State::default();
+        let digest = Digest::of(b"held");
+        state.bundles.insert(
+            digest,
+            BundleRecord {
+                digest,
+                name: "held".into(),
+                version: None,
+                kind: SourceKind::BundleDir,
+                source: "/media/held".into(),
+                state: BundleState::Held,
+                staged: Some(held.clone()),
+                updated: 0,
+                images: vec![],
+                sets: vec![],
+                retained: None,
+                cached: false,
+            },
+        );
+        sweep(&paths, &state);
+        for p in &gone {
+            assert!(!p.exists(), "{} left", p.display());
+        }
+        for p in [&held, &live_verify, &partial, &cache.join("index.json")] {
+            assert!(p.exists(), "{} removed", p.display());
+        }
+    }
+}

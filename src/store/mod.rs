@@ -364,4 +364,28 @@ mod tests {
         assert!(!names.holds(&wanted("quay.io/a/c", b)));
         assert!(!names.holds(&wanted("quay.io/a/b", b)));
     }
+
+    #[test]
+    fn needs_on_one_filesystem_add_up_against_the_floor() {
+        let t = tempfile::tempdir().unwrap();
+        let st = nix::sys::statvfs::statvfs(t.path()).unwrap();
+        let avail = st.blocks_available() as u64 * st.fragment_size() as u64;
+        let need = |bytes| SpaceNeed {
+            path: t.path().join("not/made/yet"),
+            bytes,
+        };
+        let input = Path::new("/media/stick/b.tar");
+        assert!(check_space(&[need(1), need(1)], 0, input).is_ok());
+        // Each alone fits; together with the floor they do not.
+        // Three fifths each: a concurrent test freeing space cannot make both fit.
+        let half = avail / 5 * 3;
+        let e = check_space(&[need(half), need(half)], 0, input).unwrap_err();
+        let e = e.downcast::<NoSpace>().expect("a NoSpace");
+        assert_eq!(e.input, input);
+        assert!(e.message.contains("must stay free"), "{}", e.message);
+        assert!(
+            check_space(&[need(1)], avail, input).is_err(),
+            "the floor counts"
+        );
+    }
 }
