@@ -450,3 +450,41 @@ fn partials_a_killed_writer_left_are_resumed_or_removed_never_named_wrongly() {
     );
     assert!(cached.contains_key(&layer));
 }
+
+#[test]
+fn a_cache_on_a_filesystem_of_its_own_is_filled_by_copying() {
+    if !require(&["skopeo", "unshare", "mount"]) {
+        return;
+    }
+    let node = Node::new();
+    let (layout, tar, _) = bundle(&node, "own-fs", &images("ownfs", 2, 14), &[]);
+    let cache = cache_dir(&node);
+    fs::create_dir_all(&cache).unwrap();
+    // In a mount namespace of its own: the cache is a tmpfs, staging stays on the disk.
+    let script = format!(
+        "mount -t tmpfs cache {cache} && {bin} --sysroot {root} import {tar} && \
+         find {cache}/blobs/sha256 -type f | wc -l > {out}",
+        cache = cache.display(),
+        bin = env!("CARGO_BIN_EXE_longshore"),
+        root = node.sysroot.display(),
+        tar = tar.display(),
+        out = node.scratch("count").display(),
+    );
+    let st = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .envs(node.env.iter().map(|(k, v)| (k, v)))
+        .status()
+        .unwrap();
+    assert!(st.success(), "import with the cache on its own filesystem");
+    let count: usize = fs::read_to_string(node.scratch("count"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // Every blob, bundle.json and index.json, copied across.
+    assert_eq!(count, blobs_of(&layout).len() + 2);
+    for img in &layout.images {
+        assert!(node.inspect_digest(&img.reference).is_some());
+    }
+    assert!(node.staging_leftovers().is_empty());
+}

@@ -164,11 +164,35 @@ impl Cache {
             return Ok(false);
         }
         // Durable before the name says it is there.
-        fs::File::open(file)
-            .and_then(|f| f.sync_all())
+        let f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+        f.sync_all()
             .with_context(|| format!("syncing {}", file.display()))?;
-        fs::rename(file, &dest)
-            .with_context(|| format!("moving {} into {}", file.display(), dest.display()))?;
+        match fs::rename(file, &dest) {
+            Ok(()) => {}
+            // The cache mounted on a filesystem of its own: copied through a partial,
+            // hashed again on the way.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+                let size = f
+                    .metadata()
+                    .with_context(|| format!("reading {}", file.display()))?
+                    .len();
+                let mut w = self.writer(*d, size)?;
+                if w.resume_at() > 0 {
+                    drop(w);
+                    let _ = fs::remove_file(self.partial(d));
+                    w = self.writer(*d, size)?;
+                }
+                w.copy_from(&mut io::BufReader::new(&f))?;
+                w.finish()?;
+                fs::remove_file(file).with_context(|| format!("removing {}", file.display()))?;
+                return Ok(true);
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("moving {} into {}", file.display(), dest.display()))
+            }
+        }
+        sync_dir(&self.blobs_dir());
         // A partial of the same blob is of no use any more.
         let _ = fs::remove_file(self.partial(d));
         Ok(true)
@@ -306,9 +330,14 @@ impl Cache {
         Ok(index.manifests)
     }
 
-    /// Names `entries` in the index: an entry for a name already there replaces it.
+    /// Names `entries` in the index: an entry for a name already there replaces it. An
+    /// index that cannot be read (a damaged disk) is started again: the blobs stay, and
+    /// each import names its images anew.
     pub fn name_images(&self, entries: &[IndexEntry]) -> Result<()> {
-        let mut all = self.index()?;
+        let mut all = self.index().unwrap_or_else(|e| {
+            tracing::warn!("starting the cache's index again: {e:#}");
+            vec![]
+        });
         all.retain(|e| !entries.iter().any(|n| n.name() == e.name()));
         all.extend(entries.iter().cloned());
         all.sort_by(|a, b| a.name().cmp(&b.name()));
@@ -317,7 +346,9 @@ impl Cache {
 
     /// Drops the index entries whose manifest the cache no longer holds.
     pub fn forget_missing(&self) -> Result<usize> {
-        let mut all = self.index()?;
+        let Ok(mut all) = self.index() else {
+            return Ok(0);
+        };
         let before = all.len();
         all.retain(|e| self.has(&e.digest).is_some());
         if all.len() != before {
@@ -577,6 +608,21 @@ mod tests {
         assert_eq!(c.put_bytes(doc).expect("put"), d);
         assert_eq!(c.read(&d, 100).expect("read"), doc);
         assert!(c.list().expect("list").partials.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_index_is_started_again() {
+        let (_t, c) = cache();
+        fs::write(c.root().join("index.json"), b"{not json").expect("write");
+        assert!(c.index().is_err());
+        let e = IndexEntry {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            digest: Digest::of(b"m"),
+            size: 1,
+            annotations: [(REF_NAME.to_string(), "example.com/x:1".to_string())].into(),
+        };
+        c.name_images(std::slice::from_ref(&e)).expect("name");
+        assert_eq!(c.index().expect("index"), vec![e]);
     }
 
     #[test]

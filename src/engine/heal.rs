@@ -44,10 +44,19 @@ impl Engine {
                 self.state.save(&self.paths.state_dir)?;
                 continue;
             }
-            tracing::warn!(
-                "the store lost images of bundle {}; importing them again from the cache",
-                b.name
-            );
+            if b.state == BundleState::Importing {
+                // Interrupted (a power cut, a kill) after it was verified: its blobs are
+                // all in the cache, so it is completed from there, media or not.
+                tracing::warn!(
+                    "bundle {} was not completely imported; completing it from the cache",
+                    b.name
+                );
+            } else {
+                tracing::warn!(
+                    "the store lost images of bundle {}; importing them again from the cache",
+                    b.name
+                );
+            }
             let res = self.import_from_cache(&b.digest, true).await;
             // The record keeps where the bundle first came from.
             if let Some(rec) = self.state.bundles.get_mut(&b.digest) {
