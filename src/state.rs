@@ -119,6 +119,25 @@ impl BundleRecord {
     pub fn to_imported(&mut self) -> std::result::Result<(), BadTransition> {
         self.become_(BundleState::Imported)
     }
+
+    /// A record of a bundle directory with no images, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(digest: Digest, name: &str, state: BundleState) -> BundleRecord {
+        BundleRecord {
+            digest,
+            name: name.into(),
+            version: None,
+            kind: SourceKind::BundleDir,
+            source: format!("/media/{name}").into(),
+            state,
+            staged: None,
+            updated: 0,
+            images: vec![],
+            sets: vec![],
+            retained: None,
+            cached: false,
+        }
+    }
 }
 
 /// What kind of input a bundle came from.
@@ -382,20 +401,8 @@ pub fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     fn record(state: BundleState) -> BundleRecord {
-        BundleRecord {
-            digest: format!("sha256:{}", "cd".repeat(32)).parse().unwrap(),
-            name: "site".into(),
-            version: None,
-            kind: SourceKind::BundleDir,
-            source: "/media/site".into(),
-            state,
-            staged: None,
-            updated: 0,
-            images: vec![],
-            sets: vec![],
-            retained: None,
-            cached: false,
-        }
+        let digest = format!("sha256:{}", "cd".repeat(32)).parse().unwrap();
+        BundleRecord::for_test(digest, "site", state)
     }
 
     #[test]

@@ -644,19 +644,21 @@ fn hash_one(
 
 /// Verifies a tar bundle in one pass. With `staging` (a directory that must not exist yet,
 /// removed again on failure) it extracts the bundle there; without, it only checks, keeping
-/// no more than the manifests in memory.
+/// no more than the manifests in memory. `skip` names blobs that are hashed but not
+/// written (those the cache holds already); manifests are always written.
 pub fn verify_stream(
     path: &Path,
     staging: Option<&Path>,
     expected: Option<Digest>,
     cancel: &Cancel,
+    skip: Option<&HashSet<Digest>>,
 ) -> Result<Verified> {
     let Some(staging) = staging else {
-        return extract_verified(path, None, expected, cancel);
+        return extract_verified(path, None, expected, cancel, None);
     };
     fs::create_dir(staging)
         .with_context(|| format!("creating staging directory {}", staging.display()))?;
-    let res = extract_verified(path, Some(staging), expected, cancel);
+    let res = extract_verified(path, Some(staging), expected, cancel, skip);
     if res.is_err() {
         if let Err(e) = fs::remove_dir_all(staging) {
             tracing::warn!("removing staging directory {}: {e}", staging.display());
@@ -670,6 +672,7 @@ fn extract_verified(
     staging: Option<&Path>,
     expected: Option<Digest>,
     cancel: &Cancel,
+    skip: Option<&HashSet<Digest>>,
 ) -> Result<Verified> {
     if let Some(staging) = staging {
         fs::create_dir_all(staging.join("blobs/sha256"))
@@ -791,7 +794,9 @@ fn extract_verified(
                     write_staged(staging, &name, &kept)?;
                     (Digest::of(&kept), kept.len() as u64)
                 } else {
-                    let dest = staging.map(|s| s.join(&name));
+                    let dest = staging
+                        .filter(|_| !skip.is_some_and(|k| k.contains(&want)))
+                        .map(|s| s.join(&name));
                     copy_hashed(path, &name, entry, dest.as_deref(), &mut buf)?
                 };
                 if len != header_size {

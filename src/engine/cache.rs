@@ -533,18 +533,8 @@ mod tests {
             .collect();
         cache.name_images(&entries).expect("name");
         let rec = BundleRecord {
-            digest,
-            name: name.into(),
-            version: None,
-            kind: SourceKind::BundleDir,
-            source: dir,
-            state,
-            staged: None,
-            updated: 0,
-            images: vec![],
-            sets: vec![],
-            retained: None,
             cached: true,
+            ..BundleRecord::for_test(digest, name, state)
         };
         (rec, meta)
     }

@@ -97,10 +97,14 @@ impl Engine {
         let needs = [self.store_need(&plan, &present), self.cache_need(&meta)];
         check_space(&needs, self.settings.store.min_free_space, path)?;
         let tmp = self.temp_staging()?;
+        // Every blob is hashed; only those the cache lacks are written.
         let verified = if stream {
-            read::verify_stream(path, Some(&tmp), opts.expected, &self.cancel)
+            let cached: HashSet<Digest> = read::declared_blobs(&meta)
+                .into_keys()
+                .filter(|d| self.cache.has(d).is_some())
+                .collect();
+            read::verify_stream(path, Some(&tmp), opts.expected, &self.cancel, Some(&cached))
         } else {
-            // Every blob is hashed; only those the cache lacks are written.
             let keep = Some(self.not_cached(&meta));
             Layout::create(&tmp, self.settings.store.min_free_space).and_then(|layout| {
                 read::verify_dir(

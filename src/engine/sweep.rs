@@ -71,7 +71,7 @@ pub(super) fn sweep(paths: &HostPaths, state: &State) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{BundleRecord, BundleState, SourceKind};
+    use crate::state::{BundleRecord, BundleState};
 
     #[test]
     fn what_a_killed_run_left_goes_and_what_is_in_use_stays() {
@@ -114,18 +114,8 @@ mod tests {
         state.bundles.insert(
             digest,
             BundleRecord {
-                digest,
-                name: "held".into(),
-                version: None,
-                kind: SourceKind::BundleDir,
-                source: "/media/held".into(),
-                state: BundleState::Held,
                 staged: Some(held.clone()),
-                updated: 0,
-                images: vec![],
-                sets: vec![],
-                retained: None,
-                cached: false,
+                ..BundleRecord::for_test(digest, "held", BundleState::Held)
             },
         );
         sweep(&paths, &state);

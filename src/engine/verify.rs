@@ -27,7 +27,7 @@ pub async fn verify(
                 VerifyReport::from(&d, read::verify_dir(&d, expected, cancel, None)?)
             }
             Input::BundleStream(p) => {
-                VerifyReport::from(&p, read::verify_stream(&p, None, expected, cancel)?)
+                VerifyReport::from(&p, read::verify_stream(&p, None, expected, cancel, None)?)
             }
             Input::Foreign(f) => {
                 // Where longshore's staging cannot be made (a user's machine, not root),
