@@ -15,9 +15,10 @@ use common::node::{require, Node};
 use sha2::Digest as _;
 
 /// Every point where `LONGSHORE_TEST_STOP_AT` can stop an import.
-const POINTS: [&str; 7] = [
+const POINTS: [&str; 8] = [
     "verified",
     "cached-one",
+    "cache-partial",
     "recorded",
     "copied-one",
     "copied",
@@ -193,6 +194,20 @@ fn killed_at_each_named_point_the_next_import_completes_and_cleans() {
         }
         kill9(&mut child);
         case.consistent(&format!("killed at {point}"));
+        if point == "cache-partial" {
+            // Killed in the middle of a write into the cache: a partial is there, and
+            // nothing under its digest name.
+            let blobs = case.node.state_dir().join("cache/blobs/sha256");
+            let partials: Vec<String> = fs::read_dir(&blobs)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".partial"))
+                .collect();
+            assert_eq!(partials.len(), 1, "{partials:?}");
+            let named = partials[0].trim_end_matches(".partial");
+            assert!(!blobs.join(named).exists(), "named before it was complete");
+        }
         case.node.env.clear();
         case.import();
         case.complete(&format!("after a kill at {point}"));

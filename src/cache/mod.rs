@@ -208,8 +208,13 @@ impl Cache {
         }
         let write = || -> Result<bool> {
             let mut w = self.writer(d, bytes.len() as u64)?;
-            let from = w.resume_at();
-            w.write_all(&bytes[from as usize..])?;
+            let from = w.resume_at() as usize;
+            // Written in two halves, with the crash tests' stop between them.
+            let half = from + (bytes.len() - from) / 2;
+            w.write_all(&bytes[from..half])?;
+            w.flush()?;
+            crate::cancel::fault_point("cache-partial");
+            w.write_all(&bytes[half..])?;
             match w.finish() {
                 Ok(_) => Ok(true),
                 Err(_) if from > 0 => Ok(false),

@@ -87,7 +87,8 @@ impl Engine {
         let mut plan = plan_from_meta(digest, &meta, kind);
         plan.restore = opts.restore;
         let present = self.presence_of(&plan).await?;
-        let cached = self.cache_holds(&meta);
+        // Its bundle.json too: the cache knows a bundle by it (heal, apply, references).
+        let cached = self.cache.has(&digest).is_some() && self.cache_holds(&meta);
         if !opts.hold && cached && present.iter().all(|p| *p) {
             return self.commit(path, &mut plan, &present, None, None).await;
         }
