@@ -22,6 +22,7 @@ pub mod oci;
 pub mod paths;
 pub mod process;
 pub mod progress;
+pub mod registry;
 pub mod report;
 pub mod sets;
 pub mod state;
