@@ -264,6 +264,14 @@ impl Cache {
         Ok(())
     }
 
+    /// Bytes a partial of blob `d` holds now (0 when there is none).
+    pub fn partial_len(&self, d: &Digest) -> u64 {
+        fs::symlink_metadata(self.partial(d))
+            .ok()
+            .filter(|m| m.file_type().is_file())
+            .map_or(0, |m| m.len())
+    }
+
     /// Starts (or resumes) writing blob `want` of `size` bytes.
     ///
     /// A partial left by an earlier writer is kept when it is no longer than `size`: its

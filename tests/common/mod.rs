@@ -7,5 +7,6 @@ pub mod loopdev;
 pub mod node;
 pub mod notify;
 pub mod rawtar;
+pub mod registry;
 pub mod usermgr;
 pub mod vm;

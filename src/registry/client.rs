@@ -1,0 +1,572 @@
+//! Fetching blobs from a registry into the cache, never downloading a byte twice.
+//!
+//! A blob is written through the cache's partial file ([`crate::cache::BlobWriter`]):
+//! whatever was there already (from a cut connection, a daemon restart, a reboot) is
+//! kept, and the request asks for the rest with `Range: bytes=N-`. The answer must be
+//! `206 Partial Content` with a `Content-Range` starting at N; a server that answers
+//! `200` sends the whole blob, and the partial is started again. The digest is checked
+//! over the whole blob before it is named.
+//!
+//! Errors are classified once ([`FetchError`]): refused credentials, a missing blob or a
+//! policy refusal are not retried; a cut connection, 408, 429 and 5xx are, with
+//! exponential backoff and jitter ([`Retry`]).
+//!
+//! Authentication follows the distribution protocol: a `401` names the scheme in
+//! `WWW-Authenticate`; `Basic` is answered with the repository's credentials
+//! ([`super::auth`]), `Bearer` by asking the named realm for a pull token first.
+//!
+//! Plain HTTP is used only for locations registries.conf marks `insecure`.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+
+use super::auth::{self, Credentials};
+use super::conf::PullSource;
+use crate::cache::Cache;
+use crate::oci::digest::Digest;
+use crate::paths::HostPaths;
+
+/// Why a fetch failed, as far as retrying goes.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Credentials missing or refused (401, 403): retrying will not help.
+    #[error("{0}: the registry refused the credentials (or none were found)")]
+    Auth(String),
+    /// The registry has no such blob or repository (404).
+    #[error("{0}: not found")]
+    NotFound(String),
+    /// Worth another try: a cut connection, 408, 429, 5xx.
+    #[error("{0}")]
+    Transient(String),
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl FetchError {
+    /// Whether another attempt may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(self, FetchError::Transient(_))
+    }
+
+    fn of_status(what: &str, status: u16) -> FetchError {
+        let what = format!("{what}: HTTP {status}");
+        match status {
+            401 | 403 => FetchError::Auth(what),
+            404 => FetchError::NotFound(what),
+            408 | 429 | 500 | 502 | 503 | 504 => FetchError::Transient(what),
+            _ => FetchError::Other(what),
+        }
+    }
+}
+
+/// How often and how patiently to try again.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    /// Attempts in all (the first included).
+    pub attempts: u32,
+    /// The first wait; each next one doubles, up to `max_delay`.
+    pub first_delay: Duration,
+    /// The longest wait.
+    pub max_delay: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            attempts: 6,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Retry {
+    /// The wait before attempt `n` (1 is the first retry): doubling, capped, with up to
+    /// a quarter of it added at random so many nodes do not retry in step.
+    pub fn delay(&self, n: u32) -> Duration {
+        let base = self
+            .first_delay
+            .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+            .min(self.max_delay);
+        let jitter = base.as_millis() as u64 / 4;
+        let r = if jitter == 0 {
+            0
+        } else {
+            // A cheap source of spread, not of secrets.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos() as u64);
+            nanos % jitter
+        };
+        base + Duration::from_millis(r)
+    }
+}
+
+/// What one fetch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fetched {
+    /// Bytes received over the network for this blob, over every attempt.
+    pub downloaded: u64,
+    /// Bytes the partial already held when the fetch began.
+    pub resumed_from: u64,
+    /// Attempts made.
+    pub attempts: u32,
+}
+
+/// A registry client for one node.
+pub struct Client {
+    http: reqwest::Client,
+    paths: HostPaths,
+    retry: Retry,
+}
+
+/// `host[:port]`, the repository path, for a reference `host/path/repo[:tag|@digest]`.
+fn split_repository(reference: &str) -> Result<(&str, &str)> {
+    let name = match reference.find('@') {
+        Some(i) => &reference[..i],
+        None => match reference.rfind(':') {
+            Some(i) if !reference[i..].contains('/') => &reference[..i],
+            _ => reference,
+        },
+    };
+    let (host, repo) = name
+        .split_once('/')
+        .with_context(|| format!("{reference:?} names no registry host"))?;
+    Ok((host, repo))
+}
+
+impl Client {
+    /// A client reading credentials from the node at `paths`. Proxy variables
+    /// (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) apply as for any program.
+    pub fn new(paths: &HostPaths, retry: Retry) -> Result<Client> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
+            // A stalled transfer counts as cut; what arrived stays in the partial.
+            .read_timeout(Duration::from_secs(60))
+            .user_agent(concat!("longshore/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("making the HTTP client")?;
+        Ok(Client {
+            http,
+            paths: paths.clone(),
+            retry,
+        })
+    }
+
+    fn base_url(&self, src: &PullSource, host: &str) -> Result<String> {
+        if src.insecure {
+            Ok(format!("http://{host}"))
+        } else {
+            // TLS comes with certs.d support; until then only locations registries.conf
+            // marks insecure can be fetched from.
+            Err(FetchError::Other(format!(
+                "{host}: fetching over TLS is not supported yet; only locations marked insecure in registries.conf"
+            ))
+            .into())
+        }
+    }
+
+    /// Fetches blob `digest` of `size` bytes of the image `src` names into `cache`,
+    /// resuming from what its partial holds, retrying what is worth retrying.
+    pub async fn fetch_blob(
+        &self,
+        src: &PullSource,
+        digest: Digest,
+        size: u64,
+        cache: &Cache,
+    ) -> Result<Fetched> {
+        let mut done = Fetched::default();
+        if cache.has(&digest) == Some(size) {
+            return Ok(done);
+        }
+        let mut first = true;
+        loop {
+            done.attempts += 1;
+            match self
+                .fetch_once(src, digest, size, cache, &mut done, first)
+                .await
+            {
+                Ok(()) => return Ok(done),
+                Err(e) => {
+                    let retryable = e
+                        .downcast_ref::<FetchError>()
+                        .is_some_and(FetchError::retryable);
+                    if !retryable || done.attempts >= self.retry.attempts {
+                        return Err(e.context(format!(
+                            "fetching {digest} from {} ({} attempts)",
+                            src.reference, done.attempts
+                        )));
+                    }
+                    let wait = self.retry.delay(done.attempts);
+                    tracing::warn!(
+                        "fetching {digest} from {}: {e:#}; trying again in {:.1} s",
+                        src.reference,
+                        wait.as_secs_f64()
+                    );
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            first = false;
+        }
+    }
+
+    async fn fetch_once(
+        &self,
+        src: &PullSource,
+        digest: Digest,
+        size: u64,
+        cache: &Cache,
+        done: &mut Fetched,
+        first: bool,
+    ) -> Result<()> {
+        let (host, repo) = split_repository(&src.reference)?;
+        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base_url(src, host)?);
+        // Nothing is made in the cache until the registry answers with the blob.
+        let from = Some(cache.partial_len(&digest))
+            .filter(|n| *n <= size)
+            .unwrap_or(0);
+        if first {
+            done.resumed_from = from;
+        }
+        let resp = self
+            .get(&url, host, repo, (from > 0).then_some(from))
+            .await?;
+        let status = resp.status().as_u16();
+        if !matches!(status, 200 | 206 | 416) {
+            return Err(FetchError::of_status(&url, status).into());
+        }
+        let mut w = cache.writer(digest, size)?;
+        if w.resume_at() != from && status == 206 {
+            drop(w);
+            cache.remove(&digest)?;
+            return Err(FetchError::Transient(format!(
+                "{url}: the partial changed while it was asked for"
+            ))
+            .into());
+        }
+        match status {
+            206 if from > 0 => {
+                let range = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if !content_range_matches(range, from, size) {
+                    // Not the rest of this blob: start again from nothing.
+                    drop(w);
+                    cache.remove(&digest)?;
+                    return Err(FetchError::Transient(format!(
+                        "{url}: asked for bytes {from}- and got Content-Range {range:?}"
+                    ))
+                    .into());
+                }
+            }
+            200 => {
+                if from > 0 {
+                    tracing::info!(
+                        "{url} answered the whole blob to a range request; starting it again"
+                    );
+                    drop(w);
+                    cache.remove(&digest)?;
+                    w = cache.writer(digest, size)?;
+                }
+            }
+            416 => {
+                drop(w);
+                cache.remove(&digest)?;
+                return Err(FetchError::Transient(format!(
+                    "{url}: range {from}- not satisfiable; starting the blob again"
+                ))
+                .into());
+            }
+            s => return Err(FetchError::of_status(&url, s).into()),
+        }
+        let mut resp = resp;
+        loop {
+            match resp.chunk().await {
+                Ok(Some(bytes)) => {
+                    done.downloaded += bytes.len() as u64;
+                    std::io::Write::write_all(&mut w, &bytes)
+                        .map_err(|e| FetchError::Other(format!("{url}: {e}")))?;
+                }
+                Ok(None) => break,
+                // The partial keeps what arrived; the next attempt asks for the rest.
+                Err(e) => return Err(FetchError::Transient(format!("{url}: {e}")).into()),
+            }
+        }
+        w.finish().map_err(|e| {
+            // A whole blob whose digest is wrong: the partial was discarded, so another
+            // attempt starts from nothing.
+            anyhow!(FetchError::Transient(format!("{url}: {e:#}")))
+        })?;
+        Ok(())
+    }
+
+    /// A GET that answers the registry's authentication challenge once.
+    async fn get(
+        &self,
+        url: &str,
+        host: &str,
+        repo: &str,
+        from: Option<u64>,
+    ) -> Result<reqwest::Response> {
+        let request = |auth: Option<&str>| {
+            let mut r = self.http.get(url);
+            if let Some(n) = from {
+                r = r.header(reqwest::header::RANGE, format!("bytes={n}-"));
+            }
+            if let Some(a) = auth {
+                r = r.header(reqwest::header::AUTHORIZATION, a);
+            }
+            r
+        };
+        let transient = |e: reqwest::Error| FetchError::Transient(format!("{url}: {e}"));
+        let resp = request(None).send().await.map_err(transient)?;
+        if resp.status().as_u16() != 401 {
+            return Ok(resp);
+        }
+        let challenge = resp
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let creds = auth::lookup(&self.paths, &format!("{host}/{repo}"))?;
+        let header = match creds.as_ref().map(|f| &f.credentials) {
+            _ if challenge.to_ascii_lowercase().starts_with("bearer") => {
+                let token = self
+                    .bearer_token(&challenge, repo, creds.as_ref().map(|f| &f.credentials))
+                    .await?;
+                format!("Bearer {token}")
+            }
+            Some(Credentials::Basic { username, password }) => basic(username, password),
+            _ => return Err(FetchError::Auth(url.to_string()).into()),
+        };
+        let resp = request(Some(&header)).send().await.map_err(transient)?;
+        if matches!(resp.status().as_u16(), 401 | 403) {
+            return Err(FetchError::Auth(url.to_string()).into());
+        }
+        Ok(resp)
+    }
+
+    /// A pull token from the realm a `Bearer` challenge names.
+    async fn bearer_token(
+        &self,
+        challenge: &str,
+        repo: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<String> {
+        let params = challenge_params(challenge);
+        let realm = params
+            .iter()
+            .find(|(k, _)| k == "realm")
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| {
+                FetchError::Other(format!("a Bearer challenge without a realm: {challenge:?}"))
+            })?;
+        let service = params
+            .iter()
+            .find(|(k, _)| k == "service")
+            .map(|(_, v)| v.clone());
+        let scope = format!("repository:{repo}:pull");
+        let mut q: Vec<(&str, String)> = vec![("scope", scope.clone())];
+        if let Some(s) = &service {
+            q.push(("service", s.clone()));
+        }
+        let bad_realm =
+            |e: &dyn std::fmt::Display| FetchError::Other(format!("realm {realm:?}: {e}"));
+        let url = reqwest::Url::parse_with_params(&realm, &q).map_err(|e| bad_realm(&e))?;
+        let mut r = self.http.get(url);
+        match creds {
+            Some(Credentials::Basic { username, password }) => {
+                r = r.header(reqwest::header::AUTHORIZATION, basic(username, password));
+            }
+            Some(Credentials::IdentityToken(t)) => {
+                // An OAuth2 refresh token is exchanged at the same realm.
+                let mut form = reqwest::Url::parse("http://form/").map_err(|e| bad_realm(&e))?;
+                form.query_pairs_mut()
+                    .append_pair("grant_type", "refresh_token")
+                    .append_pair("refresh_token", t)
+                    .append_pair("scope", &scope)
+                    .append_pair("client_id", "longshore");
+                if let Some(s) = &service {
+                    form.query_pairs_mut().append_pair("service", s);
+                }
+                r = self
+                    .http
+                    .post(reqwest::Url::parse(&realm).map_err(|e| bad_realm(&e))?)
+                    .header(
+                        reqwest::header::CONTENT_TYPE,
+                        "application/x-www-form-urlencoded",
+                    )
+                    .body(form.query().unwrap_or("").to_string());
+            }
+            None => {}
+        }
+        let resp = r
+            .send()
+            .await
+            .map_err(|e| FetchError::Transient(format!("{realm}: {e}")))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(FetchError::of_status(&realm, status).into());
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| FetchError::Transient(format!("{realm}: {e}")))?;
+        #[derive(serde::Deserialize)]
+        struct Token {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let t: Token = serde_json::from_slice(&body[..body.len().min(1 << 20)]).map_err(|e| {
+            FetchError::Other(format!("{realm}: the token answer is not JSON: {e}"))
+        })?;
+        t.token
+            .or(t.access_token)
+            .ok_or_else(|| FetchError::Other(format!("{realm}: the answer holds no token")).into())
+    }
+}
+
+fn basic(username: &str, password: &str) -> String {
+    use base64::Engine;
+    let raw = format!("{username}:{password}");
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw.as_bytes())
+    )
+}
+
+/// Whether `Content-Range: bytes FROM-END/TOTAL` continues a blob of `size` at `from`.
+fn content_range_matches(v: &str, from: u64, size: u64) -> bool {
+    let Some(rest) = v.trim().strip_prefix("bytes ") else {
+        return false;
+    };
+    let Some((range, total)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((start, end)) = range.split_once('-') else {
+        return false;
+    };
+    let total_ok = total == "*" || total.parse::<u64>() == Ok(size);
+    start.parse::<u64>() == Ok(from) && end.parse::<u64>() == Ok(size.saturating_sub(1)) && total_ok
+}
+
+/// The `key="value"` pairs of a `WWW-Authenticate` challenge.
+fn challenge_params(challenge: &str) -> Vec<(String, String)> {
+    let rest = challenge.split_once(' ').map_or("", |(_, r)| r);
+    let mut out = Vec::new();
+    let mut s = rest.trim();
+    while !s.is_empty() {
+        let Some((k, v)) = s.split_once('=') else {
+            break;
+        };
+        let k = k.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let v = v.trim_start();
+        let (value, tail) = if let Some(q) = v.strip_prefix('"') {
+            match q.find('"') {
+                Some(i) => (&q[..i], &q[i + 1..]),
+                None => (q, ""),
+            }
+        } else {
+            match v.find(',') {
+                Some(i) => (&v[..i], &v[i..]),
+                None => (v, ""),
+            }
+        };
+        out.push((k, value.to_string()));
+        s = tail.trim_start_matches(',').trim();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repositories_are_split_from_host_tag_and_digest() {
+        assert_eq!(
+            split_repository("127.0.0.1:5000/a/b:1").unwrap(),
+            ("127.0.0.1:5000", "a/b")
+        );
+        assert_eq!(
+            split_repository("quay.io/org/app@sha256:abc").unwrap(),
+            ("quay.io", "org/app")
+        );
+        assert_eq!(
+            split_repository("lab:5000/app").unwrap(),
+            ("lab:5000", "app")
+        );
+        assert!(split_repository("app").is_err());
+    }
+
+    #[test]
+    fn a_content_range_must_continue_the_blob_exactly() {
+        assert!(content_range_matches("bytes 100-999/1000", 100, 1000));
+        assert!(content_range_matches("bytes 100-999/*", 100, 1000));
+        assert!(!content_range_matches("bytes 0-999/1000", 100, 1000));
+        assert!(!content_range_matches("bytes 100-500/1000", 100, 1000));
+        assert!(!content_range_matches("bytes 100-999/2000", 100, 1000));
+        assert!(!content_range_matches("", 100, 1000));
+    }
+
+    #[test]
+    fn statuses_are_classified_once() {
+        for (s, retry) in [
+            (401, false),
+            (403, false),
+            (404, false),
+            (400, false),
+            (408, true),
+            (429, true),
+            (500, true),
+            (502, true),
+            (503, true),
+            (504, true),
+        ] {
+            assert_eq!(FetchError::of_status("x", s).retryable(), retry, "{s}");
+        }
+    }
+
+    #[test]
+    fn the_backoff_doubles_up_to_its_cap_with_some_jitter() {
+        let r = Retry {
+            attempts: 10,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(10),
+        };
+        for (n, base) in [
+            (1u32, 1000u64),
+            (2, 2000),
+            (3, 4000),
+            (4, 8000),
+            (5, 10_000),
+            (9, 10_000),
+        ] {
+            let d = r.delay(n).as_millis() as u64;
+            assert!(d >= base && d <= base + base / 4, "attempt {n}: {d} ms");
+        }
+    }
+
+    #[test]
+    fn bearer_challenges_are_read() {
+        let p = challenge_params(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull""#,
+        );
+        assert_eq!(
+            p,
+            [
+                (
+                    "realm".to_string(),
+                    "https://auth.example/token".to_string()
+                ),
+                ("service".to_string(), "registry.example".to_string()),
+                ("scope".to_string(), "repository:a/b:pull".to_string()),
+            ]
+        );
+    }
+}

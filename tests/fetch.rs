@@ -1,0 +1,362 @@
+//! Fetching blobs from a real registry (docker-registry on loopback) into the cache,
+//! through a proxy of the test's own that cuts connections mid-blob or ignores `Range`:
+//! every cut blob resumes at the byte it reached, nothing is downloaded twice, and
+//! nothing wrong is ever named in the cache.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::fixture::{self, ImageSpec, LayerSpec};
+use common::node::{require, Node};
+use common::registry::start_registry;
+use longshore::cache::Cache;
+use longshore::oci::digest::Digest;
+use longshore::paths::HostPaths;
+use longshore::registry::client::{Client, Retry};
+use longshore::registry::conf::PullSource;
+
+/// What the proxy does to the blob responses it forwards.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Cut the connection after this many body bytes of each of the first `n` blob
+    /// responses.
+    CutAfter { bytes: u64, times: usize },
+    /// Drop the request's `Range` header, so the registry answers 200 with everything.
+    IgnoreRange,
+}
+
+/// A one-request-per-connection HTTP proxy in front of the registry.
+struct Proxy {
+    port: u16,
+    /// Request heads it saw.
+    requests: Arc<Mutex<Vec<String>>>,
+    /// Blob body bytes it passed on to the client.
+    body_bytes: Arc<AtomicU64>,
+}
+
+fn start_proxy(upstream: u16, fault: Fault) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let body_bytes = Arc::new(AtomicU64::new(0));
+    let cuts = Arc::new(AtomicUsize::new(0));
+    let (reqs, bodies) = (requests.clone(), body_bytes.clone());
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let (reqs, bodies, cuts) = (reqs.clone(), bodies.clone(), cuts.clone());
+            std::thread::spawn(move || serve(client, upstream, fault, &reqs, &bodies, &cuts));
+        }
+    });
+    Proxy {
+        port,
+        requests,
+        body_bytes,
+    }
+}
+
+fn serve(
+    client: TcpStream,
+    upstream: u16,
+    fault: Fault,
+    reqs: &Mutex<Vec<String>>,
+    bodies: &AtomicU64,
+    cuts: &AtomicUsize,
+) {
+    client
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let end = line == "\r\n";
+        head.push_str(&line);
+        if end {
+            break;
+        }
+    }
+    reqs.lock().unwrap().push(head.clone());
+    let is_blob = head.starts_with("GET ") && head.contains("/blobs/sha256:");
+    // One request per connection: the client opens a new one for the next.
+    let mut forwarded: String = head
+        .lines()
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .filter(|l| {
+            !(matches!(fault, Fault::IgnoreRange) && l.to_ascii_lowercase().starts_with("range:"))
+        })
+        .filter(|l| !l.is_empty())
+        .map(|l| format!("{l}\r\n"))
+        .collect();
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+    up.write_all(forwarded.as_bytes()).unwrap();
+    let mut up_reader = BufReader::new(up);
+    // The response head, then the body.
+    let mut out = client;
+    let mut resp_head = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        if up_reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        resp_head.extend_from_slice(&line);
+        if line == b"\r\n" {
+            break;
+        }
+    }
+    if out.write_all(&resp_head).is_err() {
+        return;
+    }
+    let limit = match fault {
+        Fault::CutAfter { bytes, times }
+            if is_blob && cuts.fetch_add(1, Ordering::SeqCst) < times =>
+        {
+            Some(bytes)
+        }
+        _ => None,
+    };
+    let mut sent = 0u64;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = match up_reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let n = match limit {
+            Some(l) if sent + n as u64 > l => (l - sent) as usize,
+            _ => n,
+        };
+        if out.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        sent += n as u64;
+        if is_blob {
+            bodies.fetch_add(n as u64, Ordering::SeqCst);
+        }
+        if limit.is_some_and(|l| sent >= l) {
+            // Cut mid-blob: the client sees the connection end early.
+            let _ = out.flush();
+            let _ = out.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}
+
+/// A registry holding one image whose first layer is `size` bytes of file content;
+/// returns the registry, the image and the layer's (digest, size).
+fn registry_with_image(
+    node: &Node,
+    size: usize,
+) -> (common::registry::Registry, String, Digest, u64) {
+    let reg = start_registry(node.tmp.path());
+    let layout = fixture::write_oci_layout(
+        &node.scratch("layout"),
+        &[ImageSpec {
+            reference: "example.com/fetch/app:1".into(),
+            layers: vec![LayerSpec { seed: 77, size }],
+        }],
+    )
+    .unwrap();
+    let img = &layout.images[0];
+    let target = format!("127.0.0.1:{}/fetch/app:1", reg.port);
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--dest-tls-verify=false"])
+        .arg(layout.transport_ref(&img.reference))
+        .arg(format!("docker://{target}"))
+        .status()
+        .unwrap();
+    assert!(st.success(), "skopeo copy to the registry");
+    let layer = &img.layers[0];
+    let digest: Digest = layer.digest.parse().unwrap();
+    (
+        reg,
+        format!("fetch/app@{}", img.manifest_digest),
+        digest,
+        layer.size,
+    )
+}
+
+fn client(node: &Node) -> Client {
+    let retry = Retry {
+        attempts: 6,
+        first_delay: Duration::from_millis(20),
+        max_delay: Duration::from_millis(100),
+    };
+    Client::new(&HostPaths::new(&node.sysroot), retry).unwrap()
+}
+
+fn source(port: u16, repo: &str) -> PullSource {
+    PullSource {
+        reference: format!("127.0.0.1:{port}/{repo}"),
+        insecure: true,
+        mirror: true,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn cache_files(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache.join("blobs/sha256"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_blob_cut_twice_resumes_at_the_byte_and_is_downloaded_once() {
+    if !require(&["skopeo", "docker-registry"]) {
+        return;
+    }
+    let node = Node::new();
+    let (reg, repo, digest, size) = registry_with_image(&node, 3 << 20);
+    // Cut each of the first two blob responses after 700,000 bytes.
+    let proxy = start_proxy(
+        reg.port,
+        Fault::CutAfter {
+            bytes: 700_000,
+            times: 2,
+        },
+    );
+    let cache = Cache::new(node.sysroot.join("var/lib/longshore/cache"));
+    let got = rt()
+        .block_on(client(&node).fetch_blob(&source(proxy.port, &repo), digest, size, &cache))
+        .expect("fetch");
+    assert_eq!(cache.has(&digest), Some(size));
+    cache
+        .check(&digest, size)
+        .expect("the blob hashes to its name");
+    assert_eq!(got.attempts, 3, "{got:?}");
+    // Every byte crossed once: what the proxy passed on is exactly the blob.
+    assert_eq!(proxy.body_bytes.load(Ordering::SeqCst), size);
+    assert_eq!(got.downloaded, size);
+    let heads = proxy.requests.lock().unwrap().clone();
+    let ranges: Vec<String> = heads
+        .iter()
+        .filter(|h| h.contains("/blobs/"))
+        .map(|h| {
+            h.lines()
+                .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                .unwrap_or("none")
+                .to_ascii_lowercase()
+        })
+        .collect();
+    assert_eq!(
+        ranges,
+        ["none", "range: bytes=700000-", "range: bytes=1400000-"],
+        "{heads:?}"
+    );
+    assert!(
+        cache_files(cache.root())
+            .iter()
+            .all(|f| !f.ends_with(".partial")),
+        "a partial left"
+    );
+}
+
+#[test]
+fn a_partial_left_by_a_stopped_daemon_is_resumed_and_a_server_ignoring_range_restarts_it() {
+    if !require(&["skopeo", "docker-registry"]) {
+        return;
+    }
+    let node = Node::new();
+    let (reg, repo, digest, size) = registry_with_image(&node, 1 << 20);
+    let cache = Cache::new(node.sysroot.join("var/lib/longshore/cache"));
+    // A first fetch cut once, with no retry: what a daemon stopped mid-blob leaves.
+    let cut = start_proxy(
+        reg.port,
+        Fault::CutAfter {
+            bytes: 300_000,
+            times: 1,
+        },
+    );
+    let once = Client::new(
+        &HostPaths::new(&node.sysroot),
+        Retry {
+            attempts: 1,
+            ..Retry::default()
+        },
+    )
+    .unwrap();
+    let e = rt()
+        .block_on(once.fetch_blob(&source(cut.port, &repo), digest, size, &cache))
+        .expect_err("a cut with no retry fails");
+    assert!(format!("{e:#}").contains("1 attempts"), "{e:#}");
+    assert!(cache.has(&digest).is_none(), "named before it was complete");
+    assert_eq!(
+        cache_files(cache.root()),
+        [format!("{}.partial", digest.hex())]
+    );
+
+    // A new client (the daemon started again) resumes it.
+    let direct = source(reg.port, &repo);
+    let got = rt()
+        .block_on(client(&node).fetch_blob(&direct, digest, size, &cache))
+        .expect("resume");
+    assert_eq!(got.resumed_from, 300_000);
+    assert_eq!(got.downloaded, size - 300_000);
+    cache.check(&digest, size).expect("hashes to its name");
+
+    // A server that answers 200 to a range request: the blob starts again, whole, and
+    // is still right.
+    cache.remove(&digest).unwrap();
+    let cut = start_proxy(
+        reg.port,
+        Fault::CutAfter {
+            bytes: 200_000,
+            times: 1,
+        },
+    );
+    let _ = rt().block_on(once.fetch_blob(&source(cut.port, &repo), digest, size, &cache));
+    let ignoring = start_proxy(reg.port, Fault::IgnoreRange);
+    let got = rt()
+        .block_on(client(&node).fetch_blob(&source(ignoring.port, &repo), digest, size, &cache))
+        .expect("restart");
+    assert_eq!(got.resumed_from, 200_000);
+    assert_eq!(got.downloaded, size, "the whole blob, once");
+    cache.check(&digest, size).expect("hashes to its name");
+}
+
+#[test]
+fn a_missing_blob_fails_at_once_and_leaves_nothing() {
+    if !require(&["skopeo", "docker-registry"]) {
+        return;
+    }
+    let node = Node::new();
+    let (reg, repo, _, _) = registry_with_image(&node, 4096);
+    let cache = Cache::new(node.sysroot.join("var/lib/longshore/cache"));
+    let other = Digest::of(b"not in the registry");
+    let t = std::time::Instant::now();
+    let e = rt()
+        .block_on(client(&node).fetch_blob(&source(reg.port, &repo), other, 10, &cache))
+        .expect_err("fetched a blob the registry lacks");
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("not found") && msg.contains("1 attempts"),
+        "{msg}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "retried a 404");
+    assert!(
+        cache_files(cache.root()).is_empty(),
+        "{:?}",
+        cache_files(cache.root())
+    );
+}
