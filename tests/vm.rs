@@ -383,13 +383,15 @@ fn a_boot_with_a_critical_stick_and_a_power_cut() {
     let img = run.join("critical.img");
     vfat_image(&img, "LONGSHORE", &content, 64);
     let stick = Stick::new("crit", &img);
-    // usb-storage waits 12 s (instead of 1) before it scans the stick, so its disk comes
-    // well after the daemon starts, as with a slow stick or hub on hardware.
+    // usb-storage waits 24 s (instead of 1) before it scans the stick, so its disk comes
+    // well after the daemon starts, as with a slow stick or hub on hardware, even on a
+    // loaded machine where the guest boots slowly; the daemon waits up to 30 s from its
+    // own start, so the stick is still in time.
     let mut vm = Vm::boot_with(
         image,
         &run,
         std::slice::from_ref(&stick),
-        "usb-storage.delay_use=12",
+        "usb-storage.delay_use=24",
     );
     vm.wait_until("systemctl is-active longshore.service crio.service", 300);
     let s = wait_imported(&vm, "site-critical", &critical, 60);
@@ -411,7 +413,7 @@ fn a_boot_with_a_critical_stick_and_a_power_cut() {
         ready_at <= crio_at,
         "ready at {ready_at} µs, CRI-O at {crio_at} µs"
     );
-    // The daemon had to wait for the stick's disk (the 12 s above).
+    // The daemon had to wait for the stick's disk (the 24 s above).
     let log = vm.ok("journalctl -b -u longshore -o cat --no-pager");
     assert!(
         log.contains("waiting for USB storage"),
