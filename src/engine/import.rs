@@ -171,7 +171,8 @@ impl Engine {
             let _ = fs::remove_dir_all(&tmp);
         })?;
         tracing::info!(input = %f.path.display(), "verified {} images, {} read", plan.images.len(), human_size(staged.bytes_read));
-        if !opts.hold && present.iter().all(|p| *p) && self.cache.has(&plan.digest).is_some() {
+        let cached = self.cache.has(&plan.digest).is_some() && self.cache_holds(&staged.meta);
+        if !opts.hold && present.iter().all(|p| *p) && cached {
             let _ = fs::remove_dir_all(&tmp);
             return self.commit(&f.path, &mut plan, &present, None, None).await;
         }
