@@ -20,7 +20,7 @@ use longshore::cache::Cache;
 use longshore::oci::digest::Digest;
 use longshore::paths::HostPaths;
 use longshore::registry::client::{Client, Retry};
-use longshore::registry::conf::PullSource;
+use longshore::registry::conf::{PullSource, RegistriesConf};
 
 /// What the proxy does to the blob responses it forwards.
 #[derive(Clone, Copy)]
@@ -359,4 +359,69 @@ fn a_missing_blob_fails_at_once_and_leaves_nothing() {
         "{:?}",
         cache_files(cache.root())
     );
+}
+
+#[test]
+fn an_image_comes_whole_from_the_first_source_that_serves_it() {
+    if !require(&["skopeo", "docker-registry"]) {
+        return;
+    }
+    let node = Node::new();
+    let (reg, repo, layer, _) = registry_with_image(&node, 200_000);
+    // A mirror that is not there (nothing listens on its port), then the registry.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let etc = node.sysroot.join("etc/containers");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("registries.conf"),
+        format!(
+            "[[registry]]\nlocation = \"127.0.0.1:{port}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"127.0.0.1:{dead}\"\ninsecure = true\n",
+            port = reg.port
+        ),
+    )
+    .unwrap();
+    let conf = RegistriesConf::load(&HostPaths::new(&node.sysroot)).unwrap();
+    let cache = Cache::new(node.sysroot.join("var/lib/longshore/cache"));
+    for reference in [
+        format!("127.0.0.1:{}/{repo}", reg.port),
+        format!("127.0.0.1:{}/fetch/app:1", reg.port),
+    ] {
+        let sources = conf.pull_sources(&reference);
+        assert_eq!(sources.len(), 2, "{sources:?}");
+        let img = rt()
+            .block_on(client(&node).fetch_image(&reference, &sources, &cache))
+            .expect("fetch");
+        assert_eq!(
+            img.source, sources[1].reference,
+            "the dead mirror was skipped"
+        );
+        let manifest = img.digest;
+        assert!(
+            repo.ends_with(&manifest.to_string()),
+            "{repo} vs {manifest}"
+        );
+        assert!(cache.has(&manifest).is_some(), "manifest cached");
+        assert!(cache.has(&layer).is_some(), "layer cached");
+        let names: Vec<String> = cache
+            .index()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.name().map(str::to_string))
+            .collect();
+        assert_eq!(
+            names,
+            [format!("127.0.0.1:{}/fetch/app@{manifest}", reg.port)]
+        );
+    }
+    // Nothing left half-written, and every blob hashes to its name.
+    for f in cache_files(cache.root()) {
+        assert!(!f.ends_with(".partial"), "{f}");
+        let bytes = std::fs::read(cache.root().join("blobs/sha256").join(&f)).unwrap();
+        assert_eq!(Digest::of(&bytes).hex(), f);
+    }
 }

@@ -312,10 +312,24 @@ impl Client {
         repo: &str,
         from: Option<u64>,
     ) -> Result<reqwest::Response> {
+        self.get_accepting(url, host, repo, from, None).await
+    }
+
+    async fn get_accepting(
+        &self,
+        url: &str,
+        host: &str,
+        repo: &str,
+        from: Option<u64>,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response> {
         let request = |auth: Option<&str>| {
             let mut r = self.http.get(url);
             if let Some(n) = from {
                 r = r.header(reqwest::header::RANGE, format!("bytes={n}-"));
+            }
+            if let Some(a) = accept {
+                r = r.header(reqwest::header::ACCEPT, a);
             }
             if let Some(a) = auth {
                 r = r.header(reqwest::header::AUTHORIZATION, a);
@@ -428,6 +442,222 @@ impl Client {
         t.token
             .or(t.access_token)
             .ok_or_else(|| FetchError::Other(format!("{realm}: the answer holds no token")).into())
+    }
+}
+
+/// The manifest media types asked for, images and lists of images.
+const ACCEPT_MANIFESTS: &str = "application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// An image fetched into the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedImage {
+    /// The image manifest's digest (for a list, that of this node's platform).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Where it came from (a mirror or the registry itself).
+    pub source: String,
+    /// Bytes received for its blobs.
+    pub downloaded: u64,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Desc {
+    digest: String,
+    size: u64,
+    #[serde(default)]
+    platform: Option<Platform>,
+}
+
+#[derive(serde::Deserialize)]
+struct Platform {
+    architecture: String,
+    os: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AnyManifest {
+    #[serde(default)]
+    media_type: String,
+    #[serde(default)]
+    config: Option<Desc>,
+    #[serde(default)]
+    layers: Vec<Desc>,
+    #[serde(default)]
+    manifests: Vec<Desc>,
+}
+
+fn parse_digest(what: &str, d: &str) -> Result<Digest> {
+    d.strip_prefix("sha256:")
+        .and_then(|h| Digest::from_hex(h).ok())
+        .ok_or_else(|| FetchError::Other(format!("{what}: {d:?} is not a sha256 digest")).into())
+}
+
+impl Client {
+    /// Fetches the image `reference` names into `cache`: its manifest (for a list, the
+    /// one for this node's platform), config and layers, each checked by digest, from the
+    /// first of `sources` that serves all of it (containers/image takes every blob from
+    /// the mirror that gave the manifest). The image is then named in the cache's index
+    /// by digest.
+    pub async fn fetch_image(
+        &self,
+        reference: &str,
+        sources: &[PullSource],
+        cache: &Cache,
+    ) -> Result<FetchedImage> {
+        let mut errors = Vec::new();
+        for src in sources {
+            match self.fetch_image_from(reference, src, cache).await {
+                Ok(img) => return Ok(img),
+                Err(e) => {
+                    tracing::warn!("{reference} from {}: {e:#}", src.reference);
+                    errors.push(format!("{}: {e:#}", src.reference));
+                }
+            }
+        }
+        if errors.is_empty() {
+            anyhow::bail!("{reference}: registries.conf leaves no place to pull it from (blocked, with no mirror for it)");
+        }
+        anyhow::bail!("{reference}: no source served it: {}", errors.join("; "))
+    }
+
+    async fn fetch_image_from(
+        &self,
+        reference: &str,
+        src: &PullSource,
+        cache: &Cache,
+    ) -> Result<FetchedImage> {
+        let (host, repo) = split_repository(&src.reference)?;
+        let base = self.base_url(src, host)?;
+        // The tag or digest as the reference gives it.
+        let tail = match src.reference.find('@') {
+            Some(i) => src.reference[i + 1..].to_string(),
+            None => src.reference[host.len() + 1 + repo.len()..]
+                .trim_start_matches(':')
+                .to_string(),
+        };
+        let tail = if tail.is_empty() {
+            "latest".to_string()
+        } else {
+            tail
+        };
+        let wanted = tail
+            .strip_prefix("sha256:")
+            .and_then(|h| Digest::from_hex(h).ok());
+        let (mut digest, mut bytes) = self.manifest(&base, host, repo, &tail, wanted).await?;
+        let mut m: AnyManifest = serde_json::from_slice(&bytes).map_err(|e| {
+            FetchError::Other(format!("{reference}: the manifest is not JSON: {e}"))
+        })?;
+        if !m.manifests.is_empty() {
+            let arch = crate::bundle::write::host_architecture();
+            let pick = m
+                .manifests
+                .iter()
+                .find(|d| {
+                    d.platform
+                        .as_ref()
+                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+                })
+                .ok_or_else(|| {
+                    FetchError::Other(format!(
+                        "{reference}: no image for linux/{arch} in its list"
+                    ))
+                })?;
+            let d = parse_digest(reference, &pick.digest)?;
+            (digest, bytes) = self
+                .manifest(&base, host, repo, &d.to_string(), Some(d))
+                .await?;
+            m = serde_json::from_slice(&bytes).map_err(|e| {
+                FetchError::Other(format!("{reference}: the manifest is not JSON: {e}"))
+            })?;
+        }
+        let config = m.config.as_ref().ok_or_else(|| {
+            FetchError::Other(format!("{reference}: the manifest names no config"))
+        })?;
+        let mut downloaded = 0;
+        for d in std::iter::once(config).chain(&m.layers) {
+            let blob = parse_digest(reference, &d.digest)?;
+            let got = self.fetch_blob(src, blob, d.size, cache).await?;
+            downloaded += got.downloaded;
+        }
+        cache.put_bytes(&bytes)?;
+        // Named as the reference names its repository, by digest: a tag is a set's or a
+        // bundle's to give, not a pull's.
+        let name_repo = match split_repository(reference) {
+            Ok((h, r)) => format!("{h}/{r}"),
+            Err(_) => reference.to_string(),
+        };
+        let media_type = if m.media_type.is_empty() {
+            crate::bundle::format::OCI_MANIFEST.to_string()
+        } else {
+            m.media_type.clone()
+        };
+        cache.name_images(&[crate::cache::IndexEntry {
+            media_type: media_type.clone(),
+            digest,
+            size: bytes.len() as u64,
+            annotations: [(
+                crate::cache::REF_NAME.to_string(),
+                format!("{name_repo}@{digest}"),
+            )]
+            .into(),
+        }])?;
+        Ok(FetchedImage {
+            digest,
+            media_type,
+            source: src.reference.clone(),
+            downloaded,
+        })
+    }
+
+    /// A manifest by tag or digest, at most 4 MiB, checked against `wanted`.
+    async fn manifest(
+        &self,
+        base: &str,
+        host: &str,
+        repo: &str,
+        tail: &str,
+        wanted: Option<Digest>,
+    ) -> Result<(Digest, Vec<u8>)> {
+        let url = format!("{base}/v2/{repo}/manifests/{tail}");
+        let resp = self
+            .get_accepting(&url, host, repo, None, Some(ACCEPT_MANIFESTS))
+            .await?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(FetchError::of_status(&url, status).into());
+        }
+        let limit = crate::bundle::format::MAX_DOCUMENT as usize;
+        let mut resp = resp;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| FetchError::Transient(format!("{url}: {e}")))?
+        {
+            if bytes.len() + chunk.len() > limit {
+                return Err(FetchError::Other(format!(
+                    "{url}: the manifest is larger than {limit} bytes"
+                ))
+                .into());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let got = Digest::of(&bytes);
+        if let Some(w) = wanted {
+            if got != w {
+                return Err(FetchError::Other(format!(
+                    "{url}: the manifest has digest {got}, not the {w} asked for"
+                ))
+                .into());
+            }
+        }
+        Ok((got, bytes))
     }
 }
 
