@@ -30,6 +30,8 @@ enum Fault {
     CutAfter { bytes: u64, times: usize },
     /// Drop the request's `Range` header, so the registry answers 200 with everything.
     IgnoreRange,
+    /// Flip one byte of every blob body, at this offset.
+    Corrupt { at: u64 },
 }
 
 /// A one-request-per-connection HTTP proxy in front of the registry.
@@ -137,6 +139,11 @@ fn serve(
             Some(l) if sent + n as u64 > l => (l - sent) as usize,
             _ => n,
         };
+        if let Fault::Corrupt { at } = fault {
+            if is_blob && (sent..sent + n as u64).contains(&at) {
+                buf[(at - sent) as usize] ^= 0xff;
+            }
+        }
         if out.write_all(&buf[..n]).is_err() {
             return;
         }
@@ -424,4 +431,27 @@ fn an_image_comes_whole_from_the_first_source_that_serves_it() {
         let bytes = std::fs::read(cache.root().join("blobs/sha256").join(&f)).unwrap();
         assert_eq!(Digest::of(&bytes).hex(), f);
     }
+}
+
+#[test]
+fn a_registry_serving_wrong_bytes_gets_nothing_named() {
+    if !require(&["skopeo", "docker-registry"]) {
+        return;
+    }
+    let node = Node::new();
+    let (reg, repo, digest, size) = registry_with_image(&node, 100_000);
+    let bad = start_proxy(reg.port, Fault::Corrupt { at: 1000 });
+    let cache = Cache::new(node.sysroot.join("var/lib/longshore/cache"));
+    let e = rt()
+        .block_on(client(&node).fetch_blob(&source(bad.port, &repo), digest, size, &cache))
+        .expect_err("a corrupted blob was accepted");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("discarded"), "{msg}");
+    // Each attempt started again from nothing and was thrown away whole.
+    assert!(cache.has(&digest).is_none());
+    assert!(
+        cache_files(cache.root()).is_empty(),
+        "{:?}",
+        cache_files(cache.root())
+    );
 }

@@ -27,6 +27,9 @@ use crate::cache::Cache;
 use crate::oci::digest::Digest;
 use crate::paths::HostPaths;
 
+/// Largest answer of a token realm read.
+const MAX_TOKEN_ANSWER: usize = 1 << 20;
+
 /// Why a fetch failed, as far as retrying goes.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -427,16 +430,28 @@ impl Client {
         if status != 200 {
             return Err(FetchError::of_status(&realm, status).into());
         }
-        let body = resp
-            .bytes()
+        // A token answer is small; more than 1 MiB is refused, not read.
+        let mut resp = resp;
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| FetchError::Transient(format!("{realm}: {e}")))?;
+            .map_err(|e| FetchError::Transient(format!("{realm}: {e}")))?
+        {
+            if body.len() + chunk.len() > MAX_TOKEN_ANSWER {
+                return Err(FetchError::Other(format!(
+                    "{realm}: the token answer is larger than {MAX_TOKEN_ANSWER} bytes"
+                ))
+                .into());
+            }
+            body.extend_from_slice(&chunk);
+        }
         #[derive(serde::Deserialize)]
         struct Token {
             token: Option<String>,
             access_token: Option<String>,
         }
-        let t: Token = serde_json::from_slice(&body[..body.len().min(1 << 20)]).map_err(|e| {
+        let t: Token = serde_json::from_slice(&body).map_err(|e| {
             FetchError::Other(format!("{realm}: the token answer is not JSON: {e}"))
         })?;
         t.token
