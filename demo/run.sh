@@ -38,6 +38,9 @@ step "Importing the same bundle again copies nothing"
 step "longshore status: bundles, image sets and images"
 "$longshore" --sysroot "$demo/node" status
 
+step "longshore cache: the bundle's original blobs, kept once each to heal the store from"
+"$longshore" --sysroot "$demo/node" cache
+
 step "The pins CRI-O reads, so kubelet's image garbage collection keeps the images"
 cat "$demo/node/etc/crio/crio.conf.d/99-longshore-pinned-images.conf"
 
