@@ -431,21 +431,7 @@ impl Client {
             return Err(FetchError::of_status(&realm, status).into());
         }
         // A token answer is small; more than 1 MiB is refused, not read.
-        let mut resp = resp;
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| FetchError::Transient(format!("{realm}: {e}")))?
-        {
-            if body.len() + chunk.len() > MAX_TOKEN_ANSWER {
-                return Err(FetchError::Other(format!(
-                    "{realm}: the token answer is larger than {MAX_TOKEN_ANSWER} bytes"
-                ))
-                .into());
-            }
-            body.extend_from_slice(&chunk);
-        }
+        let body = read_limited(resp, &realm, "the token answer", MAX_TOKEN_ANSWER).await?;
         #[derive(serde::Deserialize)]
         struct Token {
             token: Option<String>,
@@ -648,21 +634,7 @@ impl Client {
             return Err(FetchError::of_status(&url, status).into());
         }
         let limit = crate::bundle::format::MAX_DOCUMENT as usize;
-        let mut resp = resp;
-        let mut bytes = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| FetchError::Transient(format!("{url}: {e}")))?
-        {
-            if bytes.len() + chunk.len() > limit {
-                return Err(FetchError::Other(format!(
-                    "{url}: the manifest is larger than {limit} bytes"
-                ))
-                .into());
-            }
-            bytes.extend_from_slice(&chunk);
-        }
+        let bytes = read_limited(resp, &url, "the manifest", limit).await?;
         let got = Digest::of(&bytes);
         if let Some(w) = wanted {
             if got != w {
@@ -674,6 +646,29 @@ impl Client {
         }
         Ok((got, bytes))
     }
+}
+
+/// A response body read whole, refused (not read on) past `limit` bytes.
+async fn read_limited(
+    mut resp: reqwest::Response,
+    url: &str,
+    what: &str,
+    limit: usize,
+) -> Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| FetchError::Transient(format!("{url}: {e}")))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(
+                FetchError::Other(format!("{url}: {what} is larger than {limit} bytes")).into(),
+            );
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn basic(username: &str, password: &str) -> String {
