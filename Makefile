@@ -37,10 +37,12 @@ BUILD_PACKAGES := pkg-config libudev-dev
 # (ignition-validate), rpm, rpmlint and gnupg (building, signing and linting the RPM),
 # man-db (systemd-analyze verify checks the unit's man pages), debootstrap and
 # systemd-container (a node booted with systemd-nspawn) for the packaging tests;
-# exfatprogs for exfat sticks and qemu (tests/vm/install-qemu.sh) for the VM tests.
+# exfatprogs for exfat sticks and qemu (tests/vm/install-qemu.sh) for the VM tests;
+# apache2-utils (htpasswd) and openssl for a registry with password auth and TLS.
 TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates docker-registry \
 	dbus systemd udev dosfstools mtools e2fsprogs xorriso xfsprogs \
-	ignition rpm rpmlint gnupg man-db make debootstrap systemd-container exfatprogs
+	ignition rpm rpmlint gnupg man-db make debootstrap systemd-container exfatprogs \
+	apache2-utils openssl
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
 # The benchmark compares verification with openssl's sha256.

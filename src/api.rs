@@ -213,6 +213,13 @@ pub enum Request {
         /// Where the answer goes.
         reply: oneshot::Sender<Result<()>>,
     },
+    /// `Fetch`.
+    Fetch {
+        /// The sets; every set file that fetches when empty.
+        sets: Vec<String>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<crate::engine::FetchReport>>,
+    },
 }
 
 mod iface {
@@ -478,6 +485,16 @@ mod iface {
         /// Checks every set again and looks at the block devices present for bundle media.
         async fn rescan(&self) -> Result<(), ApiError> {
             self.ask(|reply| Request::Rescan { reply }).await
+        }
+
+        /// Fetches from registries, now (whatever `[fetch] windows` says), what the named
+        /// sets lack (every set file that fetches, when `sets` is empty), then imports
+        /// and pins it, as `longshore fetch`. Returns the report as `longshore fetch
+        /// --json` prints it. `Progress` signals follow the fetch, one per set, with
+        /// `set NAME` in place of the bundle.
+        async fn fetch(&self, sets: Vec<String>) -> Result<String, ApiError> {
+            let r = self.ask(|reply| Request::Fetch { sets, reply }).await?;
+            to_json(&r)
         }
 
         /// Sent as images are copied: the bundle, the image, bytes done and bytes in all.

@@ -69,6 +69,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fetch what set files name from registries into the cache (as CRI-O would pull
+    /// it: registries.conf, the pull secret, certs.d, policy.json), then import and pin
+    /// it (see docs/fetching.md). Runs now, whatever `[fetch] windows` says.
+    Fetch {
+        /// The sets to fetch (set file names); every set file that fetches when none is
+        /// given.
+        sets: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check every set, put back from the cache what the store lost, and bring
     /// CRI-O's pins in line (what the daemon does at start).
     Sync,
@@ -430,6 +441,30 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 print!("{}", r.render());
             }
         }
+        Command::Fetch { sets, json } => {
+            let report = match daemon_connection(&settings).await {
+                Some(conn) => match via_daemon::fetch(&conn, &sets).await? {
+                    Ok(r) => r,
+                    Err(code) => return Ok(code),
+                },
+                None => {
+                    let mut engine = Engine::open(paths, settings)?;
+                    let display = crate::progress::Display::stderr(false);
+                    let on_board = |b: &crate::fetch::Board| {
+                        for p in board_progress(b) {
+                            display.step(&p);
+                        }
+                    };
+                    let opts = crate::fetch::Options {
+                        ignore_windows: true,
+                    };
+                    let r = engine.fetch(&sets, &opts, &on_board).await;
+                    display.finish();
+                    serde_json::to_value(r?)?
+                }
+            };
+            return fetch_result(&report, json);
+        }
         Command::Sync => {
             let mut engine = Engine::open(paths, settings)?;
             let views = engine.heal().await?;
@@ -528,6 +563,51 @@ fn man_pages(cmd: clap::Command) -> Vec<(String, clap_mangen::Man)> {
     let mut out = Vec::new();
     walk(&cmd, "longshore", &mut out);
     out
+}
+
+/// What a fetch board says, as progress steps (one per set).
+pub fn board_progress(b: &crate::fetch::Board) -> Vec<crate::events::Progress> {
+    b.sets
+        .iter()
+        .map(|(name, p)| crate::events::Progress {
+            bundle: format!("set {name}"),
+            image: match (p.eta, &p.waiting) {
+                (_, Some(w)) => w.clone(),
+                (Some(s), _) => {
+                    format!("fetching, about {} left", crate::report::human_duration(s))
+                }
+                (None, _) => "fetching".to_string(),
+            },
+            done: p.done,
+            total: p.total,
+            images: None,
+        })
+        .collect()
+}
+
+/// Prints what `longshore fetch` did (the report as JSON, from the engine or the
+/// daemon); fails when an image could not be fetched or is still missing.
+fn fetch_result(report: &serde_json::Value, json: bool) -> Result<ExitCode> {
+    let r: FetchSummary = serde_json::from_value(report.clone())?;
+    if json {
+        print_json(report)?;
+    } else {
+        print!("{}", r.text);
+    }
+    let failed = !r.failures.is_empty() || r.missing > 0;
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// What the command line reads of a fetch report.
+#[derive(serde::Deserialize)]
+struct FetchSummary {
+    text: String,
+    failures: serde_json::Map<String, serde_json::Value>,
+    missing: usize,
 }
 
 /// Shows the engine's copies on stderr (a bar on a terminal) until the engine is
@@ -704,6 +784,20 @@ mod via_daemon {
         Ok(call::<_, crate::api::Collected>(conn, "CollectCache", &())
             .await?
             .map(Into::into))
+    }
+
+    /// `Fetch`: the daemon fetches now and answers with its report (JSON).
+    pub async fn fetch(
+        conn: &zbus::Connection,
+        sets: &[String],
+    ) -> Result<std::result::Result<serde_json::Value, ExitCode>> {
+        let answer: String = match call_showing_progress(conn, "Fetch", &(sets,)).await? {
+            Ok(r) => r,
+            Err(code) => return Ok(Err(code)),
+        };
+        Ok(Ok(
+            serde_json::from_str(&answer).context("reading the daemon's fetch report")?
+        ))
     }
 
     pub async fn remove_set(conn: &zbus::Connection, name: &str) -> Result<ExitCode> {

@@ -27,6 +27,116 @@ struct Fragment {
     crio: Option<CrioFragment>,
     media: Option<MediaFragment>,
     cache: Option<CacheFragment>,
+    fetch: Option<FetchFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchFragment {
+    enabled: Option<bool>,
+    #[serde(default, deserialize_with = "copy_jobs")]
+    jobs: Option<usize>,
+    #[serde(default, deserialize_with = "byte_size")]
+    max_rate: Option<u64>,
+    #[serde(default, deserialize_with = "time_windows")]
+    windows: Option<Vec<Window>>,
+}
+
+/// A daily time window, in minutes after midnight UTC: `start` inclusive, `end`
+/// exclusive; a window whose end is before its start runs over midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Minute of the day it opens.
+    pub start: u16,
+    /// Minute of the day it closes.
+    pub end: u16,
+}
+
+impl Window {
+    /// Parses `HH:MM-HH:MM`.
+    pub fn parse(s: &str) -> Result<Window> {
+        let bad = || {
+            anyhow::anyhow!("invalid time window {s:?}: expected HH:MM-HH:MM, e.g. \"01:00-05:00\"")
+        };
+        let (a, b) = s.trim().split_once('-').ok_or_else(bad)?;
+        let minute = |t: &str| -> Result<u16> {
+            let (h, m) = t.trim().split_once(':').ok_or_else(bad)?;
+            let (h, m): (u16, u16) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+            if h > 24 || m > 59 || (h == 24 && m != 0) || t.trim().len() != 5 {
+                return Err(bad());
+            }
+            Ok(h * 60 + m)
+        };
+        let (start, end) = (minute(a)?, minute(b)?);
+        if start == end {
+            bail!("invalid time window {s:?}: it opens and closes at the same minute");
+        }
+        Ok(Window { start, end })
+    }
+
+    /// Whether minute `m` of the day (UTC) is inside.
+    pub fn contains(&self, m: u16) -> bool {
+        if self.start < self.end {
+            (self.start..self.end).contains(&m)
+        } else {
+            m >= self.start || m < self.end
+        }
+    }
+
+    /// Minutes from minute `m` of the day until the window next opens (0 when open).
+    pub fn opens_in(&self, m: u16) -> u16 {
+        if self.contains(m) {
+            0
+        } else {
+            (self.start + 1440 - m) % 1440
+        }
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:02}:{:02}-{:02}:{:02}",
+            self.start / 60,
+            self.start % 60,
+            self.end / 60,
+            self.end % 60
+        )
+    }
+}
+
+fn time_windows<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Window>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    v.iter()
+        .map(|s| Window::parse(s))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// `[fetch]`: pre-loading sets from registries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchSettings {
+    /// Whether sets whose images are in neither the store nor the cache are fetched.
+    pub enabled: bool,
+    /// Blobs in flight at once.
+    pub jobs: usize,
+    /// Bytes per second over all blobs together; `None` is no cap.
+    pub max_rate: Option<u64>,
+    /// When fetching may run (UTC); empty is at any time.
+    pub windows: Vec<Window>,
+}
+
+impl FetchSettings {
+    /// Minutes until fetching may run, at minute `m` of the day UTC (0 when it may now).
+    pub fn wait_minutes(&self, m: u16) -> u16 {
+        self.windows
+            .iter()
+            .map(|w| w.opens_in(m))
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -238,6 +348,8 @@ pub struct Settings {
     /// `[cache] keep_imported`: seconds an import keeps its bundle's blobs referenced
     /// after nothing in force names them any more.
     pub cache_keep_imported: u64,
+    /// `[fetch]`.
+    pub fetch: FetchSettings,
     /// The bus systemd is reached on.
     pub bus: Bus,
     /// CRI-O.
@@ -271,6 +383,12 @@ impl Default for Settings {
             retain_bundles: false,
             cache_max_size: None,
             cache_keep_imported: 24 * 3600,
+            fetch: FetchSettings {
+                enabled: true,
+                jobs: 4,
+                max_rate: None,
+                windows: vec![],
+            },
             bus: Bus::System,
             crio: CrioSettings {
                 unit: "crio.service".to_string(),
@@ -331,6 +449,14 @@ impl Settings {
                 self.cache_max_size = c.max_size;
             }
             set(&mut self.cache_keep_imported, c.keep_imported);
+        }
+        if let Some(x) = f.fetch {
+            set(&mut self.fetch.enabled, x.enabled);
+            set(&mut self.fetch.jobs, x.jobs);
+            if x.max_rate.is_some() {
+                self.fetch.max_rate = x.max_rate.filter(|r| *r > 0);
+            }
+            set(&mut self.fetch.windows, x.windows);
         }
         if let Some(m) = f.media {
             set(&mut self.media.labels, m.labels);
@@ -596,6 +722,7 @@ mod tests {
         assert_eq!(shipped.retain_bundles, built_in.retain_bundles);
         assert_eq!(shipped.cache_max_size, built_in.cache_max_size);
         assert_eq!(shipped.cache_keep_imported, built_in.cache_keep_imported);
+        assert_eq!(shipped.fetch, built_in.fetch);
         assert_eq!(shipped.bus, built_in.bus);
         assert_eq!(shipped.crio.unit, built_in.crio.unit);
         assert_eq!(shipped.crio.reload, built_in.crio.reload);
@@ -604,6 +731,41 @@ mod tests {
         assert_eq!(shipped.media.removable, built_in.media.removable);
         assert_eq!(shipped.media.raw_tar, built_in.media.raw_tar);
         assert_eq!(shipped.media.policy, built_in.media.policy);
+    }
+
+    #[test]
+    fn fetch_windows_are_read_and_may_run_over_midnight() {
+        let w = Window::parse("01:00-05:00").unwrap();
+        assert!(w.contains(60) && w.contains(299) && !w.contains(300) && !w.contains(59));
+        assert_eq!(w.opens_in(0), 60);
+        assert_eq!(w.opens_in(301), 1440 - 301 + 60);
+        let night = Window::parse("22:30-04:00").unwrap();
+        assert!(night.contains(23 * 60) && night.contains(0) && !night.contains(12 * 60));
+        assert_eq!(night.to_string(), "22:30-04:00");
+        for bad in [
+            "1:00-5:00",
+            "01:00",
+            "25:00-01:00",
+            "01:00-01:00",
+            "aa:bb-cc:dd",
+        ] {
+            assert!(Window::parse(bad).is_err(), "{bad}");
+        }
+        let f = FetchSettings {
+            enabled: true,
+            jobs: 1,
+            max_rate: None,
+            windows: vec![w, night],
+        };
+        assert_eq!(f.wait_minutes(12 * 60), 10 * 60 + 30);
+        assert_eq!(f.wait_minutes(2 * 60), 0);
+        let (_t, p) = node();
+        write(
+            &p.config_dirs[2].join("config.d/50-fetch.toml"),
+            "[fetch]\nwindows = [\"01:00-5:00\"]\n",
+        );
+        let e = Settings::load(&p).unwrap_err();
+        assert!(format!("{e:#}").contains("invalid time window"), "{e:#}");
     }
 
     #[test]

@@ -47,6 +47,8 @@ use crate::sets::SetView;
 use crate::state::State;
 use crate::systemd::{self, message_id};
 
+mod fetcher;
+
 /// How long a burst of file events is gathered before one sync.
 const SETTLE: Duration = Duration::from_millis(200);
 /// How long the work in hand gets to stop when the daemon is told to.
@@ -129,6 +131,19 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     for dev in later {
         let _ = jobs_tx.send(Job::Rest(dev));
     }
+    let worker_paths = worker.paths.clone();
+    let fetch_wake = Arc::new(tokio::sync::Notify::new());
+    let (orders_tx, orders_rx) = mpsc::channel(4);
+    let fetcher = fetcher::Fetcher {
+        paths: worker.paths.clone(),
+        settings: worker.settings.clone(),
+        progress: worker.progress.clone(),
+        jobs: jobs_tx.clone(),
+        wake: fetch_wake.clone(),
+        stopping: stopping.clone(),
+        failures: Default::default(),
+    };
+    let fetcher = tokio::spawn(fetcher.serve(orders_rx));
     let worker = tokio::spawn(worker.serve(jobs_rx));
     let queue = |job: Job| {
         if jobs_tx.send(job).is_err() {
@@ -152,7 +167,14 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                         }
                     }
                 }
-                queue(Job::Request(req));
+                match req {
+                    Request::Fetch { sets, reply } => {
+                        if let Err(e) = orders_tx.send(fetcher::Order { sets, reply }).await {
+                            let _ = e.0.reply.send(Err(anyhow::anyhow!("the daemon is stopping")));
+                        }
+                    }
+                    req => queue(Job::Request(req)),
+                }
             }
             r = watcher.changed() => {
                 r?;
@@ -164,6 +186,8 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                 if !sync_queued.swap(true, Ordering::SeqCst) {
                     queue(Job::Sync);
                 }
+                // A set file may want new images.
+                fetch_wake.notify_one();
             }
             _ = retry.tick(), if states.is_none() => {
                 if let Ok((s, state, since)) = follow(&manager, &unit).await {
@@ -184,6 +208,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
                     if last_state != "active" || since != last_since {
                         tracing::info!("{unit} became active; checking that the store still holds every set");
                         queue(Job::Heal);
+                        fetch_wake.notify_one();
                     }
                     last_since = since;
                 }
@@ -200,6 +225,9 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
             _ = &mut stop_asked => break,
         }
     }
+    drop(orders_tx);
+    fetcher.abort();
+    crate::fetch::Board::clear(&worker_paths);
     drop(jobs_tx);
     match tokio::time::timeout(STOP_TIMEOUT, worker).await {
         Ok(Ok(worker)) => worker.status("stopping", "Stopping").await,
@@ -330,6 +358,9 @@ enum Job {
     Rest(BlockDevice),
     /// Answer a method call.
     Request(Request),
+    /// Check every set, put back what is missing, and say how the sets are then (after
+    /// a fetch the daemon was asked for).
+    HealReply(tokio::sync::oneshot::Sender<Result<Vec<SetView>>>),
 }
 
 /// The work in hand, so the loop can abandon it.
@@ -420,6 +451,16 @@ impl Worker {
                 self.work(Work::Sync).await;
             }
             Job::Request(req) => self.on_request(req).await,
+            Job::HealReply(reply) => {
+                self.status("importing", "Importing fetched images").await;
+                let res = async { self.engine()?.heal().await }.await;
+                let views = res.as_ref().ok().cloned();
+                if let Err(e) = &res {
+                    tracing::error!("{e:#}");
+                }
+                let _ = reply.send(res);
+                self.publish(views).await;
+            }
         }
         lock(&self.current).device = None;
     }
@@ -538,6 +579,10 @@ impl Worker {
                 self.status("checking", "Checking image sets").await;
                 self.work(Work::Heal).await;
                 let _ = reply.send(Ok(()));
+            }
+            // The fetcher answers these; the main loop hands them to it.
+            Request::Fetch { reply, .. } => {
+                let _ = reply.send(Err(anyhow::anyhow!("the fetcher is not running")));
             }
         }
     }

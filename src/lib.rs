@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod fetch;
 pub mod install;
 pub mod media;
 pub mod oci;

@@ -250,6 +250,16 @@ fn short(d: &Digest) -> String {
     format!("sha256:{}", &d.hex()[..12])
 }
 
+/// A number of seconds for people: `45 s`, `12 min`, `3 h 20 min`, `2 d 4 h`.
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs} s"),
+        60..=3599 => format!("{} min", secs / 60),
+        3600..=86399 => format!("{} h {} min", secs / 3600, secs % 3600 / 60),
+        _ => format!("{} d {} h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

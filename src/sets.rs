@@ -32,6 +32,8 @@ struct SetFile {
     allow_tags: bool,
     #[serde(default)]
     critical: bool,
+    #[serde(default = "yes")]
+    fetch: bool,
 }
 
 fn yes() -> bool {
@@ -71,6 +73,9 @@ pub struct SetDef {
     pub source: Source,
     /// The images of the definition it replaces, while it is not complete yet.
     pub previous: Vec<String>,
+    /// Whether images neither the store nor the cache holds are fetched from registries
+    /// (set files, unless they say `fetch = false`; a bundle's sets come with it).
+    pub fetch: bool,
 }
 
 /// Largest set file read (a release's thousand images take about 100 KiB).
@@ -140,6 +145,7 @@ pub fn parse_file(path: &Path, name: String, text: &str) -> Result<SetDef> {
             path: path.to_path_buf(),
         },
         previous: vec![],
+        fetch: f.fetch,
     })
 }
 
@@ -165,6 +171,7 @@ pub fn effective(state: &State, files: Vec<SetDef>) -> Vec<SetDef> {
                     digest: s.bundle,
                 },
                 previous: s.previous.clone(),
+                fetch: false,
             },
         );
     }
@@ -245,6 +252,8 @@ pub struct Activity {
     pub importing: BTreeSet<String>,
     /// Drop-ins that set `pinned_images` after longshore's file and so override it.
     pub overriding: Vec<PathBuf>,
+    /// What the fetcher is doing, if one runs.
+    pub fetch: Option<crate::fetch::Board>,
 }
 
 /// Looks each image up among the names the store holds and works out every set's state
@@ -275,6 +284,16 @@ pub fn evaluate(
             let mut names = Vec::new();
             if let Some(d) = found {
                 names.push(r.clone());
+                // An image named by tag is stored by digest too (a digest pin does not
+                // pin an image stored by tag alone, docs/crio.md): both are pinned.
+                if let Ok((repo, crate::oci::reference::Tail::Tag(_))) =
+                    crate::oci::reference::parse(r)
+                {
+                    let by_digest = format!("{repo}@{d}");
+                    if lookup(&by_digest) == Some(d) {
+                        names.push(by_digest);
+                    }
+                }
                 if let Some((rec, recorded)) = known.get(&d) {
                     for n in recorded {
                         // A recorded tag may since have moved to another image.
@@ -388,12 +407,49 @@ fn conditions(
         reason,
         message,
     });
+    let fetching = activity.fetch.as_ref().and_then(|b| {
+        b.sets
+            .get(&def.name)
+            .filter(|p| b.active || p.waiting.is_some())
+    });
+    let failures: Vec<(&String, &crate::fetch::Failure)> = activity
+        .fetch
+        .as_ref()
+        .map(|b| {
+            b.failures
+                .iter()
+                .filter(|(r, _)| missing.contains(r))
+                .collect()
+        })
+        .unwrap_or_default();
     out.push(if importing {
         Condition {
             kind: "Progressing",
             status: true,
             reason: "Importing",
             message: format!("importing its images ({} missing)", missing.len()),
+        }
+    } else if let Some(p) = fetching.filter(|_| !missing.is_empty()) {
+        match &p.waiting {
+            Some(w) => Condition {
+                kind: "Progressing",
+                status: true,
+                reason: "WaitingForWindow",
+                message: w.clone(),
+            },
+            None => Condition {
+                kind: "Progressing",
+                status: true,
+                reason: "Fetching",
+                message: format!(
+                    "fetching from registries: {} of {}{}",
+                    crate::config::human_size(p.done),
+                    crate::config::human_size(p.total),
+                    p.eta
+                        .map(|s| format!(", about {} left", crate::report::human_duration(s)))
+                        .unwrap_or_default()
+                ),
+            },
         }
     } else {
         Condition {
@@ -403,6 +459,26 @@ fn conditions(
             message: String::new(),
         }
     });
+    if let Some((_, first)) = failures.first() {
+        let lines: Vec<String> = failures
+            .iter()
+            .map(|(r, f)| {
+                format!(
+                    "{r}: {} since {}: {}",
+                    f.reason.name(),
+                    crate::bundle::write::rfc3339(f.since),
+                    f.message
+                )
+            })
+            .collect();
+        out.push(Condition {
+            kind: "Degraded",
+            status: true,
+            reason: first.reason.name(),
+            message: lines.join("; "),
+        });
+        return out;
+    }
     out.push(if !missing.is_empty() {
         let from = retained_source(def, state);
         let shown: Vec<&str> = missing.iter().take(5).map(String::as_str).collect();
@@ -422,6 +498,9 @@ fn conditions(
                     Some(b) => format!(
                         "the cache holds bundle {b}, which can restore them (`longshore sync`)"
                     ),
+                    None if def.fetch => {
+                        "they are fetched from registries (`longshore fetch`)".to_string()
+                    }
                     None => "import a bundle that carries them".to_string(),
                 }
             ),

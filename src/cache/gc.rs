@@ -51,7 +51,7 @@ pub fn collect(
     let mut bytes = listing.bytes();
     // A partial of something nobody wants is only ever resumed by a writer that wants it.
     for (d, len) in &listing.partials {
-        if !referenced.contains(d) && cache.has(d).is_none() {
+        if !referenced.contains(d) && cache.has(d).is_none() && !cache.writing(d) {
             out.freed += cache.remove(d)?;
             bytes = bytes.saturating_sub(*len);
         }

@@ -277,7 +277,8 @@ impl Cache {
     /// A partial left by an earlier writer is kept when it is no longer than `size`: its
     /// bytes are hashed again and writing continues at [`BlobWriter::resume_at`]. One
     /// longer than the blob can be is removed and writing starts again from nothing.
-    /// Callers hold the state lock, so one writer at a time writes a partial.
+    /// A partial is written by one writer at a time: it holds an exclusive lock on the
+    /// file, and another writer is refused ([`Busy`]) rather than interleaving bytes.
     pub fn writer(&self, want: Digest, size: u64) -> Result<BlobWriter> {
         self.ensure()?;
         let path = self.partial(&want);
@@ -288,6 +289,9 @@ impl Cache {
             .custom_flags(libc_nofollow())
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
+        if fs2::FileExt::try_lock_exclusive(&file).is_err() {
+            return Err(Busy(want).into());
+        }
         let mut len = file
             .metadata()
             .with_context(|| format!("reading {}", path.display()))?
@@ -326,6 +330,46 @@ impl Cache {
         })
     }
 
+    /// The index entry naming `name` when the cache holds its manifest and every blob
+    /// the manifest names: an image that can be copied from the cache alone.
+    pub fn complete(&self, name: &str) -> Option<IndexEntry> {
+        let e = self
+            .index()
+            .ok()?
+            .into_iter()
+            .find(|e| e.name() == Some(name))?;
+        let bytes = self
+            .read(&e.digest, crate::bundle::format::MAX_DOCUMENT)
+            .ok()?;
+        let (config, layers) = crate::oci::sized_blobs_of_manifest(&bytes)?;
+        std::iter::once(config)
+            .chain(layers)
+            .all(|(d, size)| self.has(&d) == Some(size))
+            .then_some(e)
+    }
+
+    /// Whether a writer holds the partial of `d` now.
+    pub fn writing(&self, d: &Digest) -> bool {
+        fs::File::open(self.partial(d)).is_ok_and(|f| fs2::FileExt::try_lock_shared(&f).is_err())
+    }
+
+    /// Serialises changes of `index.json` between processes (the daemon's fetches and an
+    /// import).
+    fn index_lock(&self) -> Result<fs::File> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating {}", self.root.display()))?;
+        let p = self.root.join(".index.lock");
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc_nofollow())
+            .open(&p)
+            .with_context(|| format!("opening {}", p.display()))?;
+        fs2::FileExt::lock_exclusive(&f).with_context(|| format!("locking {}", p.display()))?;
+        Ok(f)
+    }
+
     /// The images the index names.
     pub fn index(&self) -> Result<Vec<IndexEntry>> {
         let p = self.root.join("index.json");
@@ -347,6 +391,7 @@ impl Cache {
     /// index that cannot be read (a damaged disk) is started again: the blobs stay, and
     /// each import names its images anew.
     pub fn name_images(&self, entries: &[IndexEntry]) -> Result<()> {
+        let _lock = self.index_lock()?;
         let mut all = self.index().unwrap_or_else(|e| {
             tracing::warn!("starting the cache's index again: {e:#}");
             vec![]
@@ -359,6 +404,7 @@ impl Cache {
 
     /// Drops the index entries whose manifest the cache no longer holds.
     pub fn forget_missing(&self) -> Result<usize> {
+        let _lock = self.index_lock()?;
         let Ok(mut all) = self.index() else {
             return Ok(0);
         };
@@ -425,6 +471,11 @@ impl Cache {
         Ok(freed)
     }
 }
+
+/// Another writer is writing this blob's partial now.
+#[derive(Debug, thiserror::Error)]
+#[error("blob {0} is being written into the cache by another writer")]
+pub struct Busy(pub Digest);
 
 /// A blob being written into the cache: hashed as it is written, renamed to its digest
 /// only when complete and correct.

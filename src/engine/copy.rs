@@ -93,7 +93,8 @@ impl Engine {
         let total_bytes: u64 = jobs.iter().map(|j| j.size).sum();
         let on_copied = |job: &CopyJob, c: Copied| {
             let line = format!(
-                "Importing bundle {}: {}/{total} images, {}/{}",
+                "Importing {}{}: {}/{total} images, {}/{}",
+                if plan.fetched { "" } else { "bundle " },
                 plan.name,
                 c.done,
                 human_size(c.bytes),

@@ -4,8 +4,9 @@ use super::*;
 
 impl Engine {
     /// Checks every set and puts back, from the cache, the images the store lost (an
-    /// unclean shutdown or an upgrade can make CRI-O wipe its storage); then syncs the
-    /// pins. Media are not needed: the cache holds the bundles' original blobs.
+    /// unclean shutdown or an upgrade can make CRI-O wipe its storage) and the images
+    /// fetched from registries that are not in the store yet; then syncs the pins. Media
+    /// are not needed: the cache holds the bundles' original blobs.
     pub async fn heal(&mut self) -> Result<Vec<SetView>> {
         let views = self.sync().await?;
         let missing: HashSet<String> = views
@@ -68,6 +69,14 @@ impl Engine {
                 tracing::error!("restoring bundle {} from the cache: {e:#}", b.name);
             }
         }
-        self.sync().await
+        let views = self.sync().await?;
+        match self.import_named(&views).await {
+            Ok(None) => Ok(views),
+            Ok(Some(after)) => Ok(after),
+            Err(e) => {
+                tracing::error!("importing images from the cache: {e:#}");
+                Ok(views)
+            }
+        }
     }
 }

@@ -49,6 +49,7 @@ use crate::store::{check_space, SpaceNeed, Store, Wanted};
 
 mod cache;
 mod copy;
+mod fetch;
 mod heal;
 mod hold;
 mod import;
@@ -57,6 +58,7 @@ mod sweep;
 mod verify;
 
 pub use cache::{cache_report, CacheReport, CacheView, CachedBundle};
+pub use fetch::{wanted, FetchReport};
 use pins::Busy;
 pub use pins::{crio_config, evaluate_sets};
 use sweep::sweep;
@@ -159,6 +161,8 @@ static STAGING_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 struct Plan {
     /// Whether this is a restore (see [`ImportOptions::restore`]).
     restore: bool,
+    /// Images of sets fetched from registries, not a bundle's (`name` says which sets).
+    fetched: bool,
     digest: Digest,
     name: String,
     version: Option<String>,
@@ -332,6 +336,7 @@ impl Engine {
 fn plan_from_meta(digest: Digest, meta: &BundleMeta, kind: SourceKind) -> Plan {
     Plan {
         restore: false,
+        fetched: false,
         digest,
         name: meta.name.clone(),
         version: meta.version.clone(),

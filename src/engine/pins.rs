@@ -189,6 +189,7 @@ pub async fn evaluate_sets(
     let activity = Activity {
         importing,
         overriding: other.overriding.clone(),
+        fetch: crate::fetch::Board::read(paths),
     };
     if defs.is_empty() {
         return Ok((vec![], other));

@@ -33,6 +33,34 @@ pub fn blobs_of_manifest(bytes: &[u8]) -> Vec<Digest> {
         .collect()
 }
 
+/// A blob a manifest names, and its size.
+pub type Sized = (Digest, u64);
+
+/// An image manifest's config and layers with their sizes, whatever its media type;
+/// `None` when it is not an image manifest with a sha256 config.
+pub fn sized_blobs_of_manifest(bytes: &[u8]) -> Option<(Sized, Vec<Sized>)> {
+    #[derive(serde::Deserialize)]
+    struct Desc {
+        digest: String,
+        size: u64,
+    }
+    #[derive(serde::Deserialize)]
+    struct Manifest {
+        config: Desc,
+        #[serde(default)]
+        layers: Vec<Desc>,
+    }
+    let m = serde_json::from_slice::<Manifest>(bytes).ok()?;
+    let d = |x: &Desc| {
+        x.digest
+            .strip_prefix("sha256:")
+            .and_then(|h| Digest::from_hex(h).ok())
+            .map(|d| (d, x.size))
+    };
+    let layers = m.layers.iter().map(d).collect::<Option<Vec<_>>>()?;
+    Some((d(&m.config)?, layers))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,6 +123,33 @@ pub struct Client {
     http: reqwest::Client,
     paths: HostPaths,
     retry: Retry,
+    rate: Option<RateLimit>,
+}
+
+/// A cap on the bytes per second of every transfer of one client together.
+///
+/// Each chunk received books the time it takes at the cap, after whatever was booked
+/// before; the transfer waits until its booking ends before reading on, so TCP's window
+/// slows the sender and the link is left free for others.
+#[derive(Debug)]
+struct RateLimit {
+    bytes_per_sec: u64,
+    next: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl RateLimit {
+    async fn take(&self, n: u64) {
+        let until = {
+            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let now = tokio::time::Instant::now();
+            // Time left unused while idle is not saved up for a burst.
+            let start = next.filter(|t| *t > now).unwrap_or(now);
+            let t = start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+            *next = Some(t);
+            t
+        };
+        tokio::time::sleep_until(until).await;
+    }
 }
 
 /// `host[:port]`, the repository path, for a reference `host/path/repo[:tag|@digest]`.
@@ -155,7 +182,17 @@ impl Client {
             http,
             paths: paths.clone(),
             retry,
+            rate: None,
         })
+    }
+
+    /// Caps the bytes per second of all this client's transfers together.
+    pub fn with_max_rate(mut self, bytes_per_sec: Option<u64>) -> Client {
+        self.rate = bytes_per_sec.filter(|r| *r > 0).map(|r| RateLimit {
+            bytes_per_sec: r,
+            next: std::sync::Mutex::new(None),
+        });
+        self
     }
 
     fn base_url(&self, src: &PullSource, host: &str) -> Result<String> {
@@ -180,15 +217,30 @@ impl Client {
         size: u64,
         cache: &Cache,
     ) -> Result<Fetched> {
+        self.fetch_blob_reporting(src, digest, size, cache, &|_| {})
+            .await
+    }
+
+    /// [`Client::fetch_blob`], telling `on_bytes` of every chunk received.
+    pub async fn fetch_blob_reporting(
+        &self,
+        src: &PullSource,
+        digest: Digest,
+        size: u64,
+        cache: &Cache,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<Fetched> {
         let mut done = Fetched::default();
         if cache.has(&digest) == Some(size) {
             return Ok(done);
         }
-        let mut first = true;
+        done.resumed_from = Some(cache.partial_len(&digest))
+            .filter(|n| *n <= size)
+            .unwrap_or(0);
         loop {
             done.attempts += 1;
             match self
-                .fetch_once(src, digest, size, cache, &mut done, first)
+                .fetch_once(src, digest, size, cache, &mut done, on_bytes)
                 .await
             {
                 Ok(()) => return Ok(done),
@@ -211,7 +263,6 @@ impl Client {
                     tokio::time::sleep(wait).await;
                 }
             }
-            first = false;
         }
     }
 
@@ -222,7 +273,7 @@ impl Client {
         size: u64,
         cache: &Cache,
         done: &mut Fetched,
-        first: bool,
+        on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<()> {
         let (host, repo) = split_repository(&src.reference)?;
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base_url(src, host)?);
@@ -230,9 +281,6 @@ impl Client {
         let from = Some(cache.partial_len(&digest))
             .filter(|n| *n <= size)
             .unwrap_or(0);
-        if first {
-            done.resumed_from = from;
-        }
         let resp = self
             .get(&url, host, repo, (from > 0).then_some(from))
             .await?;
@@ -240,7 +288,13 @@ impl Client {
         if !matches!(status, 200 | 206 | 416) {
             return Err(FetchError::of_status(&url, status).into());
         }
-        let mut w = cache.writer(digest, size)?;
+        let mut w = cache.writer(digest, size).map_err(|e| {
+            if e.downcast_ref::<crate::cache::Busy>().is_some() {
+                anyhow!(FetchError::Transient(format!("{e:#}")))
+            } else {
+                e
+            }
+        })?;
         if w.resume_at() != from && status == 206 {
             drop(w);
             cache.remove(&digest)?;
@@ -290,7 +344,11 @@ impl Client {
         loop {
             match resp.chunk().await {
                 Ok(Some(bytes)) => {
+                    if let Some(r) = &self.rate {
+                        r.take(bytes.len() as u64).await;
+                    }
                     done.downloaded += bytes.len() as u64;
+                    on_bytes(bytes.len() as u64);
                     std::io::Write::write_all(&mut w, &bytes)
                         .map_err(|e| FetchError::Other(format!("{url}: {e}")))?;
                 }
@@ -499,6 +557,55 @@ fn parse_digest(what: &str, d: &str) -> Result<Digest> {
         .ok_or_else(|| FetchError::Other(format!("{what}: {d:?} is not a sha256 digest")).into())
 }
 
+/// An image's manifest as one source serves it: what is left to fetch is its blobs.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// Where it came from.
+    pub source: PullSource,
+    /// The image manifest's digest (for a list, that of this node's platform).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// The manifest's bytes, checked against `digest`.
+    pub manifest: Vec<u8>,
+    /// Its config and layers, with their sizes, config first.
+    pub blobs: Vec<(Digest, u64)>,
+}
+
+impl Resolved {
+    /// Bytes of its blobs.
+    pub fn size(&self) -> u64 {
+        self.blobs.iter().map(|b| b.1).sum()
+    }
+
+    /// Stores the manifest in `cache` and names the image there as `names` (full
+    /// references): by digest, and by the tag a set gives it. Done before its blobs are
+    /// fetched, so the partials of an image a set wants are referenced, and not
+    /// collected, while they wait to be resumed; whether the cache holds every blob is
+    /// checked wherever the image is used.
+    pub fn name_in(&self, cache: &Cache, names: &[String]) -> Result<()> {
+        cache.put_bytes(&self.manifest)?;
+        let entries: Vec<crate::cache::IndexEntry> = names
+            .iter()
+            .map(|n| crate::cache::IndexEntry {
+                media_type: self.media_type.clone(),
+                digest: self.digest,
+                size: self.manifest.len() as u64,
+                annotations: [(crate::cache::REF_NAME.to_string(), n.clone())].into(),
+            })
+            .collect();
+        cache.name_images(&entries)
+    }
+}
+
+/// `host/path/repo` of a reference, without tag or digest.
+pub fn repository_of(reference: &str) -> String {
+    match split_repository(reference) {
+        Ok((h, r)) => format!("{h}/{r}"),
+        Err(_) => reference.to_string(),
+    }
+}
+
 impl Client {
     /// Fetches the image `reference` names into `cache`: its manifest (for a list, the
     /// one for this node's platform), config and layers, each checked by digest, from the
@@ -513,7 +620,24 @@ impl Client {
     ) -> Result<FetchedImage> {
         let mut errors = Vec::new();
         for src in sources {
-            match self.fetch_image_from(reference, src, cache).await {
+            let res = async {
+                let r = self.resolve(reference, src).await?;
+                r.name_in(
+                    cache,
+                    &[format!("{}@{}", repository_of(reference), r.digest)],
+                )?;
+                let mut downloaded = 0;
+                for (blob, size) in &r.blobs {
+                    downloaded += self.fetch_blob(src, *blob, *size, cache).await?.downloaded;
+                }
+                anyhow::Ok(FetchedImage {
+                    digest: r.digest,
+                    media_type: r.media_type,
+                    source: src.reference.clone(),
+                    downloaded,
+                })
+            };
+            match res.await {
                 Ok(img) => return Ok(img),
                 Err(e) => {
                     tracing::warn!("{reference} from {}: {e:#}", src.reference);
@@ -527,12 +651,9 @@ impl Client {
         anyhow::bail!("{reference}: no source served it: {}", errors.join("; "))
     }
 
-    async fn fetch_image_from(
-        &self,
-        reference: &str,
-        src: &PullSource,
-        cache: &Cache,
-    ) -> Result<FetchedImage> {
+    /// The manifest of the image `reference` names, from `src` (for a list, the one for
+    /// this node's platform), checked against the digest the reference gives.
+    pub async fn resolve(&self, reference: &str, src: &PullSource) -> Result<Resolved> {
         let (host, repo) = split_repository(&src.reference)?;
         let base = self.base_url(src, host)?;
         // The tag or digest as the reference gives it.
@@ -580,39 +701,24 @@ impl Client {
         let config = m.config.as_ref().ok_or_else(|| {
             FetchError::Other(format!("{reference}: the manifest names no config"))
         })?;
-        let mut downloaded = 0;
+        let mut blobs = Vec::new();
         for d in std::iter::once(config).chain(&m.layers) {
-            let blob = parse_digest(reference, &d.digest)?;
-            let got = self.fetch_blob(src, blob, d.size, cache).await?;
-            downloaded += got.downloaded;
+            let b = (parse_digest(reference, &d.digest)?, d.size);
+            if !blobs.contains(&b) {
+                blobs.push(b);
+            }
         }
-        cache.put_bytes(&bytes)?;
-        // Named as the reference names its repository, by digest: a tag is a set's or a
-        // bundle's to give, not a pull's.
-        let name_repo = match split_repository(reference) {
-            Ok((h, r)) => format!("{h}/{r}"),
-            Err(_) => reference.to_string(),
-        };
         let media_type = if m.media_type.is_empty() {
             crate::bundle::format::OCI_MANIFEST.to_string()
         } else {
             m.media_type.clone()
         };
-        cache.name_images(&[crate::cache::IndexEntry {
-            media_type: media_type.clone(),
-            digest,
-            size: bytes.len() as u64,
-            annotations: [(
-                crate::cache::REF_NAME.to_string(),
-                format!("{name_repo}@{digest}"),
-            )]
-            .into(),
-        }])?;
-        Ok(FetchedImage {
+        Ok(Resolved {
+            source: src.clone(),
             digest,
             media_type,
-            source: src.reference.clone(),
-            downloaded,
+            manifest: bytes,
+            blobs,
         })
     }
 

@@ -1,5 +1,5 @@
-//! A real registry (the distribution registry, `docker-registry`) on loopback, plain
-//! HTTP, with its data in a test's directory.
+//! A real registry (the distribution registry, `docker-registry`) on loopback, with its
+//! data in a test's directory: plain HTTP, or with htpasswd auth, TLS, and a request log.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -13,6 +13,62 @@ pub struct Registry {
     child: Child,
     /// Its port on 127.0.0.1.
     pub port: u16,
+    /// Its log (requests at level info), when asked for.
+    pub log: Option<std::path::PathBuf>,
+}
+
+/// How a registry is set up.
+#[derive(Default)]
+pub struct Options {
+    /// `user:password` pairs it accepts (htpasswd, bcrypt); then every request needs one.
+    pub users: Vec<(String, String)>,
+    /// Serve HTTPS with this certificate and key (PEM).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// Log every request to `registry.log` in its directory.
+    pub log: bool,
+}
+
+impl Registry {
+    /// The request URIs its log shows (needs [`Options::log`]).
+    pub fn requests(&self) -> Vec<String> {
+        let text =
+            fs::read_to_string(self.log.as_ref().expect("a logged registry")).unwrap_or_default();
+        text.lines()
+            .filter(|l| l.contains("response completed"))
+            .filter_map(|l| {
+                let at = l.find("http.request.uri=\"")? + "http.request.uri=\"".len();
+                Some(l[at..].split('"').next()?.to_string())
+            })
+            .collect()
+    }
+}
+
+/// A self-signed certificate for `127.0.0.1` and `localhost` in `dir`: (cert, key).
+pub fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("registry.crt"), dir.join("registry.key"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args(["-subj", "/CN=longshore test registry"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("running openssl");
+    assert!(st.success(), "openssl req");
+    (cert, key)
 }
 
 impl Drop for Registry {
@@ -24,35 +80,75 @@ impl Drop for Registry {
 
 /// Starts a registry storing under `dir`, and waits until it answers `/v2/`.
 pub fn start_registry(dir: &Path) -> Registry {
+    start_registry_with(dir, &Options::default())
+}
+
+/// Starts a registry set up as `opts` says, storing under `dir`.
+pub fn start_registry_with(dir: &Path, opts: &Options) -> Registry {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
+    fs::create_dir_all(dir).unwrap();
     let config = dir.join("registry.yml");
-    fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.join("data").display()
-        ),
-    )
-    .unwrap();
+    let mut text = format!(
+        "version: 0.1\nlog:\n  level: {}\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        if opts.log { "info" } else { "error" },
+        dir.join("data").display()
+    );
+    if let Some((cert, key)) = &opts.tls {
+        text += &format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            cert.display(),
+            key.display()
+        );
+    }
+    if !opts.users.is_empty() {
+        let htpasswd = dir.join("htpasswd");
+        let _ = fs::remove_file(&htpasswd);
+        for (i, (user, password)) in opts.users.iter().enumerate() {
+            let mut cmd = Command::new("htpasswd");
+            cmd.arg("-bB");
+            if i == 0 {
+                cmd.arg("-c");
+            }
+            let st = cmd
+                .arg(&htpasswd)
+                .arg(user)
+                .arg(password)
+                .stderr(Stdio::null())
+                .status()
+                .expect("running htpasswd");
+            assert!(st.success(), "htpasswd");
+        }
+        text += &format!(
+            "auth:\n  htpasswd:\n    realm: longshore-test\n    path: {}\n",
+            htpasswd.display()
+        );
+    }
+    fs::write(&config, text).unwrap();
+    let log = opts.log.then(|| dir.join("registry.log"));
+    let stderr = match &log {
+        Some(p) => Stdio::from(fs::File::create(p).unwrap()),
+        None => Stdio::null(),
+    };
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("starting docker-registry");
-    let reg = Registry { child, port };
+    let reg = Registry { child, port, log };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
             let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
             let mut resp = String::new();
             let _ = s.read_to_string(&mut resp);
-            if resp.starts_with("HTTP/1.") && resp.contains(" 200") {
+            // Any answer: 200, 401 with auth, or 400 to plain HTTP on a TLS port.
+            if resp.starts_with("HTTP/1.") {
                 return reg;
             }
         }

@@ -1,0 +1,255 @@
+//! Sets fetched from registries: which images they still want, and copying what the
+//! cache holds whole into the store (the fetching itself is [`crate::fetch`]).
+
+use super::*;
+use crate::fetch::{Board, Outcome, Want};
+
+/// The images that sets which fetch (set files, unless `fetch = false`) lack in the store
+/// and that the cache does not hold whole, with the sets wanting each. `only` limits it
+/// to the sets named; a name no fetching set has is an error.
+pub fn wanted(paths: &HostPaths, views: &[SetView], only: &[String]) -> Result<Vec<Want>> {
+    let files = sets::load_files(paths)?;
+    let fetching: HashSet<&str> = files
+        .iter()
+        .filter(|f| f.fetch)
+        .map(|f| f.name.as_str())
+        .collect();
+    for n in only {
+        if !fetching.contains(n.as_str()) {
+            return Err(crate::error::NotFound(format!(
+                "no set file {n}.toml that fetches; `longshore sets` lists the sets (a bundle's sets come with it, and a file may say fetch = false)"
+            ))
+            .into());
+        }
+    }
+    let cache = Cache::new(paths.cache_dir());
+    let mut by_ref: std::collections::BTreeMap<String, Want> = Default::default();
+    for v in views {
+        if !fetching.contains(v.name.as_str()) || (!only.is_empty() && !only.contains(&v.name)) {
+            continue;
+        }
+        for r in &v.missing {
+            if cache.complete(r).is_some() {
+                continue;
+            }
+            by_ref
+                .entry(r.clone())
+                .or_insert_with(|| Want {
+                    reference: r.clone(),
+                    sets: Default::default(),
+                })
+                .sets
+                .insert(v.name.clone());
+        }
+    }
+    Ok(by_ref.into_values().collect())
+}
+
+/// What `longshore fetch` did.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FetchReport {
+    /// The fetch itself.
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// Images copied into the store from the cache afterwards.
+    pub imported: usize,
+    /// The sets fetched for, as they are now.
+    pub sets: Vec<SetView>,
+    /// Images those sets still lack in the store.
+    pub missing: usize,
+    /// The report for people.
+    pub text: String,
+}
+
+impl FetchReport {
+    /// The report of a fetch of `wants` for the sets `only`, from the sets' state
+    /// `before` it and `after` the import that followed.
+    pub fn new(
+        outcome: Outcome,
+        before: &[SetView],
+        after: Vec<SetView>,
+        wants: &[Want],
+        only: &[String],
+    ) -> FetchReport {
+        let was: usize = before.iter().map(|v| v.missing.len()).sum();
+        let now: usize = after.iter().map(|v| v.missing.len()).sum();
+        let names: HashSet<&String> = wants.iter().flat_map(|w| w.sets.iter()).collect();
+        let sets: Vec<SetView> = after
+            .into_iter()
+            .filter(|v| names.contains(&v.name) || only.contains(&v.name))
+            .collect();
+        let mut r = FetchReport {
+            outcome,
+            imported: was.saturating_sub(now),
+            missing: sets.iter().map(|v| v.missing.len()).sum(),
+            sets,
+            text: String::new(),
+        };
+        r.text = r.render();
+        r
+    }
+
+    /// Lines for people.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        if let Some(m) = self.outcome.waiting_minutes {
+            s += &format!(
+                "outside the fetch windows; the next opens in {m} min (nothing fetched)\n"
+            );
+        }
+        s += &format!(
+            "fetched {} images ({} received, {} in all), {} copied into the store\n",
+            self.outcome.fetched.len(),
+            human_size(self.outcome.downloaded),
+            human_size(self.outcome.total),
+            self.imported
+        );
+        for (r, f) in &self.outcome.failures {
+            s += &format!("  {r}: {} ({})\n", f.message, f.reason.name());
+        }
+        for v in &self.sets {
+            let ready = v.missing.is_empty();
+            s += &format!(
+                "set {}: {}\n",
+                v.name,
+                if ready {
+                    format!("all {} images present", v.images.len())
+                } else {
+                    format!("{} of {} images missing", v.missing.len(), v.images.len())
+                }
+            );
+        }
+        s
+    }
+}
+
+impl Engine {
+    /// Fetches what the sets `only` (every fetching set when empty) lack, then copies it
+    /// into the store and pins it: `longshore fetch` without the daemon.
+    pub async fn fetch(
+        &mut self,
+        only: &[String],
+        opts: &crate::fetch::Options,
+        on_board: &(dyn Fn(&Board) + Send + Sync),
+    ) -> Result<FetchReport> {
+        let views = self.sync().await?;
+        let wants = wanted(&self.paths, &views, only)?;
+        let earlier = Board::read(&self.paths)
+            .map(|b| b.failures)
+            .unwrap_or_default();
+        let outcome = crate::fetch::fetch(
+            &self.paths,
+            &self.settings,
+            &wants,
+            opts,
+            &earlier,
+            &self.cancel,
+            on_board,
+        )
+        .await;
+        let after = self.heal().await?;
+        Board::clear(&self.paths);
+        Ok(FetchReport::new(outcome, &views, after, &wants, only))
+    }
+
+    /// Copies into the store the images sets lack that the cache holds whole under the
+    /// name the set gives (fetched from registries), then brings the pins in line.
+    /// Returns the sets' state afterwards when anything was copied.
+    pub(super) async fn import_named(&mut self, views: &[SetView]) -> Result<Option<Vec<SetView>>> {
+        let mut by_digest: HashMap<Digest, PlannedImage> = HashMap::new();
+        let mut sets_of: std::collections::BTreeSet<String> = Default::default();
+        for v in views {
+            for r in &v.missing {
+                let Some(entry) = self.cache.complete(r) else {
+                    continue;
+                };
+                let Some(img) = self.planned_from_cache(r, &entry) else {
+                    continue;
+                };
+                sets_of.insert(v.name.clone());
+                let e = by_digest.entry(img.digest).or_insert(img);
+                if let Ok((_, crate::oci::reference::Tail::Tag(tag))) =
+                    crate::oci::reference::parse(r)
+                {
+                    if !e.tags.contains(&tag) {
+                        e.tags.push(tag);
+                    }
+                }
+            }
+        }
+        if by_digest.is_empty() {
+            return Ok(None);
+        }
+        let mut plan = Plan {
+            restore: true,
+            fetched: true,
+            digest: Digest::of(b"fetched"),
+            name: format!(
+                "set{} {}",
+                if sets_of.len() > 1 { "s" } else { "" },
+                sets_of.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            version: None,
+            kind: SourceKind::OciLayout,
+            images: by_digest.into_values().collect(),
+            sets: vec![],
+        };
+        let present = vec![false; plan.images.len()];
+        check_space(
+            &[self.store_need(&plan, &present)],
+            self.settings.store.min_free_space,
+            self.cache.root(),
+        )?;
+        tracing::info!(
+            "importing {} images of {} from the cache",
+            plan.images.len(),
+            plan.name
+        );
+        self.busy = sets_of;
+        let marker = Busy::mark(&self.paths, &self.busy);
+        let root = self.cache.root().to_path_buf();
+        let res = tokio::task::block_in_place(|| self.copy_from_layout(&mut plan, &present, &root));
+        self.busy.clear();
+        let copied = res?;
+        // The mark stays until the pins are written: until then, a look from outside
+        // sees the sets as still coming in.
+        let views = self.sync().await?;
+        drop(marker);
+        tracing::info!(
+            message_id = crate::systemd::message_id::BUNDLE_IMPORTED,
+            "{} imported from the cache: {copied} images copied",
+            plan.name
+        );
+        Ok(Some(views))
+    }
+
+    /// The image `reference` names, as the cache holds it, for copying.
+    fn planned_from_cache(
+        &self,
+        reference: &str,
+        entry: &crate::cache::IndexEntry,
+    ) -> Option<PlannedImage> {
+        let bytes = self
+            .cache
+            .read(&entry.digest, crate::bundle::format::MAX_DOCUMENT)
+            .ok()?;
+        let (config, layers) = crate::oci::sized_blobs_of_manifest(&bytes)?;
+        let compressed: u64 = layers.iter().map(|l| l.1).sum();
+        Some(PlannedImage {
+            source: String::new(),
+            repository: crate::registry::client::repository_of(reference),
+            tags: vec![],
+            digest: entry.digest,
+            media_type: entry.media_type.clone(),
+            size: bytes.len() as u64 + config.1 + compressed,
+            // As OpenShift estimates a pull: twice the compressed size.
+            layers: layers
+                .iter()
+                .map(|(d, s)| (*d, s.saturating_mul(2)))
+                .collect(),
+            overhead: bytes.len() as u64 + config.1,
+            config: Some(config.0),
+        })
+    }
+}

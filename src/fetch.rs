@@ -1,0 +1,614 @@
+//! Pre-loading: the images of set files fetched from registries into the cache, days
+//! before they are needed, never downloading a byte twice.
+//!
+//! ```text
+//!   wanted images (in neither the store nor the cache)
+//!     -> policy.json       refused: PolicyRefused, never contacted
+//!     -> manifests         from the first source registries.conf gives that serves it
+//!     -> disk check        cache: the blobs it lacks; store: twice their compressed size
+//!     -> named in the cache (so their partials are referenced while they wait)
+//!     -> blobs             `[fetch] jobs` at once, under `max_rate`, inside `windows`,
+//!                          each resumed from its partial and checked by digest
+//! ```
+//!
+//! This room only fills the cache; the engine then copies what the cache holds whole
+//! into the store and pins it, as it does for a bundle's images (`Engine::heal`). It
+//! works without the state lock, so the daemon keeps importing media meanwhile: the
+//! cache's partials and index are locked on their own.
+//!
+//! What it is doing is written to `/run/longshore/fetch.json` (the [`Board`]), which
+//! the sets' conditions are read from: `Progressing` with bytes and an ETA, `Degraded`
+//! with a reason per image.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Result;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::Cache;
+use crate::cancel::Cancel;
+use crate::config::{human_size, Settings};
+use crate::oci::digest::Digest;
+use crate::paths::HostPaths;
+use crate::registry::client::{repository_of, Client, FetchError, Resolved, Retry};
+use crate::registry::conf::RegistriesConf;
+use crate::registry::policy::Policy;
+use crate::store::{check_space, SpaceNeed};
+
+/// An image to fetch, and the sets that want it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Want {
+    /// The reference as the set names it.
+    pub reference: String,
+    /// The sets naming it.
+    pub sets: BTreeSet<String>,
+}
+
+/// Why an image could not be fetched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reason {
+    /// The registry refused the credentials, or there were none.
+    AuthRefused,
+    /// No source has it.
+    NotFound,
+    /// The node's policy.json would refuse it.
+    PolicyRefused,
+    /// The cache or the store lacks the space.
+    NoSpace,
+    /// A network error or a busy registry; tried again later.
+    Retrying,
+    /// Anything else (a malformed manifest, a bad configuration).
+    Failed,
+}
+
+impl Reason {
+    /// The CamelCase reason of the set's `Degraded` condition.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::AuthRefused => "AuthRefused",
+            Reason::NotFound => "NotFound",
+            Reason::PolicyRefused => "PolicyRefused",
+            Reason::NoSpace => "NoSpace",
+            Reason::Retrying => "Retrying",
+            Reason::Failed => "FetchFailed",
+        }
+    }
+
+    fn of(e: &anyhow::Error) -> Reason {
+        if e.chain()
+            .any(|c| c.downcast_ref::<crate::store::NoSpace>().is_some())
+        {
+            return Reason::NoSpace;
+        }
+        match e.chain().find_map(|c| c.downcast_ref::<FetchError>()) {
+            Some(FetchError::Auth(_)) => Reason::AuthRefused,
+            Some(FetchError::NotFound(_)) => Reason::NotFound,
+            Some(FetchError::Transient(_)) => Reason::Retrying,
+            _ => Reason::Failed,
+        }
+    }
+}
+
+/// An image that failed, for the sets' `Degraded` condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Failure {
+    /// Why.
+    pub reason: Reason,
+    /// For people: what failed where.
+    pub message: String,
+    /// Unix seconds of the first failure of this kind in a row.
+    pub since: u64,
+    /// The sets naming the image.
+    pub sets: BTreeSet<String>,
+}
+
+/// A set's fetch in progress.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SetProgress {
+    /// Bytes of its images the cache holds now.
+    pub done: u64,
+    /// Bytes of its images in all (known once their manifests are).
+    pub total: u64,
+    /// Seconds still to go at the rate so far, when there is one.
+    pub eta: Option<u64>,
+    /// Why nothing moves now (outside the fetch windows), if so.
+    pub waiting: Option<String>,
+}
+
+/// What the fetcher is doing, in `/run/longshore/fetch.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Board {
+    /// The process fetching; the board is stale once it is gone.
+    pub pid: u32,
+    /// Whether it is fetching now.
+    pub active: bool,
+    /// Sets being fetched.
+    pub sets: BTreeMap<String, SetProgress>,
+    /// Images that failed, by reference.
+    pub failures: BTreeMap<String, Failure>,
+}
+
+fn board_path(paths: &HostPaths) -> PathBuf {
+    paths.run_dir.join("fetch.json")
+}
+
+impl Board {
+    /// The board of a fetcher still running, if there is one.
+    pub fn read(paths: &HostPaths) -> Option<Board> {
+        let bytes = crate::untrusted::read_admin_file(&board_path(paths), 16 << 20).ok()?;
+        let b: Board = serde_json::from_slice(&bytes).ok()?;
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid as i32), None).is_ok();
+        alive.then_some(b)
+    }
+
+    /// Writes it for others to read.
+    pub fn write(&self, paths: &HostPaths) {
+        let p = board_path(paths);
+        let res = std::fs::create_dir_all(&paths.run_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::state::write_atomic(&p, &serde_json::to_vec(self)?));
+        if let Err(e) = res {
+            tracing::debug!("writing {}: {e:#}", p.display());
+        }
+    }
+
+    /// Removes it (the fetcher stops).
+    pub fn clear(paths: &HostPaths) {
+        let _ = std::fs::remove_file(board_path(paths));
+    }
+}
+
+/// What a fetch did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    /// Images the cache now holds whole.
+    pub fetched: Vec<String>,
+    /// Images that failed.
+    pub failures: BTreeMap<String, Failure>,
+    /// Bytes received from registries.
+    pub downloaded: u64,
+    /// Bytes of the images' blobs in all.
+    pub total: u64,
+    /// Minutes until the next fetch window opens, when fetching was not allowed now.
+    pub waiting_minutes: Option<u16>,
+}
+
+/// Options of one fetch.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Fetch now even outside `[fetch] windows` (an administrator's `longshore fetch`).
+    pub ignore_windows: bool,
+}
+
+/// Minute of the day, UTC.
+fn minute_now() -> u16 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    ((secs / 60) % 1440) as u16
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Progress shared by the transfers and the board writer.
+struct Shared {
+    board: Mutex<Board>,
+    /// Bytes of each image's blobs the cache holds, by reference.
+    done: HashMap<String, AtomicU64>,
+    /// Bytes of each image's blobs in all, once its manifest is known.
+    totals: Mutex<HashMap<String, u64>>,
+    downloaded: AtomicU64,
+}
+
+impl Shared {
+    fn fail(
+        &self,
+        want: &Want,
+        reason: Reason,
+        message: String,
+        earlier: &BTreeMap<String, Failure>,
+    ) {
+        let since = earlier
+            .get(&want.reference)
+            .filter(|f| f.reason == reason)
+            .map_or_else(unix_now, |f| f.since);
+        let mut b = self.board.lock().unwrap_or_else(|p| p.into_inner());
+        b.failures.insert(
+            want.reference.clone(),
+            Failure {
+                reason,
+                message,
+                since,
+                sets: want.sets.clone(),
+            },
+        );
+    }
+}
+
+/// Fetches `wants` into the cache of the node at `paths`. `earlier` are the failures of
+/// the previous round (so `since` says how long an image has been failing), `on_board`
+/// hears of progress about once a second.
+pub async fn fetch(
+    paths: &HostPaths,
+    settings: &Settings,
+    wants: &[Want],
+    opts: &Options,
+    earlier: &BTreeMap<String, Failure>,
+    cancel: &Cancel,
+    on_board: &(dyn Fn(&Board) + Send + Sync),
+) -> Outcome {
+    let mut out = Outcome::default();
+    if wants.is_empty() {
+        return out;
+    }
+    let wait = settings.fetch.wait_minutes(minute_now());
+    if wait > 0 && !opts.ignore_windows {
+        out.waiting_minutes = Some(wait);
+        let mut b = Board {
+            pid: std::process::id(),
+            active: false,
+            ..Default::default()
+        };
+        for w in wants {
+            for s in &w.sets {
+                b.sets.entry(s.clone()).or_default().waiting = Some(format!(
+                    "outside the fetch windows ({}); the next opens in {} min",
+                    settings
+                        .fetch
+                        .windows
+                        .iter()
+                        .map(|w| w.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    wait
+                ));
+            }
+        }
+        b.write(paths);
+        on_board(&b);
+        return out;
+    }
+    let shared = Arc::new(Shared {
+        board: Mutex::new(Board {
+            pid: std::process::id(),
+            active: true,
+            ..Default::default()
+        }),
+        done: wants
+            .iter()
+            .map(|w| (w.reference.clone(), AtomicU64::new(0)))
+            .collect(),
+        totals: Default::default(),
+        downloaded: AtomicU64::new(0),
+    });
+    let work = run(paths, settings, wants, opts, earlier, cancel, &shared);
+    let started = Instant::now();
+    let publish = |final_: bool| {
+        let mut b = shared
+            .board
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        b.active = !final_;
+        let totals = shared.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let rate = shared.downloaded.load(Ordering::Relaxed) as f64
+            / started.elapsed().as_secs_f64().max(0.001);
+        for w in wants {
+            let done = shared
+                .done
+                .get(&w.reference)
+                .map_or(0, |d| d.load(Ordering::Relaxed));
+            let total = totals.get(&w.reference).copied().unwrap_or(0);
+            for s in &w.sets {
+                let p = b.sets.entry(s.clone()).or_default();
+                p.done += done;
+                p.total += total;
+            }
+        }
+        for p in b.sets.values_mut() {
+            p.eta = (rate > 1.0 && p.total > p.done)
+                .then(|| ((p.total - p.done) as f64 / rate).ceil() as u64);
+        }
+        b
+    };
+    tokio::pin!(work);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tick.tick() => {
+                let b = publish(false);
+                b.write(paths);
+                on_board(&b);
+            }
+        }
+    };
+    let b = publish(true);
+    b.write(paths);
+    on_board(&b);
+    out.failures = b.failures.clone();
+    out.fetched = result;
+    out.total = shared
+        .totals
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .values()
+        .sum();
+    out.downloaded = shared.downloaded.load(Ordering::Relaxed);
+    out
+}
+
+/// Resolves, checks and fetches; failures go to the board.
+async fn run(
+    paths: &HostPaths,
+    settings: &Settings,
+    wants: &[Want],
+    opts: &Options,
+    earlier: &BTreeMap<String, Failure>,
+    cancel: &Cancel,
+    shared: &Shared,
+) -> Vec<String> {
+    let mut fetched = Vec::new();
+    let cache = Cache::new(paths.cache_dir());
+    let fail_all = |reason: Reason, msg: String| {
+        for w in wants {
+            shared.fail(w, reason, msg.clone(), earlier);
+        }
+    };
+    let conf = match RegistriesConf::load(paths) {
+        Ok(c) => c,
+        Err(e) => {
+            fail_all(Reason::Failed, format!("{e:#}"));
+            return fetched;
+        }
+    };
+    let client = match Client::new(paths, Retry::default()) {
+        Ok(c) => c.with_max_rate(settings.fetch.max_rate),
+        Err(e) => {
+            fail_all(Reason::Failed, format!("{e:#}"));
+            return fetched;
+        }
+    };
+    let policy = Policy::load(paths);
+    let index = cache.index().unwrap_or_default();
+
+    // Manifests first: nothing else is fetched before the disk check.
+    let jobs = settings.fetch.jobs.max(1);
+    let resolved: Vec<(Want, Result<Resolved>)> = futures_util::stream::iter(wants.iter().cloned())
+        .map(|w| {
+            let (client, conf, policy, index) = (&client, &conf, &policy, &index);
+            async move {
+                if let Err(why) = policy.check(&w.reference) {
+                    return (w, Err(anyhow::Error::msg(why).context(PolicyRefusal)));
+                }
+                // A tag the cache already resolved stays what it was.
+                let reference = match index
+                    .iter()
+                    .find(|e| e.name() == Some(w.reference.as_str()))
+                {
+                    Some(e) => format!("{}@{}", repository_of(&w.reference), e.digest),
+                    None => w.reference.clone(),
+                };
+                let r = resolve(client, conf, &reference).await;
+                (w, r)
+            }
+        })
+        .buffer_unordered(jobs)
+        .collect()
+        .await;
+    let mut images = Vec::new();
+    for (w, r) in resolved {
+        match r {
+            Ok(r) => images.push((w, r)),
+            Err(e) => {
+                let reason = if e.downcast_ref::<PolicyRefusal>().is_some() {
+                    Reason::PolicyRefused
+                } else {
+                    Reason::of(&e)
+                };
+                tracing::warn!("{}: {e:#}", w.reference);
+                shared.fail(&w, reason, format!("{e:#}"), earlier);
+            }
+        }
+    }
+    if images.is_empty() {
+        return fetched;
+    }
+
+    // The disk: the blobs the cache lacks, once each, on the cache's filesystem; the
+    // store's side as OpenShift estimates a pull, twice the compressed size.
+    let mut need_cache = 0u64;
+    let mut need_store = 0u64;
+    let mut seen = HashSet::new();
+    for (w, r) in &images {
+        shared
+            .totals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(w.reference.clone(), r.size());
+        for (d, size) in &r.blobs {
+            if seen.insert(*d) {
+                if cache.has(d).is_none() {
+                    need_cache += size.saturating_sub(cache.partial_len(d));
+                }
+                need_store += size.saturating_mul(2);
+            }
+        }
+        need_cache += r.manifest.len() as u64;
+    }
+    let store_root = crate::store::Store::new(paths, settings).root;
+    let space = check_space(
+        &[
+            SpaceNeed {
+                path: cache.root().to_path_buf(),
+                bytes: need_cache,
+            },
+            SpaceNeed {
+                path: store_root,
+                bytes: need_store,
+            },
+        ],
+        settings.store.min_free_space,
+        Path::new("the images to fetch"),
+    );
+    if let Err(e) = space {
+        let msg = format!(
+            "{e:#} (the cache needs {} for blobs it lacks; the store about {}, twice their compressed size)",
+            human_size(need_cache),
+            human_size(need_store)
+        );
+        tracing::error!("not fetching: {msg}");
+        for (w, _) in &images {
+            shared.fail(w, Reason::NoSpace, msg.clone(), earlier);
+        }
+        return fetched;
+    }
+
+    // Named in the cache before their blobs come, so nothing collects the partials.
+    for (w, r) in &images {
+        let mut names = vec![format!("{}@{}", repository_of(&w.reference), r.digest)];
+        if !names.contains(&w.reference) {
+            names.push(w.reference.clone());
+        }
+        if let Err(e) = r.name_in(&cache, &names) {
+            shared.fail(w, Reason::Failed, format!("{e:#}"), earlier);
+        }
+        // What the cache holds already counts as done.
+        let have: u64 = r
+            .blobs
+            .iter()
+            .map(|(d, s)| {
+                if cache.has(d).is_some() {
+                    *s
+                } else {
+                    cache.partial_len(d).min(*s)
+                }
+            })
+            .sum();
+        if let Some(c) = shared.done.get(&w.reference) {
+            c.store(have, Ordering::Relaxed);
+        }
+    }
+
+    // Each blob once, from the source of the first image that names it.
+    let mut blobs: Vec<(Digest, u64, usize)> = Vec::new();
+    let mut users: HashMap<Digest, Vec<usize>> = HashMap::new();
+    for (i, (_, r)) in images.iter().enumerate() {
+        for (d, size) in &r.blobs {
+            let u = users.entry(*d).or_default();
+            if u.is_empty() {
+                blobs.push((*d, *size, i));
+            }
+            u.push(i);
+        }
+    }
+    let failed: Mutex<HashMap<usize, (Reason, String)>> = Default::default();
+    futures_util::stream::iter(blobs)
+        .for_each_concurrent(jobs, |(d, size, i)| {
+            let (client, cache, images, users, failed) =
+                (&client, &cache, &images, &users, &failed);
+            async move {
+                if cancel.is_cancelled() || cache.has(&d) == Some(size) {
+                    return;
+                }
+                // A window that closes lets what is in flight finish and starts nothing.
+                if !opts.ignore_windows && settings.fetch.wait_minutes(minute_now()) > 0 {
+                    return;
+                }
+                let src = &images[i].1.source;
+                let on_bytes = |n: u64| {
+                    shared.downloaded.fetch_add(n, Ordering::Relaxed);
+                    for u in &users[&d] {
+                        if let Some(c) = shared.done.get(&images[*u].0.reference) {
+                            c.fetch_add(n, Ordering::Relaxed);
+                        }
+                    }
+                };
+                if let Err(e) = client
+                    .fetch_blob_reporting(src, d, size, cache, &on_bytes)
+                    .await
+                {
+                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                    for u in &users[&d] {
+                        f.entry(*u)
+                            .or_insert_with(|| (Reason::of(&e), format!("{e:#}")));
+                    }
+                }
+            }
+        })
+        .await;
+    let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    for (i, (w, r)) in images.iter().enumerate() {
+        let whole = r.blobs.iter().all(|(d, s)| cache.has(d) == Some(*s));
+        if whole {
+            fetched.push(w.reference.clone());
+            let mut b = shared.board.lock().unwrap_or_else(|p| p.into_inner());
+            b.failures.remove(&w.reference);
+            continue;
+        }
+        match failed.get(&i) {
+            Some((reason, msg)) => {
+                tracing::warn!("{}: {msg}", w.reference);
+                shared.fail(w, *reason, msg.clone(), earlier);
+            }
+            None if cancel.is_cancelled() => {}
+            None => shared.fail(
+                w,
+                Reason::Retrying,
+                "the fetch window closed before it was complete".into(),
+                earlier,
+            ),
+        }
+    }
+    fetched
+}
+
+/// Marks a refusal by the node's policy.
+#[derive(Debug, thiserror::Error)]
+#[error("refused by the node's policy")]
+struct PolicyRefusal;
+
+/// The manifest of `reference` from the first source registries.conf gives that serves
+/// it (mirrors in order, then the registry unless it is blocked).
+async fn resolve(client: &Client, conf: &RegistriesConf, reference: &str) -> Result<Resolved> {
+    let sources = conf.pull_sources(reference);
+    if sources.is_empty() {
+        anyhow::bail!(
+            "{reference}: registries.conf blocks its registry and gives no mirror for it"
+        );
+    }
+    let mut errors = Vec::new();
+    let mut last = None;
+    for src in &sources {
+        match client.resolve(reference, src).await {
+            Ok(r) => {
+                if src.mirror {
+                    tracing::info!("{reference}: from mirror {}", src.reference);
+                }
+                return Ok(r);
+            }
+            Err(e) => {
+                tracing::debug!("{reference} from {}: {e:#}", src.reference);
+                errors.push(format!("{}: {e:#}", src.reference));
+                last = Some(e);
+            }
+        }
+    }
+    // The kind of the last error decides (the registry itself comes last).
+    let e = last.expect("a source was tried");
+    let joined = errors.join("; ");
+    Err(e.context(format!("{reference}: no source served it ({joined})")))
+}

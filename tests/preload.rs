@@ -1,0 +1,449 @@
+//! Sets that fetch, against real registries (docker-registry on loopback): a set file's
+//! images come from the registry into the cache, then into the store, pinned; mirrors
+//! come before the source, a blocked source is never contacted, credentials come from
+//! the node's pull secret and a refusal is the set's `Degraded` reason; policy.json is
+//! obeyed; cut connections and a killed daemon cost no byte twice.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::fixture::{self, ImageSpec, LayerSpec, Layout};
+use common::node::{require, Node};
+use common::registry::{start_registry, start_registry_with, Options, Registry};
+
+const TOOLS: &[&str] = &["skopeo", "docker-registry"];
+
+/// Two small images sharing a base layer, written as an OCI layout.
+fn layout(node: &Node, name: &str, sizes: (usize, usize)) -> Layout {
+    fixture::write_oci_layout(
+        &node.scratch(name),
+        &[
+            ImageSpec {
+                reference: "example.com/preload/a:1".into(),
+                layers: vec![
+                    LayerSpec {
+                        seed: 1,
+                        size: sizes.0,
+                    },
+                    LayerSpec {
+                        seed: 2,
+                        size: sizes.1,
+                    },
+                ],
+            },
+            ImageSpec {
+                reference: "example.com/preload/b:1".into(),
+                layers: vec![
+                    LayerSpec {
+                        seed: 1,
+                        size: sizes.0,
+                    },
+                    LayerSpec {
+                        seed: 3,
+                        size: sizes.1,
+                    },
+                ],
+            },
+        ],
+    )
+    .unwrap()
+}
+
+/// Pushes every image of `layout` to `host/preload/<a|b>:1`.
+fn push(layout: &Layout, host: &str, extra: &[&str]) {
+    for img in &layout.images {
+        let repo = img.reference.trim_start_matches("example.com/");
+        let st = Command::new("skopeo")
+            .args(["copy", "-q", "--dest-tls-verify=false"])
+            .args(extra)
+            .arg(layout.transport_ref(&img.reference))
+            .arg(format!("docker://{host}/{repo}"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "skopeo copy to {host}");
+    }
+}
+
+/// The references a set names for the images of `layout` at `host`: a by digest, b by
+/// tag.
+fn references(layout: &Layout, host: &str) -> Vec<String> {
+    vec![
+        format!("{host}/preload/a@{}", layout.images[0].manifest_digest),
+        format!("{host}/preload/b:1"),
+    ]
+}
+
+fn write_set(node: &Node, name: &str, images: &[String], extra: &str) {
+    let dir = node.sysroot.join("etc/longshore/sets.d");
+    fs::create_dir_all(&dir).unwrap();
+    let list: Vec<String> = images.iter().map(|i| format!("{i:?}")).collect();
+    fs::write(
+        dir.join(format!("{name}.toml")),
+        format!("images = [{}]\nallow_tags = true\n{extra}", list.join(", ")),
+    )
+    .unwrap();
+}
+
+fn write_registries_conf(node: &Node, text: &str) {
+    let etc = node.sysroot.join("etc/containers");
+    fs::create_dir_all(&etc).unwrap();
+    fs::write(etc.join("registries.conf"), text).unwrap();
+}
+
+fn pins(node: &Node) -> BTreeSet<String> {
+    let p = node
+        .sysroot
+        .join("etc/crio/crio.conf.d/99-longshore-pinned-images.conf");
+    let Ok(text) = fs::read_to_string(p) else {
+        return BTreeSet::new();
+    };
+    let v: toml::Value = toml::from_str(&text).unwrap();
+    v["crio"]["image"]["pinned_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn fetch_json(node: &Node, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["fetch", "--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&node.ok(&all)).unwrap()
+}
+
+fn set_json(node: &Node, name: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&node.ok(&["sets", "--json"])).unwrap();
+    v["sets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no set {name} in {v}"))
+}
+
+fn condition<'a>(set: &'a serde_json::Value, kind: &str) -> &'a serde_json::Value {
+    set["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == kind)
+        .unwrap()
+}
+
+fn partials(node: &Node) -> Vec<String> {
+    fs::read_dir(node.state_dir().join("cache/blobs/sha256"))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".partial"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn logged(dir: &Path) -> Registry {
+    start_registry_with(
+        dir,
+        &Options {
+            log: true,
+            ..Options::default()
+        },
+    )
+}
+
+#[test]
+fn a_set_file_brings_its_images_from_a_registry_into_the_store_pinned() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = start_registry(&node.scratch("registry"));
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (300_000, 20_000));
+    push(&lay, &host, &[]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    let refs = references(&lay, &host);
+    write_set(&node, "edge", &refs, "");
+
+    let before = set_json(&node, "edge");
+    assert_eq!(condition(&before, "Ready")["status"], false);
+    assert!(
+        condition(&before, "Degraded")["message"]
+            .as_str()
+            .unwrap()
+            .contains("fetched from registries"),
+        "{before}"
+    );
+
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["fetched"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["missing"], 0, "{r}");
+    assert!(r["failures"].as_object().unwrap().is_empty(), "{r}");
+    // The shared base layer crossed once.
+    let blob_bytes: u64 = lay
+        .images
+        .iter()
+        .flat_map(|i| i.layers.iter().map(|l| (l.digest.clone(), l.size)))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .values()
+        .sum();
+    let downloaded = r["downloaded"].as_u64().unwrap();
+    assert!(
+        downloaded >= blob_bytes && downloaded < blob_bytes + 10_000,
+        "downloaded {downloaded}, layers {blob_bytes}"
+    );
+
+    // In the store under the set's names and their digest names, and pinned.
+    let names: BTreeSet<String> = node.store_names().into_iter().collect();
+    let a = format!("{host}/preload/a@{}", lay.images[0].manifest_digest);
+    let b_digest = format!("{host}/preload/b@{}", lay.images[1].manifest_digest);
+    for n in [&a, &b_digest, &refs[1]] {
+        assert!(names.contains(n), "{n} not stored: {names:?}");
+    }
+    let pinned = pins(&node);
+    for n in [&a, &b_digest, &refs[1]] {
+        assert!(pinned.contains(n), "{n} not pinned: {pinned:?}");
+    }
+    let after = set_json(&node, "edge");
+    assert_eq!(condition(&after, "Ready")["reason"], "Pinned", "{after}");
+    assert!(partials(&node).is_empty());
+
+    // Again: nothing to fetch, nothing crosses the link.
+    let again = fetch_json(&node, &[]);
+    assert_eq!(again["downloaded"], 0, "{again}");
+    assert!(again["fetched"].as_array().unwrap().is_empty(), "{again}");
+
+    // A wiped store comes back from the cache alone, with the registry gone.
+    drop(reg);
+    let _ = fs::remove_dir_all(node.store_root());
+    node.ok(&["sync"]);
+    let names: BTreeSet<String> = node.store_names().into_iter().collect();
+    assert!(names.contains(&a) && names.contains(&refs[1]), "{names:?}");
+}
+
+#[test]
+fn a_mirror_comes_before_the_source_and_a_blocked_source_is_never_contacted() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let source = logged(&node.scratch("source"));
+    let mirror = logged(&node.scratch("mirror"));
+    let src = format!("127.0.0.1:{}", source.port);
+    let mir = format!("127.0.0.1:{}", mirror.port);
+    let lay = layout(&node, "layout", (50_000, 5_000));
+    push(&lay, &src, &[]);
+    push(&lay, &mir, &[]);
+    let pushed_to_source = source.requests().len();
+    write_registries_conf(
+        &node,
+        &format!(
+            "[[registry]]\nlocation = \"{src}\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"{mir}\"\ninsecure = true\n"
+        ),
+    );
+    write_set(&node, "edge", &references(&lay, &src), "");
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["missing"], 0, "{r}");
+    // Stored under the source's names, every byte from the mirror.
+    let names = node.store_names();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.starts_with(&format!("{src}/preload/a@"))),
+        "{names:?}"
+    );
+    assert_eq!(
+        source.requests().len(),
+        pushed_to_source,
+        "the source was asked: {:?}",
+        &source.requests()[pushed_to_source..]
+    );
+    assert!(
+        mirror
+            .requests()
+            .iter()
+            .any(|u| u.contains("/blobs/sha256:")),
+        "{:?}",
+        mirror.requests()
+    );
+
+    // A blocked source, and a mirror that lacks the image: the fetch fails with a
+    // clear error, and the source still hears nothing.
+    let other = fixture::write_oci_layout(
+        &node.scratch("other"),
+        &[ImageSpec {
+            reference: "example.com/preload/c:1".into(),
+            layers: vec![LayerSpec {
+                seed: 9,
+                size: 4096,
+            }],
+        }],
+    )
+    .unwrap();
+    for img in &other.images {
+        let st = Command::new("skopeo")
+            .args(["copy", "-q", "--dest-tls-verify=false"])
+            .arg(other.transport_ref(&img.reference))
+            .arg(format!("docker://{src}/preload/c:1"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let pushed = source.requests().len();
+    write_registries_conf(
+        &node,
+        &format!(
+            "[[registry]]\nlocation = \"{src}\"\ninsecure = true\nblocked = true\n\
+             [[registry.mirror]]\nlocation = \"{mir}\"\ninsecure = true\n"
+        ),
+    );
+    let c = format!("{src}/preload/c@{}", other.images[0].manifest_digest);
+    write_set(&node, "more", std::slice::from_ref(&c), "");
+    let out = node.run(&["fetch", "--json", "more"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &r["failures"][&c];
+    assert_eq!(f["reason"], "NotFound", "{r}");
+    assert!(
+        f["message"].as_str().unwrap().contains(&mir),
+        "the error names the mirror tried: {r}"
+    );
+    assert_eq!(
+        source.requests().len(),
+        pushed,
+        "a blocked source was contacted: {:?}",
+        &source.requests()[pushed..]
+    );
+    assert!(partials(&node).is_empty());
+}
+
+#[test]
+fn credentials_come_from_the_pull_secret_and_a_refusal_degrades_the_set() {
+    if !require(&["skopeo", "docker-registry", "htpasswd"]) {
+        return;
+    }
+    let node = Node::new();
+    let reg = start_registry_with(
+        &node.scratch("registry"),
+        &Options {
+            users: vec![("puller".into(), "s3cret".into())],
+            ..Options::default()
+        },
+    );
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (40_000, 4_000));
+    push(&lay, &host, &["--dest-creds", "puller:s3cret"]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    write_set(&node, "edge", &references(&lay, &host), "");
+    let kubelet = node.sysroot.join("var/lib/kubelet");
+    fs::create_dir_all(&kubelet).unwrap();
+    let secret = |user: &str, pass: &str| {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        fs::write(
+            kubelet.join("config.json"),
+            format!("{{\"auths\":{{\"{host}\":{{\"auth\":\"{auth}\"}}}}}}"),
+        )
+        .unwrap();
+    };
+
+    // Wrong credentials: AuthRefused, no retry storm, nothing stored.
+    secret("puller", "wrong");
+    let out = node.run(&["fetch", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for reference in references(&lay, &host) {
+        assert_eq!(r["failures"][&reference]["reason"], "AuthRefused", "{r}");
+    }
+    let msg = serde_json::to_string(&r).unwrap();
+    assert!(!msg.contains("wrong"), "a secret in the report: {msg}");
+    assert!(node.store_names().is_empty());
+
+    // The board stays while a fetcher lives; the daemon's sets say Degraded with the
+    // reason. Here the command has exited, so its board is gone: the set says missing.
+    let set = set_json(&node, "edge");
+    assert_eq!(condition(&set, "Ready")["status"], false);
+
+    // The right ones: in, pinned.
+    secret("puller", "s3cret");
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["missing"], 0, "{r}");
+    assert_eq!(
+        condition(&set_json(&node, "edge"), "Ready")["reason"],
+        "Pinned"
+    );
+}
+
+#[test]
+fn an_image_the_policy_refuses_is_not_fetched() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = logged(&node.scratch("registry"));
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (20_000, 2_000));
+    push(&lay, &host, &[]);
+    let pushed = reg.requests().len();
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    let refs = references(&lay, &host);
+    write_set(&node, "edge", &refs, "");
+    fs::write(
+        node.sysroot.join("etc/containers/policy.json"),
+        format!(
+            r#"{{"default":[{{"type":"insecureAcceptAnything"}}],
+                "transports":{{"docker":{{"{host}/preload/b":[{{"type":"reject"}}]}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let out = node.run(&["fetch", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["failures"][&refs[1]]["reason"], "PolicyRefused", "{r}");
+    assert!(r["failures"].get(&refs[0]).is_none(), "{r}");
+    // a came in; b was never asked for.
+    let names = node.store_names();
+    assert!(names.iter().any(|n| n == &refs[0]), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("preload/b")), "{names:?}");
+    assert!(
+        !reg.requests()[pushed..]
+            .iter()
+            .any(|u| u.contains("preload/b")),
+        "{:?}",
+        reg.requests()
+    );
+}
+
+#[test]
+fn a_set_that_says_fetch_false_is_left_alone() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    write_set(
+        &node,
+        "manual",
+        &["127.0.0.1:1/preload/a:1".to_string()],
+        "fetch = false\n",
+    );
+    let e = node.fails(&["fetch", "manual"], 1);
+    assert!(e.contains("fetch = false"), "{e}");
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["fetched"].as_array().unwrap().len(), 0, "{r}");
+}
