@@ -607,8 +607,13 @@ async fn resolve(client: &Client, conf: &RegistriesConf, reference: &str) -> Res
             }
         }
     }
-    // The kind of the last error decides (the registry itself comes last).
+    // The kind of the last error decides (the registry itself comes last); what the
+    // sources before it said is kept in the message.
     let e = last.expect("a source was tried");
-    let joined = errors.join("; ");
-    Err(e.context(format!("{reference}: no source served it ({joined})")))
+    errors.pop();
+    Err(if errors.is_empty() {
+        e
+    } else {
+        e.context(format!("after {}", errors.join("; ")))
+    })
 }

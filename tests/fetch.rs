@@ -5,160 +5,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::fixture::{self, ImageSpec, LayerSpec};
 use common::node::{require, Node};
+use common::proxy::{start_proxy, Fault};
 use common::registry::start_registry;
 use longshore::cache::Cache;
 use longshore::oci::digest::Digest;
 use longshore::paths::HostPaths;
 use longshore::registry::client::{Client, Retry};
 use longshore::registry::conf::{PullSource, RegistriesConf};
-
-/// What the proxy does to the blob responses it forwards.
-#[derive(Clone, Copy)]
-enum Fault {
-    /// Cut the connection after this many body bytes of each of the first `n` blob
-    /// responses.
-    CutAfter { bytes: u64, times: usize },
-    /// Drop the request's `Range` header, so the registry answers 200 with everything.
-    IgnoreRange,
-    /// Flip one byte of every blob body, at this offset.
-    Corrupt { at: u64 },
-}
-
-/// A one-request-per-connection HTTP proxy in front of the registry.
-struct Proxy {
-    port: u16,
-    /// Request heads it saw.
-    requests: Arc<Mutex<Vec<String>>>,
-    /// Blob body bytes it passed on to the client.
-    body_bytes: Arc<AtomicU64>,
-}
-
-fn start_proxy(upstream: u16, fault: Fault) -> Proxy {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let body_bytes = Arc::new(AtomicU64::new(0));
-    let cuts = Arc::new(AtomicUsize::new(0));
-    let (reqs, bodies) = (requests.clone(), body_bytes.clone());
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let (reqs, bodies, cuts) = (reqs.clone(), bodies.clone(), cuts.clone());
-            std::thread::spawn(move || serve(client, upstream, fault, &reqs, &bodies, &cuts));
-        }
-    });
-    Proxy {
-        port,
-        requests,
-        body_bytes,
-    }
-}
-
-fn serve(
-    client: TcpStream,
-    upstream: u16,
-    fault: Fault,
-    reqs: &Mutex<Vec<String>>,
-    bodies: &AtomicU64,
-    cuts: &AtomicUsize,
-) {
-    client
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .unwrap();
-    let mut reader = BufReader::new(client.try_clone().unwrap());
-    let mut head = String::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let end = line == "\r\n";
-        head.push_str(&line);
-        if end {
-            break;
-        }
-    }
-    reqs.lock().unwrap().push(head.clone());
-    let is_blob = head.starts_with("GET ") && head.contains("/blobs/sha256:");
-    // One request per connection: the client opens a new one for the next.
-    let mut forwarded: String = head
-        .lines()
-        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-        .filter(|l| {
-            !(matches!(fault, Fault::IgnoreRange) && l.to_ascii_lowercase().starts_with("range:"))
-        })
-        .filter(|l| !l.is_empty())
-        .map(|l| format!("{l}\r\n"))
-        .collect();
-    forwarded.push_str("Connection: close\r\n\r\n");
-    let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
-    up.write_all(forwarded.as_bytes()).unwrap();
-    let mut up_reader = BufReader::new(up);
-    // The response head, then the body.
-    let mut out = client;
-    let mut resp_head = Vec::new();
-    loop {
-        let mut line = Vec::new();
-        if up_reader.read_until(b'\n', &mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        resp_head.extend_from_slice(&line);
-        if line == b"\r\n" {
-            break;
-        }
-    }
-    if out.write_all(&resp_head).is_err() {
-        return;
-    }
-    let limit = match fault {
-        Fault::CutAfter { bytes, times }
-            if is_blob && cuts.fetch_add(1, Ordering::SeqCst) < times =>
-        {
-            Some(bytes)
-        }
-        _ => None,
-    };
-    let mut sent = 0u64;
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = match up_reader.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let n = match limit {
-            Some(l) if sent + n as u64 > l => (l - sent) as usize,
-            _ => n,
-        };
-        if let Fault::Corrupt { at } = fault {
-            if is_blob && (sent..sent + n as u64).contains(&at) {
-                buf[(at - sent) as usize] ^= 0xff;
-            }
-        }
-        if out.write_all(&buf[..n]).is_err() {
-            return;
-        }
-        sent += n as u64;
-        if is_blob {
-            bodies.fetch_add(n as u64, Ordering::SeqCst);
-        }
-        if limit.is_some_and(|l| sent >= l) {
-            // Cut mid-blob: the client sees the connection end early.
-            let _ = out.flush();
-            let _ = out.shutdown(Shutdown::Both);
-            return;
-        }
-    }
-}
 
 /// A registry holding one image whose first layer is `size` bytes of file content;
 /// returns the registry, the image and the layer's (digest, size).

@@ -447,3 +447,47 @@ fn a_set_that_says_fetch_false_is_left_alone() {
     let r = fetch_json(&node, &[]);
     assert_eq!(r["fetched"].as_array().unwrap().len(), 0, "{r}");
 }
+
+#[test]
+fn tls_is_verified_against_certs_d_and_an_unknown_ca_is_refused_at_once() {
+    if !require(&["skopeo", "docker-registry", "openssl"]) {
+        return;
+    }
+    let node = Node::new();
+    let (ca, cert, key) = common::registry::test_ca(node.tmp.path());
+    let reg = start_registry_with(
+        &node.scratch("registry"),
+        &Options {
+            tls: Some((cert, key)),
+            ..Options::default()
+        },
+    );
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (30_000, 3_000));
+    push(&lay, &host, &[]);
+    // No registries.conf at all: the registry is reached over TLS, and its CA is not
+    // known yet.
+    write_set(&node, "edge", &references(&lay, &host), "");
+    let t = std::time::Instant::now();
+    let out = node.run(&["fetch", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let f = &r["failures"][&references(&lay, &host)[0]];
+    assert!(f["message"].as_str().unwrap().contains("TLS"), "{r}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "a certificate refusal was retried"
+    );
+    // Its CA in certs.d: in.
+    let dir = node.sysroot.join("etc/containers/certs.d").join(&host);
+    fs::create_dir_all(&dir).unwrap();
+    fs::copy(&ca, dir.join("ca.crt")).unwrap();
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["missing"], 0, "{r}");
+    // A stray key without its certificate is an error that names the file.
+    fs::write(dir.join("client.key"), "x").unwrap();
+    write_set(&node, "more", &[format!("{host}/preload/a:1")], "");
+    let out = node.run(&["fetch", "--json", "more"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("client.key"), "{text}");
+}

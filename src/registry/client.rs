@@ -15,7 +15,8 @@
 //! `WWW-Authenticate`; `Basic` is answered with the repository's credentials
 //! ([`super::auth`]), `Bearer` by asking the named realm for a pull token first.
 //!
-//! Plain HTTP is used only for locations registries.conf marks `insecure`.
+//! TLS is set up per host as containers/image does ([`super::tls`]: the system's CAs,
+//! certs.d); plain HTTP is used only for locations registries.conf marks `insecure`.
 
 use std::time::Duration;
 
@@ -120,10 +121,13 @@ pub struct Fetched {
 
 /// A registry client for one node.
 pub struct Client {
-    http: reqwest::Client,
     paths: HostPaths,
     retry: Retry,
     rate: Option<RateLimit>,
+    /// One HTTP client per host, with that host's TLS set-up ([`super::tls`]).
+    clients: std::sync::Mutex<std::collections::HashMap<String, reqwest::Client>>,
+    /// Hosts registries.conf marks insecure, and the scheme each answered on.
+    insecure: std::sync::Mutex<std::collections::HashMap<String, Option<&'static str>>>,
 }
 
 /// A cap on the bytes per second of every transfer of one client together.
@@ -171,19 +175,49 @@ impl Client {
     /// A client reading credentials from the node at `paths`. Proxy variables
     /// (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`) apply as for any program.
     pub fn new(paths: &HostPaths, retry: Retry) -> Result<Client> {
-        let http = reqwest::Client::builder()
+        Ok(Client {
+            paths: paths.clone(),
+            retry,
+            rate: None,
+            clients: Default::default(),
+            insecure: Default::default(),
+        })
+    }
+
+    /// The HTTP client for `host` (`host[:port]`), made on first use: the system's CAs
+    /// and the host's certs.d, or no verification where registries.conf says insecure.
+    fn http(&self, host: &str) -> Result<reqwest::Client> {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(host) {
+            return Ok(c.clone());
+        }
+        let insecure = self
+            .insecure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(host);
+        let tls = super::tls::client_config(&self.paths, host, insecure)
+            .map_err(|e| FetchError::Other(format!("{host}: {e:#}")))?;
+        let c = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(30))
             // A stalled transfer counts as cut; what arrived stays in the partial.
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("longshore/", env!("CARGO_PKG_VERSION")))
+            .use_preconfigured_tls(tls)
             .build()
             .context("making the HTTP client")?;
-        Ok(Client {
-            http,
-            paths: paths.clone(),
-            retry,
-            rate: None,
-        })
+        clients.insert(host.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// The client for the host of `url`.
+    fn http_for_url(&self, url: &reqwest::Url) -> Result<reqwest::Client> {
+        let host = match (url.host_str(), url.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            (None, _) => bail_other(format!("{url} names no host"))?,
+        };
+        self.http(&host)
     }
 
     /// Caps the bytes per second of all this client's transfers together.
@@ -195,17 +229,32 @@ impl Client {
         self
     }
 
-    fn base_url(&self, src: &PullSource, host: &str) -> Result<String> {
-        if src.insecure {
-            Ok(format!("http://{host}"))
-        } else {
-            // TLS comes with certs.d support; until then only locations registries.conf
-            // marks insecure can be fetched from.
-            Err(FetchError::Other(format!(
-                "{host}: fetching over TLS is not supported yet; only locations marked insecure in registries.conf"
-            ))
-            .into())
+    /// `https://host`; for an insecure location, HTTPS when it answers on it (its
+    /// certificate unchecked), else plain HTTP, as containers/image tries them.
+    async fn base_url(&self, src: &PullSource, host: &str) -> Result<String> {
+        if !src.insecure {
+            return Ok(format!("https://{host}"));
         }
+        let known = {
+            let mut m = self.insecure.lock().unwrap_or_else(|p| p.into_inner());
+            *m.entry(host.to_string()).or_insert(None)
+        };
+        if let Some(scheme) = known {
+            return Ok(format!("{scheme}://{host}"));
+        }
+        let probe = self
+            .http(host)?
+            .get(format!("https://{host}/v2/"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        let scheme = if probe.is_ok() { "https" } else { "http" };
+        tracing::debug!("{host} is insecure in registries.conf; using {scheme}");
+        self.insecure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_string(), Some(scheme));
+        Ok(format!("{scheme}://{host}"))
     }
 
     /// Fetches blob `digest` of `size` bytes of the image `src` names into `cache`,
@@ -237,8 +286,13 @@ impl Client {
         done.resumed_from = Some(cache.partial_len(&digest))
             .filter(|n| *n <= size)
             .unwrap_or(0);
+        // Attempts that moved the blob on do not count against the limit: a link cut
+        // every few megabytes still brings a large blob in, one stretch at a time.
+        let mut in_row = 0;
         loop {
             done.attempts += 1;
+            in_row += 1;
+            let before = cache.partial_len(&digest);
             match self
                 .fetch_once(src, digest, size, cache, &mut done, on_bytes)
                 .await
@@ -248,13 +302,18 @@ impl Client {
                     let retryable = e
                         .downcast_ref::<FetchError>()
                         .is_some_and(FetchError::retryable);
-                    if !retryable || done.attempts >= self.retry.attempts {
+                    // Progress is what the partial kept: bytes of a whole blob whose
+                    // digest was wrong were thrown away, and are none.
+                    if cache.partial_len(&digest) > before {
+                        in_row = 1;
+                    }
+                    if !retryable || in_row >= self.retry.attempts {
                         return Err(e.context(format!(
                             "fetching {digest} from {} ({} attempts)",
                             src.reference, done.attempts
                         )));
                     }
-                    let wait = self.retry.delay(done.attempts);
+                    let wait = self.retry.delay(in_row);
                     tracing::warn!(
                         "fetching {digest} from {}: {e:#}; trying again in {:.1} s",
                         src.reference,
@@ -276,7 +335,10 @@ impl Client {
         on_bytes: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<()> {
         let (host, repo) = split_repository(&src.reference)?;
-        let url = format!("{}/v2/{repo}/blobs/{digest}", self.base_url(src, host)?);
+        let url = format!(
+            "{}/v2/{repo}/blobs/{digest}",
+            self.base_url(src, host).await?
+        );
         // Nothing is made in the cache until the registry answers with the blob.
         let from = Some(cache.partial_len(&digest))
             .filter(|n| *n <= size)
@@ -384,8 +446,9 @@ impl Client {
         from: Option<u64>,
         accept: Option<&str>,
     ) -> Result<reqwest::Response> {
+        let http = self.http(host)?;
         let request = |auth: Option<&str>| {
-            let mut r = self.http.get(url);
+            let mut r = http.get(url);
             if let Some(n) = from {
                 r = r.header(reqwest::header::RANGE, format!("bytes={n}-"));
             }
@@ -397,7 +460,7 @@ impl Client {
             }
             r
         };
-        let transient = |e: reqwest::Error| FetchError::Transient(format!("{url}: {e}"));
+        let transient = |e: reqwest::Error| of_send_error(url, &e);
         let resp = request(None).send().await.map_err(transient)?;
         if resp.status().as_u16() != 401 {
             return Ok(resp);
@@ -453,7 +516,8 @@ impl Client {
         let bad_realm =
             |e: &dyn std::fmt::Display| FetchError::Other(format!("realm {realm:?}: {e}"));
         let url = reqwest::Url::parse_with_params(&realm, &q).map_err(|e| bad_realm(&e))?;
-        let mut r = self.http.get(url);
+        let http = self.http_for_url(&url)?;
+        let mut r = http.get(url);
         match creds {
             Some(Credentials::Basic { username, password }) => {
                 r = r.header(reqwest::header::AUTHORIZATION, basic(username, password));
@@ -469,8 +533,7 @@ impl Client {
                 if let Some(s) = &service {
                     form.query_pairs_mut().append_pair("service", s);
                 }
-                r = self
-                    .http
+                r = http
                     .post(reqwest::Url::parse(&realm).map_err(|e| bad_realm(&e))?)
                     .header(
                         reqwest::header::CONTENT_TYPE,
@@ -480,10 +543,7 @@ impl Client {
             }
             None => {}
         }
-        let resp = r
-            .send()
-            .await
-            .map_err(|e| FetchError::Transient(format!("{realm}: {e}")))?;
+        let resp = r.send().await.map_err(|e| of_send_error(&realm, &e))?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(FetchError::of_status(&realm, status).into());
@@ -549,6 +609,51 @@ struct AnyManifest {
     layers: Vec<Desc>,
     #[serde(default)]
     manifests: Vec<Desc>,
+}
+
+/// A request that got no answer: worth retrying (a cut, a timeout, a refused
+/// connection), unless TLS refused the server, which another try will not change.
+fn of_send_error(url: &str, e: &reqwest::Error) -> FetchError {
+    let mut all = String::new();
+    let mut tls = false;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>()
+            || err
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+        {
+            tls = true;
+        }
+        let text = err.to_string();
+        // rustls's own words, for when its error is boxed out of reach of a downcast.
+        tls |= [
+            "invalid peer certificate",
+            "received fatal alert",
+            "peer is incompatible",
+        ]
+        .iter()
+        .any(|w| text.starts_with(w));
+        if !all.contains(&text) {
+            if !all.is_empty() {
+                all += ": ";
+            }
+            all += &text;
+        }
+        cur = err.source();
+    }
+    if tls {
+        FetchError::Other(format!(
+            "{url}: TLS: {all} (is the registry's CA in /etc/containers/certs.d/HOST:PORT/*.crt?)"
+        ))
+    } else {
+        FetchError::Transient(format!("{url}: {all}"))
+    }
+}
+
+fn bail_other<T>(msg: String) -> Result<T> {
+    Err(FetchError::Other(msg).into())
 }
 
 fn parse_digest(what: &str, d: &str) -> Result<Digest> {
@@ -655,7 +760,7 @@ impl Client {
     /// this node's platform), checked against the digest the reference gives.
     pub async fn resolve(&self, reference: &str, src: &PullSource) -> Result<Resolved> {
         let (host, repo) = split_repository(&src.reference)?;
-        let base = self.base_url(src, host)?;
+        let base = self.base_url(src, host).await?;
         // The tag or digest as the reference gives it.
         let tail = match src.reference.find('@') {
             Some(i) => src.reference[i + 1..].to_string(),

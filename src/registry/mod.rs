@@ -9,3 +9,4 @@ pub mod auth;
 pub mod client;
 pub mod conf;
 pub mod policy;
+pub mod tls;

@@ -6,6 +6,7 @@ pub mod fixture;
 pub mod loopdev;
 pub mod node;
 pub mod notify;
+pub mod proxy;
 pub mod rawtar;
 pub mod registry;
 pub mod usermgr;
