@@ -491,3 +491,251 @@ fn tls_is_verified_against_certs_d_and_an_unknown_ca_is_refused_at_once() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("client.key"), "{text}");
 }
+
+/// Bytes of the distinct blobs (configs and layers) of `layout`'s images.
+fn blob_bytes(layout: &Layout) -> u64 {
+    let mut seen = std::collections::BTreeMap::new();
+    for i in &layout.images {
+        for l in &i.layers {
+            seen.insert(l.digest.clone(), l.size);
+        }
+        let config = layout.blob_path(&i.config_digest);
+        seen.insert(i.config_digest.clone(), fs::metadata(config).unwrap().len());
+    }
+    seen.values().sum()
+}
+
+#[test]
+fn a_link_cut_every_megabyte_still_brings_the_set_in_and_no_byte_crosses_twice() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = start_registry(&node.scratch("registry"));
+    // Every blob response is cut after 1 MiB, however often it is asked for again.
+    let proxy = common::proxy::start_proxy(
+        reg.port,
+        common::proxy::Fault::CutAfter {
+            bytes: 1 << 20,
+            times: usize::MAX,
+        },
+    );
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let lay = layout(&node, "layout", (6 << 20, 3 << 20));
+    push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    write_set(&node, "edge", &references(&lay, &host), "");
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["missing"], 0, "{r}");
+    let size = blob_bytes(&lay);
+    let crossed = proxy.body_bytes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        crossed as f64 <= size as f64 * 1.05,
+        "{crossed} bytes crossed for a set of {size}"
+    );
+    assert!(crossed >= size, "{crossed} < {size}");
+    // It was cut: several requests asked for the rest of a blob.
+    // It was cut: each blob was asked for again at each MiB it reached.
+    let resumed = proxy
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.to_ascii_lowercase().contains("range: bytes="))
+        .count();
+    let cuts: u64 = lay
+        .images
+        .iter()
+        .flat_map(|i| i.layers.iter().map(|l| (l.digest.clone(), l.size)))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .values()
+        .map(|s| (s - 1) >> 20)
+        .sum();
+    assert!(cuts >= 2, "the layers are too small to be cut: {cuts}");
+    assert!(
+        resumed as u64 >= cuts,
+        "{resumed} resumed requests, {cuts} cuts"
+    );
+    assert!(partials(&node).is_empty());
+}
+
+fn wait_for_set(
+    node: &Node,
+    name: &str,
+    secs: u64,
+    what: &str,
+    mut done: impl FnMut(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let out = node.run(&["sets", "--json"]);
+        if out.status.success() {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if let Some(s) = v["sets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == name)
+            {
+                if done(s) {
+                    return s.clone();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "waited {secs} s for set {name} to be {what}: {s}"
+                );
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_daemon_fetches_in_the_background_and_resumes_after_it_is_killed_mid_blob() {
+    if !require(&[
+        "skopeo",
+        "docker-registry",
+        "dbus-daemon",
+        "systemctl",
+        "busctl",
+    ]) {
+        return;
+    }
+    let (_um, node) = common::usermgr::UserManager::with_crio();
+    let reg = start_registry(&node.scratch("registry"));
+    // A slow link, so the daemon can be killed in the middle of the large layer.
+    let proxy = common::proxy::start_proxy(
+        reg.port,
+        common::proxy::Fault::Slow {
+            bytes_per_sec: 2 << 20,
+        },
+    );
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let lay = layout(&node, "layout", (8 << 20, 100_000));
+    push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    write_set(&node, "edge", &references(&lay, &host), "");
+
+    let daemon = common::daemon::Daemon::start(&node);
+    let big = lay.images[0].layers[0]
+        .digest
+        .trim_start_matches("sha256:")
+        .to_string();
+    let partial = node
+        .state_dir()
+        .join(format!("cache/blobs/sha256/{big}.partial"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while fs::metadata(&partial).map_or(0, |m| m.len()) < 1 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no partial grew:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    daemon.kill();
+    let kept = fs::metadata(&partial).unwrap().len();
+    let layer_size = lay.images[0].layers[0].size;
+    assert!(
+        kept >= 1 << 20 && kept < layer_size,
+        "{kept} of {layer_size}"
+    );
+
+    // Started again, it carries on from the partial; meanwhile the set says so.
+    let daemon = common::daemon::Daemon::start(&node);
+    let mut fetching = None;
+    let ready = wait_for_set(&node, "edge", 90, "pinned", |s| {
+        let p = condition(s, "Progressing");
+        if p["reason"] == "Fetching" {
+            fetching = Some(p["message"].as_str().unwrap().to_string());
+        }
+        condition(s, "Ready")["reason"] == "Pinned"
+    });
+    let fetching = fetching.unwrap_or_else(|| panic!("never saw Fetching:\n{}", daemon.log()));
+    assert!(fetching.contains(" of "), "{fetching}");
+    assert_eq!(condition(&ready, "Degraded")["status"], false, "{ready}");
+    let size = blob_bytes(&lay);
+    let crossed = proxy.body_bytes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        crossed as f64 <= size as f64 * 1.05,
+        "{crossed} bytes crossed for a set of {size}"
+    );
+    let heads = proxy.requests.lock().unwrap().clone();
+    assert!(
+        heads.iter().any(|h| h.contains(&big)
+            && h.to_ascii_lowercase()
+                .contains(&format!("range: bytes={kept}-"))),
+        "the large layer was not resumed at {kept}: {heads:?}"
+    );
+    assert!(pins(&node).contains(&references(&lay, &host)[1]));
+    drop(daemon);
+}
+
+#[test]
+fn the_daemon_says_why_a_set_cannot_be_fetched_and_fetch_goes_through_it() {
+    if !require(&[
+        "skopeo",
+        "docker-registry",
+        "htpasswd",
+        "dbus-daemon",
+        "systemctl",
+    ]) {
+        return;
+    }
+    let (_um, node) = common::usermgr::UserManager::with_crio();
+    let reg = start_registry_with(
+        &node.scratch("registry"),
+        &Options {
+            users: vec![("puller".into(), "s3cret".into())],
+            ..Options::default()
+        },
+    );
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (40_000, 4_000));
+    push(&lay, &host, &["--dest-creds", "puller:s3cret"]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    let kubelet = node.sysroot.join("var/lib/kubelet");
+    fs::create_dir_all(&kubelet).unwrap();
+    let secret = |pass: &str| {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("puller:{pass}"));
+        fs::write(
+            kubelet.join("config.json"),
+            format!("{{\"auths\":{{\"{host}\":{{\"auth\":\"{auth}\"}}}}}}"),
+        )
+        .unwrap();
+    };
+    secret("wrong");
+    write_set(&node, "edge", &references(&lay, &host), "");
+    let _daemon = common::daemon::Daemon::start(&node);
+    let degraded = wait_for_set(&node, "edge", 30, "degraded", |s| {
+        condition(s, "Degraded")["reason"] == "AuthRefused"
+    });
+    let msg = condition(&degraded, "Degraded")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains(&references(&lay, &host)[0]) && msg.contains("since"),
+        "{msg}"
+    );
+    assert!(!msg.contains("wrong"), "{msg}");
+
+    // Fixed: `longshore fetch` asks the daemon, which fetches now and answers.
+    secret("s3cret");
+    let r = fetch_json(&node, &["edge"]);
+    assert_eq!(r["missing"], 0, "{r}");
+    let set = wait_for_set(&node, "edge", 10, "pinned", |s| {
+        condition(s, "Ready")["reason"] == "Pinned"
+    });
+    assert_eq!(condition(&set, "Degraded")["status"], false, "{set}");
+}

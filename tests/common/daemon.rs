@@ -50,6 +50,14 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Kills it with SIGKILL, as a power cut or the OOM killer would, and waits.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);

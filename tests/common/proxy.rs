@@ -18,6 +18,9 @@ pub enum Fault {
     IgnoreRange,
     /// Flip one byte of every blob body, at this offset.
     Corrupt { at: u64 },
+    /// Pass blob bodies on at this many bytes per second: a slow link, whose sender
+    /// has little in flight when the receiver goes away.
+    Slow { bytes_per_sec: u64 },
 }
 
 /// A one-request-per-connection HTTP proxy in front of the registry.
@@ -136,6 +139,9 @@ fn serve(
         sent += n as u64;
         if is_blob {
             bodies.fetch_add(n as u64, Ordering::SeqCst);
+            if let Fault::Slow { bytes_per_sec } = fault {
+                std::thread::sleep(Duration::from_secs_f64(n as f64 / bytes_per_sec as f64));
+            }
         }
         if limit.is_some_and(|l| sent >= l) {
             // Cut mid-blob: the client sees the connection end early.
