@@ -182,6 +182,17 @@ pub struct Outcome {
     pub waiting_minutes: Option<u16>,
 }
 
+impl Outcome {
+    /// Adds what a later fetch of other images did.
+    pub fn merge(&mut self, next: Outcome) {
+        self.fetched.extend(next.fetched);
+        self.failures.extend(next.failures);
+        self.downloaded += next.downloaded;
+        self.total += next.total;
+        self.waiting_minutes = self.waiting_minutes.or(next.waiting_minutes);
+    }
+}
+
 /// Options of one fetch.
 #[derive(Debug, Clone, Default)]
 pub struct Options {

@@ -24,6 +24,7 @@ pub mod paths;
 pub mod process;
 pub mod progress;
 pub mod registry;
+pub mod release;
 pub mod report;
 pub mod sets;
 pub mod state;

@@ -25,7 +25,10 @@ use crate::store::StoredNames;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SetFile {
+    #[serde(default)]
     images: Vec<String>,
+    #[serde(default)]
+    release: Option<String>,
     #[serde(default = "yes")]
     pinned: bool,
     #[serde(default)]
@@ -76,6 +79,12 @@ pub struct SetDef {
     /// Whether images neither the store nor the cache holds are fetched from registries
     /// (set files, unless they say `fetch = false`; a bundle's sets come with it).
     pub fetch: bool,
+    /// The release image the set is named by (`release =`); its payload images are in
+    /// `images` once known.
+    pub release: Option<String>,
+    /// Why the set cannot be complete yet though every image it lists may be present
+    /// (a release whose payload has not been read).
+    pub pending: Option<String>,
 }
 
 /// Largest set file read (a release's thousand images take about 100 KiB).
@@ -86,7 +95,24 @@ pub fn load_files(paths: &HostPaths) -> Result<Vec<SetDef>> {
     let dirs: Vec<PathBuf> = paths.config_dirs.iter().map(|d| d.join("sets.d")).collect();
     let mut out = Vec::new();
     for path in fragment_files(&dirs, "toml")? {
-        out.push(load_file(&path)?);
+        let mut def = load_file(&path)?;
+        if let Some(r) = def.release.clone() {
+            match crate::release::recorded(paths, &r) {
+                Some(p) => {
+                    for i in p.images {
+                        if !def.images.contains(&i) {
+                            def.images.push(i);
+                        }
+                    }
+                }
+                None => {
+                    def.pending = Some(format!(
+                        "the payload of release {r} is read once the release image is in the cache"
+                    ))
+                }
+            }
+        }
+        out.push(def);
     }
     Ok(out)
 }
@@ -116,6 +142,31 @@ fn load_file(path: &Path) -> Result<SetDef> {
 pub fn parse_file(path: &Path, name: String, text: &str) -> Result<SetDef> {
     let f: SetFile =
         toml::from_str(text).with_context(|| format!("set file {}", path.display()))?;
+    let mut images = f.images.clone();
+    if let Some(r) = &f.release {
+        match split_reference(r) {
+            Some((_, RefTail::Digest(_))) => {}
+            Some((_, RefTail::Tag(_))) if f.allow_tags => {}
+            Some((_, RefTail::Tag(_))) => anyhow::bail!(
+                "set file {}: release {r:?} is named by tag; name it by digest (repository@sha256:…), or set allow_tags = true",
+                path.display()
+            ),
+            None => anyhow::bail!(
+                "set file {}: release {} is not a full image reference: {}",
+                path.display(),
+                crate::untrusted::quote(r.as_bytes()),
+                crate::oci::reference::parse(r).err().unwrap_or_default()
+            ),
+        }
+        if !images.contains(r) {
+            images.insert(0, r.clone());
+        }
+    } else if f.images.is_empty() {
+        anyhow::bail!(
+            "set file {}: it names no image: give `images = [...]` or `release = \"...\"`",
+            path.display()
+        );
+    }
     let mut seen = BTreeSet::new();
     for r in &f.images {
         match split_reference(r) {
@@ -138,7 +189,7 @@ pub fn parse_file(path: &Path, name: String, text: &str) -> Result<SetDef> {
     }
     Ok(SetDef {
         name,
-        images: f.images,
+        images,
         pinned: f.pinned,
         critical: f.critical,
         source: Source::File {
@@ -146,6 +197,8 @@ pub fn parse_file(path: &Path, name: String, text: &str) -> Result<SetDef> {
         },
         previous: vec![],
         fetch: f.fetch,
+        release: f.release,
+        pending: None,
     })
 }
 
@@ -172,6 +225,8 @@ pub fn effective(state: &State, files: Vec<SetDef>) -> Vec<SetDef> {
                 },
                 previous: s.previous.clone(),
                 fetch: false,
+                release: None,
+                pending: None,
             },
         );
     }
@@ -319,7 +374,7 @@ pub fn evaluate(
                 names,
             });
         }
-        let complete = missing.is_empty();
+        let complete = missing.is_empty() && def.pending.is_none();
         let pins: Vec<String> = if !def.pinned {
             vec![]
         } else if complete {
@@ -367,6 +422,8 @@ fn conditions(
             "ImagesMissing",
             format!("{} of {total} images are not in the store", missing.len()),
         )
+    } else if let Some(p) = &def.pending {
+        (false, "ReleasePending", p.clone())
     } else if importing {
         // Present, but not pinned yet: the import is still under way.
         (

@@ -739,3 +739,183 @@ fn the_daemon_says_why_a_set_cannot_be_fetched_and_fetch_goes_through_it() {
     });
     assert_eq!(condition(&set, "Degraded")["status"], false, "{set}");
 }
+
+#[test]
+fn a_set_that_does_not_fit_is_refused_before_its_first_blob_with_the_numbers() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = logged(&node.scratch("registry"));
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (200_000, 20_000));
+    push(&lay, &host, &[]);
+    let pushed = reg.requests().len();
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    write_set(&node, "edge", &references(&lay, &host), "");
+    node.write_config("60-floor.toml", "[store]\nmin_free_space = \"1000TiB\"\n");
+    let out = node.run(&["fetch", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for reference in references(&lay, &host) {
+        let f = &r["failures"][&reference];
+        assert_eq!(f["reason"], "NoSpace", "{r}");
+        let m = f["message"].as_str().unwrap();
+        assert!(
+            m.contains("must stay free") && m.contains("twice their compressed size"),
+            "{m}"
+        );
+    }
+    let asked: Vec<String> = reg.requests()[pushed..].to_vec();
+    assert!(asked.iter().any(|u| u.contains("/manifests/")), "{asked:?}");
+    assert!(
+        !asked.iter().any(|u| u.contains("/blobs/")),
+        "a blob before the check: {asked:?}"
+    );
+    assert!(partials(&node).is_empty());
+    let index = node.state_dir().join("cache/index.json");
+    let named = fs::read_to_string(index).unwrap_or_default();
+    assert!(!named.contains("preload"), "{named}");
+}
+
+/// A fake OpenShift release image in an OCI layout under `dir`, named `release:1`: a
+/// config with the `io.openshift.release` label, and one layer holding
+/// `release-manifests/image-references`, an ImageStream naming `payload`. Returns the
+/// layout's `oci:` reference and the manifest digest.
+fn release_image(dir: &Path, payload: &[String]) -> (String, String) {
+    use sha2::Digest as _;
+    let sha = |b: &[u8]| format!("sha256:{}", hex(&sha2::Sha256::digest(b)));
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = sha(b);
+        fs::write(blobs.join(d.trim_start_matches("sha256:")), b).unwrap();
+        d
+    };
+    let tags: Vec<String> = payload
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            format!(r#"{{"name":"component-{i}","from":{{"kind":"DockerImage","name":"{p}"}}}}"#)
+        })
+        .collect();
+    let stream = format!(
+        r#"{{"kind":"ImageStream","apiVersion":"image.openshift.io/v1","metadata":{{"name":"4.99.0-test"}},"spec":{{"tags":[{}]}}}}"#,
+        tags.join(",")
+    );
+    let mut tar_bytes = Vec::new();
+    {
+        let mut b = tar::Builder::new(&mut tar_bytes);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(stream.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, IMAGE_REFERENCES_PATH, stream.as_bytes())
+            .unwrap();
+        b.finish().unwrap();
+    }
+    let diff_id = sha(&tar_bytes);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar_bytes).unwrap();
+    let layer = gz.finish().unwrap();
+    let config = format!(
+        r#"{{"architecture":"{}","os":"linux","config":{{"Labels":{{"io.openshift.release":"4.99.0-test"}}}},"rootfs":{{"type":"layers","diff_ids":["{diff_id}"]}}}}"#,
+        fixture::oci_arch()
+    );
+    let (cd, ld) = (put(config.as_bytes()), put(&layer));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{ld}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let md = put(manifest.as_bytes());
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(
+        dir.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{},"annotations":{{"org.opencontainers.image.ref.name":"release:1"}}}}]}}"#,
+            manifest.len()
+        ),
+    )
+    .unwrap();
+    (format!("oci:{}:release:1", dir.display()), md)
+}
+
+const IMAGE_REFERENCES_PATH: &str = "release-manifests/image-references";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn a_release_named_by_its_image_expands_to_its_payload() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = start_registry(&node.scratch("registry"));
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (30_000, 3_000));
+    push(&lay, &host, &[]);
+    let payload: Vec<String> = lay
+        .images
+        .iter()
+        .map(|i| {
+            format!(
+                "{host}/{}@{}",
+                i.reference
+                    .trim_start_matches("example.com/")
+                    .trim_end_matches(":1"),
+                i.manifest_digest
+            )
+        })
+        .collect();
+    let (src, digest) = release_image(&node.scratch("release"), &payload);
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--dest-tls-verify=false", &src])
+        .arg(format!("docker://{host}/ocp/release:4.99.0-test"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    let dir = node.sysroot.join("etc/longshore/sets.d");
+    fs::create_dir_all(&dir).unwrap();
+    // By tag: refused unless the file allows tags.
+    fs::write(
+        dir.join("upgrade.toml"),
+        format!("release = \"{host}/ocp/release:4.99.0-test\"\n"),
+    )
+    .unwrap();
+    let e = node.fails(&["sets"], 1);
+    assert!(e.contains("named by tag"), "{e}");
+    let release = format!("{host}/ocp/release@{digest}");
+    fs::write(
+        dir.join("upgrade.toml"),
+        format!("release = \"{release}\"\n"),
+    )
+    .unwrap();
+
+    let before = set_json(&node, "upgrade");
+    assert_eq!(before["images"].as_array().unwrap().len(), 1, "{before}");
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["missing"], 0, "{r}");
+    let set = set_json(&node, "upgrade");
+    let images: BTreeSet<String> = set["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["reference"].as_str().unwrap().to_string())
+        .collect();
+    let mut want: BTreeSet<String> = payload.iter().cloned().collect();
+    want.insert(release.clone());
+    assert_eq!(images, want, "the release and its payload, each once");
+    assert_eq!(condition(&set, "Ready")["reason"], "Pinned", "{set}");
+    let pinned = pins(&node);
+    assert!(want.iter().all(|w| pinned.contains(w)), "{pinned:?}");
+}

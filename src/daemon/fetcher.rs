@@ -141,6 +141,11 @@ impl Fetcher {
         }
         tracing::info!("fetching {} images from registries", wants.len());
         let outcome = self.fetch(&wants, &Options::default()).await;
+        // A release whose image came in: its payload is wanted next, at once.
+        if engine::expand_releases(&self.paths) > 0 {
+            let _ = self.jobs.send(Job::Sync);
+            return Some(Duration::ZERO);
+        }
         if !outcome.fetched.is_empty() {
             let _ = self.jobs.send(Job::Heal);
         } else {
@@ -176,14 +181,19 @@ impl Fetcher {
         let res = async {
             let before = self.views().await?;
             let wants = engine::wanted(&self.paths, &before, &order.sets)?;
-            let outcome = self
-                .fetch(
-                    &wants,
-                    &Options {
-                        ignore_windows: true,
-                    },
-                )
-                .await;
+            let now = Options {
+                ignore_windows: true,
+            };
+            let mut wants = wants;
+            let mut outcome = self.fetch(&wants, &now).await;
+            if engine::expand_releases(&self.paths) > 0 {
+                let more = engine::wanted(&self.paths, &self.views().await?, &order.sets)?;
+                let next = self.fetch(&more, &now).await;
+                let failures = outcome.failures.clone();
+                outcome.merge(next);
+                self.failures.extend(failures);
+                wants.extend(more);
+            }
             let (tx, rx) = oneshot::channel();
             self.jobs
                 .send(Job::HealReply(tx))

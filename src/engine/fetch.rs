@@ -45,6 +45,29 @@ pub fn wanted(paths: &HostPaths, views: &[SetView], only: &[String]) -> Result<V
     Ok(by_ref.into_values().collect())
 }
 
+/// Reads the payload of every release a fetching set file names whose release image the
+/// cache now holds whole and whose payload is not known yet. Returns how many were read;
+/// one that cannot be read is logged and left pending.
+pub fn expand_releases(paths: &HostPaths) -> usize {
+    let Ok(files) = sets::load_files(paths) else {
+        return 0;
+    };
+    let cache = Cache::new(paths.cache_dir());
+    let mut n = 0;
+    for f in files.iter().filter(|f| f.pending.is_some()) {
+        let Some(r) = &f.release else { continue };
+        if cache.complete(r).is_none() {
+            tracing::debug!("set {}: release {r} is not in the cache whole yet", f.name);
+            continue;
+        }
+        match crate::release::expand(paths, &cache, r) {
+            Ok(_) => n += 1,
+            Err(e) => tracing::error!("set {}: {e:#}", f.name),
+        }
+    }
+    n
+}
+
 /// What `longshore fetch` did.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -134,11 +157,11 @@ impl Engine {
         on_board: &(dyn Fn(&Board) + Send + Sync),
     ) -> Result<FetchReport> {
         let views = self.sync().await?;
-        let wants = wanted(&self.paths, &views, only)?;
+        let mut wants = wanted(&self.paths, &views, only)?;
         let earlier = Board::read(&self.paths)
             .map(|b| b.failures)
             .unwrap_or_default();
-        let outcome = crate::fetch::fetch(
+        let mut outcome = crate::fetch::fetch(
             &self.paths,
             &self.settings,
             &wants,
@@ -148,6 +171,23 @@ impl Engine {
             on_board,
         )
         .await;
+        // A release's payload is known once its image is in: then that is fetched too.
+        if expand_releases(&self.paths) > 0 {
+            let views = self.sync().await?;
+            let more = wanted(&self.paths, &views, only)?;
+            let next = crate::fetch::fetch(
+                &self.paths,
+                &self.settings,
+                &more,
+                opts,
+                &outcome.failures,
+                &self.cancel,
+                on_board,
+            )
+            .await;
+            outcome.merge(next);
+            wants.extend(more);
+        }
         let after = self.heal().await?;
         Board::clear(&self.paths);
         Ok(FetchReport::new(outcome, &views, after, &wants, only))
