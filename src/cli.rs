@@ -269,9 +269,15 @@ struct CreateArgs {
     /// that speaks plain HTTP).
     #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
     tls_verify: bool,
+    /// A whole OpenShift upgrade: the release image (by digest, or by tag) and every
+    /// payload image its release-manifests/image-references names, taken from this
+    /// node's cache where it holds them whole, else from their registries.
+    #[arg(long, value_name = "PULLSPEC")]
+    release: Option<String>,
     /// Images: oci:DIR:REF, oci-archive:FILE[:REF], docker-archive:FILE, dir:DIR,
-    /// containers-storage:REF, docker://REF; append =REGISTRY/REPO:TAG to name one.
-    #[arg(required = true, value_name = "SOURCE")]
+    /// containers-storage:REF, docker://REF, or cache:REF for an image this node's cache
+    /// holds; append =REGISTRY/REPO:TAG to name one.
+    #[arg(required_unless_present = "release", value_name = "SOURCE")]
     sources: Vec<SourceArg>,
 }
 
@@ -479,16 +485,58 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 Some(n) => n,
                 None => crate::bundle::foreign::implicit_name(&a.output),
             };
+            let cache = crate::cache::Cache::new(paths.cache_dir());
+            let mut sources = a.sources.clone();
+            let mut version = a.version;
+            if let Some(release) = &a.release {
+                let payload = match crate::release::from_cache(&cache, release) {
+                    Ok(p) => p,
+                    Err(_) => {
+                        write::release_payload(release, &settings.skopeo, a.tls_verify).await?
+                    }
+                };
+                tracing::info!(
+                    "release {release} ({}): {} payload images",
+                    payload.version,
+                    payload.images.len()
+                );
+                version = version.or(Some(payload.version.clone()));
+                for r in std::iter::once(release).chain(&payload.images) {
+                    // Each from the cache when it holds it whole, else from its registry.
+                    let source = if cache.complete(r).is_some() {
+                        format!("cache:{r}")
+                    } else {
+                        format!("docker://{r}")
+                    };
+                    sources.push(SourceArg {
+                        source,
+                        name: Some(r.clone()),
+                    });
+                }
+            }
             let opts = CreateOptions {
                 set: a.set.unwrap_or_else(|| name.clone()),
                 name,
-                version: a.version,
+                version,
                 pinned: !a.no_pin,
                 critical: a.critical,
                 tls_verify: a.tls_verify,
             };
-            let (digest, meta) =
-                write::create(&a.output, &a.sources, &opts, &settings.skopeo).await?;
+            let views = a.output.with_file_name(format!(
+                ".{}.views{}",
+                a.output
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                std::process::id()
+            ));
+            let made = write::cache_sources(&cache, &mut sources, &views);
+            let res = match made {
+                Ok(()) => write::create(&a.output, &sources, &opts, &settings.skopeo).await,
+                Err(e) => Err(e),
+            };
+            let _ = std::fs::remove_dir_all(&views);
+            let (digest, meta) = res?;
             println!(
                 "wrote bundle {} ({} images) to {}\ndigest {digest}",
                 meta.name,

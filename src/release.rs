@@ -68,31 +68,7 @@ pub fn recorded(paths: &HostPaths, release: &str) -> Option<Payload> {
 /// Reads the payload of `release` from the cache (which must hold the image whole under
 /// that name) and records it.
 pub fn expand(paths: &HostPaths, cache: &Cache, release: &str) -> Result<Payload> {
-    let entry = cache
-        .complete(release)
-        .with_context(|| format!("the cache does not hold release image {release} whole"))?;
-    let manifest = cache.read(&entry.digest, crate::bundle::format::MAX_DOCUMENT)?;
-    let (config, layers) = crate::oci::sized_blobs_of_manifest(&manifest)
-        .with_context(|| format!("release image {release}: not an image manifest"))?;
-    let config_bytes = cache.read(&config.0, crate::bundle::format::MAX_DOCUMENT)?;
-    let version = release_label(&config_bytes).with_context(|| {
-        format!("{release} is not a release image: its config has no {RELEASE_LABEL} label")
-    })?;
-    let last = layers
-        .last()
-        .with_context(|| format!("release image {release} has no layers"))?;
-    let file = std::fs::File::open(cache.blob(&last.0))
-        .with_context(|| format!("opening {}", cache.blob(&last.0).display()))?;
-    let text = find_references(file)
-        .with_context(|| format!("release image {release}, layer {}", last.0))?;
-    let images = parse_references(&text)
-        .with_context(|| format!("release image {release}: {IMAGE_REFERENCES}"))?;
-    let payload = Payload {
-        release: release.to_string(),
-        digest: entry.digest,
-        version,
-        images,
-    };
+    let payload = from_cache(cache, release)?;
     let p = record_path(paths, release);
     std::fs::create_dir_all(p.parent().expect("in a directory"))
         .with_context(|| format!("creating {}", p.display()))?;
@@ -105,6 +81,46 @@ pub fn expand(paths: &HostPaths, cache: &Cache, release: &str) -> Result<Payload
     Ok(payload)
 }
 
+/// The payload of `release`, which the cache holds whole under that name.
+pub fn from_cache(cache: &Cache, release: &str) -> Result<Payload> {
+    let entry = cache
+        .complete(release)
+        .with_context(|| format!("the cache does not hold release image {release} whole"))?;
+    let manifest = cache.read(&entry.digest, crate::bundle::format::MAX_DOCUMENT)?;
+    let (config, layers) = crate::oci::sized_blobs_of_manifest(&manifest)
+        .with_context(|| format!("release image {release}: not an image manifest"))?;
+    let config_bytes = cache.read(&config.0, crate::bundle::format::MAX_DOCUMENT)?;
+    let last = layers
+        .last()
+        .with_context(|| format!("release image {release} has no layers"))?;
+    let file = std::fs::File::open(cache.blob(&last.0))
+        .with_context(|| format!("opening {}", cache.blob(&last.0).display()))?;
+    payload_of(release, entry.digest, &config_bytes, file)
+}
+
+/// The payload a release image names, from its config and its last layer (a tar,
+/// compressed or not).
+pub fn payload_of(
+    release: &str,
+    digest: Digest,
+    config: &[u8],
+    last_layer: impl Read,
+) -> Result<Payload> {
+    let version = release_label(config).with_context(|| {
+        format!("{release} is not a release image: its config has no {RELEASE_LABEL} label")
+    })?;
+    let text = find_references(last_layer)
+        .with_context(|| format!("release image {release}, its last layer"))?;
+    let images = parse_references(&text)
+        .with_context(|| format!("release image {release}: {IMAGE_REFERENCES}"))?;
+    Ok(Payload {
+        release: release.to_string(),
+        digest,
+        version,
+        images,
+    })
+}
+
 fn release_label(config: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(config).ok()?;
     v["config"]["Labels"][RELEASE_LABEL]
@@ -113,7 +129,7 @@ fn release_label(config: &[u8]) -> Option<String> {
 }
 
 /// The text of `image-references` in a (possibly gzip- or zstd-compressed) layer tar.
-fn find_references(file: std::fs::File) -> Result<String> {
+fn find_references(file: impl Read) -> Result<String> {
     let mut head = [0u8; 4];
     let mut f = std::io::BufReader::new(file);
     let n = {

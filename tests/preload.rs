@@ -918,4 +918,54 @@ fn a_release_named_by_its_image_expands_to_its_payload() {
     assert_eq!(condition(&set, "Ready")["reason"], "Pinned", "{set}");
     let pinned = pins(&node);
     assert!(want.iter().all(|w| pinned.contains(w)), "{pinned:?}");
+
+    // A whole upgrade bundle from the release's name: first on a machine with no cache,
+    // from the registry; then on this node, from its cache alone, the registry gone.
+    let imported = |tar: &Path| {
+        let fresh = Node::new();
+        fresh.ok(&["import", tar.to_str().unwrap()]);
+        let names: BTreeSet<String> = fresh.store_names().into_iter().collect();
+        assert!(want.iter().all(|w| names.contains(w)), "{names:?}");
+    };
+    let admin = Node::new();
+    let from_registry = node.scratch("upgrade-registry.tar");
+    let out = admin.ok(&[
+        "bundle",
+        "create",
+        "--tls-verify=false",
+        "--release",
+        &release,
+        "-o",
+        from_registry.to_str().unwrap(),
+    ]);
+    assert!(out.contains("(3 images)"), "{out}");
+    imported(&from_registry);
+    drop(reg);
+    let from_cache = node.scratch("upgrade-cache.tar");
+    let out = node.ok(&[
+        "bundle",
+        "create",
+        "--release",
+        &release,
+        "-o",
+        from_cache.to_str().unwrap(),
+    ]);
+    assert!(out.contains("(3 images)"), "{out}");
+    imported(&from_cache);
+    // A cache: source the cache lacks is refused by name.
+    let e = node.fails(
+        &[
+            "bundle",
+            "create",
+            "-o",
+            node.scratch("none.tar").to_str().unwrap(),
+            &format!("cache:{host}/preload/nothing:1"),
+        ],
+        1,
+    );
+    assert!(
+        e.contains("does not hold") && e.contains("preload/nothing"),
+        "{e}"
+    );
+    assert!(!node.scratch("none.tar").exists());
 }

@@ -45,6 +45,72 @@ impl std::str::FromStr for SourceArg {
     }
 }
 
+/// Turns every `cache:REF` source into a `dir:` view under `views` of the image the
+/// node's cache holds whole as REF, named REF unless the source names it otherwise.
+pub fn cache_sources(
+    cache: &crate::cache::Cache,
+    sources: &mut [SourceArg],
+    views: &Path,
+) -> Result<()> {
+    for (i, src) in sources.iter_mut().enumerate() {
+        let Some(r) = src.source.strip_prefix("cache:") else {
+            continue;
+        };
+        let r = r.to_string();
+        if split_reference(&r).is_none() {
+            bail!("cache:{r}: not a full image reference (registry/repository:tag or @sha256:…)");
+        }
+        let view = views.join(i.to_string());
+        cache.dir_view(&r, &view)?;
+        src.source = format!("dir:{}", view.display());
+        src.name.get_or_insert(r);
+    }
+    Ok(())
+}
+
+/// The payload of the OpenShift release image `release`, read from its registry: its
+/// config's label and its last layer's `image-references`.
+pub async fn release_payload(
+    release: &str,
+    skopeo: &str,
+    tls_verify: bool,
+) -> Result<crate::release::Payload> {
+    /// Largest last layer of a release image read (it holds manifests, a few MiB).
+    const MAX_RELEASE_LAYER: u64 = 512 << 20;
+    let proxy = Proxy::start_with(skopeo, tls_verify).await?;
+    let res = async {
+        let img = proxy.open(&format!("docker://{release}")).await?;
+        let (config, layers) = crate::oci::sized_blobs_of_manifest(&img.manifest_bytes)
+            .with_context(|| format!("{release}: not an image manifest"))?;
+        let last = *layers
+            .last()
+            .with_context(|| format!("{release}: an image without layers"))?;
+        if config.1 > crate::bundle::format::MAX_DOCUMENT || last.1 > MAX_RELEASE_LAYER {
+            bail!("{release}: its config or last layer is too large for a release image");
+        }
+        let mut config_bytes = Vec::new();
+        proxy
+            .read_blob(&img, &config.0, config.1, &mut |b| {
+                config_bytes.extend_from_slice(b);
+                Ok(())
+            })
+            .await?;
+        let mut layer = Vec::new();
+        proxy
+            .read_blob(&img, &last.0, last.1, &mut |b| {
+                layer.extend_from_slice(b);
+                Ok(())
+            })
+            .await?;
+        let digest = img.digest;
+        proxy.close(img).await.ok();
+        crate::release::payload_of(release, digest, &config_bytes, std::io::Cursor::new(layer))
+    }
+    .await;
+    proxy.finish().await.ok();
+    res
+}
+
 /// What to make.
 #[derive(Debug, Clone)]
 pub struct CreateOptions {

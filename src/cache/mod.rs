@@ -472,6 +472,54 @@ impl Cache {
     }
 }
 
+/// Makes `view` a `dir:` transport directory for one image whose blobs are in
+/// `blobs` (a layout's `blobs/sha256`, absolute): the version file and a symbolic link per
+/// blob, the manifest as `manifest.json`. skopeo reads both OCI and Docker schema 2
+/// manifests this way (the `oci:` transport only looks at index entries whose media type
+/// is OCI, containers/image `oci/layout/oci_src.go`), and checks every blob's digest.
+pub fn write_dir_view(
+    blobs: &Path,
+    manifest: &Digest,
+    config: &Digest,
+    layers: &[Digest],
+    view: &Path,
+) -> Result<()> {
+    fs::create_dir_all(view).with_context(|| format!("creating {}", view.display()))?;
+    fs::write(view.join("version"), "Directory Transport Version: 1.1\n")
+        .with_context(|| format!("writing {}", view.display()))?;
+    let link = |digest: &Digest, name: &str| {
+        std::os::unix::fs::symlink(blobs.join(digest.hex()), view.join(name))
+            .with_context(|| format!("linking {name} in {}", view.display()))
+    };
+    link(manifest, "manifest.json")?;
+    link(config, &config.hex())?;
+    for l in layers {
+        if !view.join(l.hex()).exists() {
+            link(l, &l.hex())?;
+        }
+    }
+    Ok(())
+}
+
+impl Cache {
+    /// Makes `view` a `dir:` directory of the image the cache holds whole as `name`
+    /// ([`write_dir_view`]).
+    pub fn dir_view(&self, name: &str, view: &Path) -> Result<()> {
+        let e = self.complete(name).with_context(|| {
+            format!("the cache does not hold {name} whole (`longshore cache` lists what it holds)")
+        })?;
+        let bytes = self.read(&e.digest, crate::bundle::format::MAX_DOCUMENT)?;
+        let (config, layers) = crate::oci::sized_blobs_of_manifest(&bytes)
+            .with_context(|| format!("{name}: the cache's manifest is not an image manifest"))?;
+        let blobs = self
+            .blobs_dir()
+            .canonicalize()
+            .with_context(|| format!("resolving {}", self.blobs_dir().display()))?;
+        let layers: Vec<Digest> = layers.iter().map(|l| l.0).collect();
+        write_dir_view(&blobs, &e.digest, &config.0, &layers, view)
+    }
+}
+
 /// Another writer is writing this blob's partial now.
 #[derive(Debug, thiserror::Error)]
 #[error("blob {0} is being written into the cache by another writer")]

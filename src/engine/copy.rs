@@ -7,11 +7,9 @@ use crate::store::copy::{copy_all, Copied, CopyJob};
 impl Engine {
     /// Copies the missing images of a verified bundle layout.
     ///
-    /// skopeo reads each image through a `dir:` view: a directory of symbolic links to the
-    /// manifest and blobs in the layout. The `oci:` transport of containers/image only
-    /// looks at index entries whose media type is OCI (oci_src.go in image/oci/layout),
-    /// while a bundle keeps Docker schema 2 manifests as they are so they keep their
-    /// digests; `dir:` reads both. skopeo still checks every blob's digest as it copies.
+    /// skopeo reads each image through a `dir:` view ([`crate::cache::write_dir_view`]):
+    /// a bundle keeps Docker schema 2 manifests as they are, so they keep their digests,
+    /// and `dir:` reads both kinds. skopeo still checks every blob's digest as it copies.
     pub(super) fn copy_from_layout(
         &self,
         plan: &mut Plan,
@@ -36,24 +34,11 @@ impl Engine {
                 .filter(|(_, (_, p))| !**p)
             {
                 let view = views.join(i.to_string());
-                fs::create_dir_all(&view)
-                    .with_context(|| format!("creating {}", view.display()))?;
-                fs::write(view.join("version"), "Directory Transport Version: 1.1\n")
-                    .with_context(|| format!("writing {}", view.display()))?;
-                let link = |digest: &Digest, name: &str| {
-                    std::os::unix::fs::symlink(blobs.join(digest.hex()), view.join(name))
-                        .with_context(|| format!("linking {name} in {}", view.display()))
-                };
-                link(&img.digest, "manifest.json")?;
                 let config = img
                     .config
                     .with_context(|| format!("{} has no config", img.repository))?;
-                link(&config, &config.hex())?;
-                for (l, _) in &img.layers {
-                    if !view.join(l.hex()).exists() {
-                        link(l, &l.hex())?;
-                    }
-                }
+                let layers: Vec<Digest> = img.layers.iter().map(|l| l.0).collect();
+                crate::cache::write_dir_view(&blobs, &img.digest, &config, &layers, &view)?;
                 img.source = format!("dir:{}", view.display());
             }
             self.copy_missing(plan, present)
