@@ -83,19 +83,17 @@ pub fn expand(paths: &HostPaths, cache: &Cache, release: &str) -> Result<Payload
 
 /// The payload of `release`, which the cache holds whole under that name.
 pub fn from_cache(cache: &Cache, release: &str) -> Result<Payload> {
-    let entry = cache
+    let img = cache
         .complete(release)
         .with_context(|| format!("the cache does not hold release image {release} whole"))?;
-    let manifest = cache.read(&entry.digest, crate::bundle::format::MAX_DOCUMENT)?;
-    let (config, layers) = crate::oci::sized_blobs_of_manifest(&manifest)
-        .with_context(|| format!("release image {release}: not an image manifest"))?;
-    let config_bytes = cache.read(&config.0, crate::bundle::format::MAX_DOCUMENT)?;
-    let last = layers
+    let config_bytes = cache.read(&img.config.0, crate::bundle::format::MAX_DOCUMENT)?;
+    let last = img
+        .layers
         .last()
         .with_context(|| format!("release image {release} has no layers"))?;
     let file = std::fs::File::open(cache.blob(&last.0))
         .with_context(|| format!("opening {}", cache.blob(&last.0).display()))?;
-    payload_of(release, entry.digest, &config_bytes, file)
+    payload_of(release, img.entry.digest, &config_bytes, file)
 }
 
 /// The payload a release image names, from its config and its last layer (a tar,
@@ -206,6 +204,7 @@ pub fn parse_references(text: &str) -> Result<Vec<String>> {
         );
     }
     let mut out: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for t in s.spec.tags {
         let Some(from) = t.from else { continue };
         if from.kind != "DockerImage" {
@@ -224,7 +223,7 @@ pub fn parse_references(text: &str) -> Result<Vec<String>> {
                 crate::untrusted::quote(from.name.as_bytes())
             ),
         }
-        if !out.contains(&from.name) {
+        if seen.insert(from.name.clone()) {
             out.push(from.name);
         }
         if out.len() > MAX_PAYLOAD {

@@ -969,3 +969,136 @@ fn a_release_named_by_its_image_expands_to_its_payload() {
     );
     assert!(!node.scratch("none.tar").exists());
 }
+
+/// Adds to `layout` a list of images (an OCI index) holding image 0 for this node's
+/// platform and image 1 for another, named `multi` in the layout. Returns the list's
+/// digest.
+fn add_list(layout: &Layout) -> String {
+    use sha2::Digest as _;
+    let other = if fixture::oci_arch() == "s390x" {
+        "ppc64le"
+    } else {
+        "s390x"
+    };
+    let entry = |i: &fixture::FixtureImage, arch: &str| {
+        format!(
+            r#"{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":{},"platform":{{"architecture":"{arch}","os":"linux"}}}}"#,
+            i.manifest_digest, i.manifest_size
+        )
+    };
+    let list = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[{},{}]}}"#,
+        entry(&layout.images[1], other),
+        entry(&layout.images[0], fixture::oci_arch()),
+    );
+    let digest = format!("sha256:{}", hex(&sha2::Sha256::digest(list.as_bytes())));
+    fs::write(layout.blob_path(&digest), &list).unwrap();
+    let index_path = layout.dir.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": digest,
+            "size": list.len(),
+            "annotations": {"org.opencontainers.image.ref.name": "multi"}
+        }));
+    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    digest
+}
+
+#[test]
+fn an_image_named_by_its_list_is_stored_and_pinned_as_crio_would_pull_it() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = start_registry(&node.scratch("registry"));
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (60_000, 30_000));
+    let list = add_list(&lay);
+    let st = Command::new("skopeo")
+        .args(["copy", "-q", "--all", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:multi", lay.dir.display()))
+        .arg(format!("docker://{host}/preload/multi:1"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    // By the list's digest, and by a tag that names the list.
+    let by_list = format!("{host}/preload/multi@{list}");
+    let by_tag = format!("{host}/preload/multi:1");
+    write_set(&node, "multi", &[by_list.clone(), by_tag.clone()], "");
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["missing"], 0, "{r}");
+    // Only this platform's image crossed: image 1's own layer did not.
+    let own = |i: usize| lay.images[i].layers[1].size;
+    let downloaded = r["downloaded"].as_u64().unwrap();
+    let base = lay.images[0].layers[0].size;
+    assert!(
+        downloaded >= base + own(0) && downloaded < base + own(0) + own(1),
+        "downloaded {downloaded}"
+    );
+    // The store knows the image by the list's digest under both names, as a pull by the
+    // list gives it.
+    let names: BTreeSet<String> = node.store_names().into_iter().collect();
+    assert_eq!(
+        node.inspect_digest(&by_list).as_deref(),
+        Some(list.as_str())
+    );
+    let images: serde_json::Value = serde_json::from_slice(
+        &fs::read(node.store_root().join("overlay-images/images.json")).unwrap(),
+    )
+    .unwrap();
+    let holding = |n: &str| {
+        images
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["names"].as_array().unwrap().iter().any(|x| x == n))
+            .unwrap_or_else(|| panic!("{n} not stored: {names:?}"))
+            .clone()
+    };
+    assert_eq!(holding(&by_list)["id"], holding(&by_tag)["id"]);
+    assert_eq!(holding(&by_tag)["digest"], list.as_str(), "{images}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains(&lay.images[0].manifest_digest)),
+        "stored under the platform's digest too: {names:?}"
+    );
+    let set = set_json(&node, "multi");
+    assert_eq!(condition(&set, "Ready")["reason"], "Pinned", "{set}");
+    let pinned = pins(&node);
+    assert!(
+        pinned.contains(&by_list) && pinned.contains(&by_tag),
+        "{pinned:?}"
+    );
+
+    // Again: nothing to fetch and nothing to copy.
+    let again = fetch_json(&node, &[]);
+    assert_eq!(again["downloaded"], 0, "{again}");
+    assert_eq!(again["imported"], 0, "{again}");
+
+    // The cache keeps the list and the image through a collection with no room to
+    // spare, and the store comes back from it alone.
+    node.write_config(
+        "60-cap.toml",
+        "[cache]\nmax_size = \"0\"\nkeep_imported = \"0s\"\n",
+    );
+    node.ok(&["cache", "gc"]);
+    drop(reg);
+    let _ = fs::remove_dir_all(node.store_root());
+    node.ok(&["sync"]);
+    assert_eq!(
+        node.inspect_digest(&by_list).as_deref(),
+        Some(list.as_str()),
+        "{:?}",
+        node.store_names()
+    );
+}

@@ -72,6 +72,24 @@ impl IndexEntry {
     }
 }
 
+/// An image the cache holds, as an index entry names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedImage {
+    /// The index entry: its digest is the image's as the name gives it (a list's, when
+    /// the name is of a list).
+    pub entry: IndexEntry,
+    /// The image manifest (of this node's platform, for a list).
+    pub manifest: Digest,
+    /// The list the name gives, if it gives one.
+    pub list: Option<Digest>,
+    /// The image manifest's length.
+    pub manifest_len: u64,
+    /// Its config.
+    pub config: crate::oci::Sized,
+    /// Its layers.
+    pub layers: Vec<crate::oci::Sized>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Index {
@@ -330,22 +348,74 @@ impl Cache {
         })
     }
 
-    /// The index entry naming `name` when the cache holds its manifest and every blob
-    /// the manifest names: an image that can be copied from the cache alone.
-    pub fn complete(&self, name: &str) -> Option<IndexEntry> {
+    /// The image the index names `name`, when the cache holds its manifest and every blob
+    /// the manifest names: an image that can be copied from the cache alone. A name of a
+    /// list of images (by the list's digest, or a tag that named a list) is the image of
+    /// this node's platform, as containers/image pulls it.
+    pub fn complete(&self, name: &str) -> Option<CachedImage> {
         let e = self
             .index()
             .ok()?
             .into_iter()
             .find(|e| e.name() == Some(name))?;
-        let bytes = self
+        let img = self.image_of(e)?;
+        std::iter::once(&img.config)
+            .chain(&img.layers)
+            .all(|(d, size)| self.has(d) == Some(*size))
+            .then_some(img)
+    }
+
+    /// What index entry `e` names, when the cache holds its manifest (and, for a list,
+    /// the manifest of this node's platform).
+    fn image_of(&self, e: IndexEntry) -> Option<CachedImage> {
+        let top = self
             .read(&e.digest, crate::bundle::format::MAX_DOCUMENT)
             .ok()?;
+        let arch = crate::bundle::write::host_architecture();
+        let (manifest, list, bytes) = match crate::oci::list_instance(&top, arch) {
+            None => (e.digest, None, top),
+            Some(None) => return None,
+            Some(Some((d, size))) => {
+                let bytes = self.read(&d, crate::bundle::format::MAX_DOCUMENT).ok()?;
+                (bytes.len() as u64 == size).then_some((d, Some(e.digest), bytes))?
+            }
+        };
         let (config, layers) = crate::oci::sized_blobs_of_manifest(&bytes)?;
-        std::iter::once(config)
-            .chain(layers)
-            .all(|(d, size)| self.has(&d) == Some(size))
-            .then_some(e)
+        Some(CachedImage {
+            entry: e,
+            manifest,
+            list,
+            manifest_len: bytes.len() as u64,
+            config,
+            layers,
+        })
+    }
+
+    /// Every blob the image or list `top` reaches that the cache holds: itself and, for
+    /// a list, each of its images' manifests the cache holds; then each manifest's config
+    /// and layers.
+    pub fn closure(&self, top: &Digest) -> Vec<Digest> {
+        let Ok(bytes) = self.read(top, crate::bundle::format::MAX_DOCUMENT) else {
+            return vec![];
+        };
+        let mut out = vec![*top];
+        let manifests: Vec<(Digest, Vec<u8>)> = match crate::oci::list_instances(&bytes) {
+            Some(all) => all
+                .into_iter()
+                .filter_map(|d| {
+                    let b = self.read(&d, crate::bundle::format::MAX_DOCUMENT).ok()?;
+                    Some((d, b))
+                })
+                .collect(),
+            None => vec![(*top, bytes)],
+        };
+        for (d, b) in manifests {
+            if d != *top {
+                out.push(d);
+            }
+            out.extend(crate::oci::blobs_of_manifest(&b));
+        }
+        out
     }
 
     /// Whether a writer holds the partial of `d` now.
@@ -477,13 +547,12 @@ impl Cache {
 /// blob, the manifest as `manifest.json`. skopeo reads both OCI and Docker schema 2
 /// manifests this way (the `oci:` transport only looks at index entries whose media type
 /// is OCI, containers/image `oci/layout/oci_src.go`), and checks every blob's digest.
-pub fn write_dir_view(
-    blobs: &Path,
-    manifest: &Digest,
-    config: &Digest,
-    layers: &[Digest],
-    view: &Path,
-) -> Result<()> {
+///
+/// With `list`, `manifest.json` is that list and the image's manifest is
+/// `<hex>.manifest.json` (as `skopeo copy --all` writes a list to `dir:`): skopeo then
+/// picks this node's image from the list, and the store records the list's digest as
+/// the image's, as when CRI-O pulls by the list.
+pub fn write_dir_view(blobs: &Path, image: &ViewOf<'_>, view: &Path) -> Result<()> {
     fs::create_dir_all(view).with_context(|| format!("creating {}", view.display()))?;
     fs::write(view.join("version"), "Directory Transport Version: 1.1\n")
         .with_context(|| format!("writing {}", view.display()))?;
@@ -491,9 +560,18 @@ pub fn write_dir_view(
         std::os::unix::fs::symlink(blobs.join(digest.hex()), view.join(name))
             .with_context(|| format!("linking {name} in {}", view.display()))
     };
-    link(manifest, "manifest.json")?;
-    link(config, &config.hex())?;
-    for l in layers {
+    match image.list {
+        Some(list) => {
+            link(list, "manifest.json")?;
+            link(
+                image.manifest,
+                &format!("{}.manifest.json", image.manifest.hex()),
+            )?;
+        }
+        None => link(image.manifest, "manifest.json")?,
+    }
+    link(image.config, &image.config.hex())?;
+    for l in image.layers {
         if !view.join(l.hex()).exists() {
             link(l, &l.hex())?;
         }
@@ -501,22 +579,41 @@ pub fn write_dir_view(
     Ok(())
 }
 
+/// The blobs of one image, for [`write_dir_view`].
+#[derive(Debug, Clone, Copy)]
+pub struct ViewOf<'a> {
+    /// The image manifest.
+    pub manifest: &'a Digest,
+    /// The list it was chosen from, when the image is named by a list.
+    pub list: Option<&'a Digest>,
+    /// Its config.
+    pub config: &'a Digest,
+    /// Its layers.
+    pub layers: &'a [Digest],
+}
+
 impl Cache {
     /// Makes `view` a `dir:` directory of the image the cache holds whole as `name`
     /// ([`write_dir_view`]).
     pub fn dir_view(&self, name: &str, view: &Path) -> Result<()> {
-        let e = self.complete(name).with_context(|| {
+        let img = self.complete(name).with_context(|| {
             format!("the cache does not hold {name} whole (`longshore cache` lists what it holds)")
         })?;
-        let bytes = self.read(&e.digest, crate::bundle::format::MAX_DOCUMENT)?;
-        let (config, layers) = crate::oci::sized_blobs_of_manifest(&bytes)
-            .with_context(|| format!("{name}: the cache's manifest is not an image manifest"))?;
         let blobs = self
             .blobs_dir()
             .canonicalize()
             .with_context(|| format!("resolving {}", self.blobs_dir().display()))?;
-        let layers: Vec<Digest> = layers.iter().map(|l| l.0).collect();
-        write_dir_view(&blobs, &e.digest, &config.0, &layers, view)
+        let layers: Vec<Digest> = img.layers.iter().map(|l| l.0).collect();
+        write_dir_view(
+            &blobs,
+            &ViewOf {
+                manifest: &img.manifest,
+                list: img.list.as_ref(),
+                config: &img.config.0,
+                layers: &layers,
+            },
+            view,
+        )
     }
 }
 

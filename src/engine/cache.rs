@@ -2,7 +2,7 @@
 //! back from it, what references what, collection, and migration from retained copies.
 
 use super::*;
-use crate::bundle::format::{MAX_BUNDLE_JSON, MAX_DOCUMENT};
+use crate::bundle::format::MAX_BUNDLE_JSON;
 use crate::cache::gc::{self, Collected, Limits};
 use crate::cache::{IndexEntry, REF_NAME};
 
@@ -390,10 +390,8 @@ impl CacheView<'_> {
             if out.contains(&e.digest) {
                 continue;
             }
-            out.insert(e.digest);
-            if let Ok(bytes) = self.cache.read(&e.digest, MAX_DOCUMENT) {
-                out.extend(crate::oci::blobs_of_manifest(&bytes));
-            }
+            // A list keeps the manifests of its images the cache holds, and their blobs.
+            out.extend(self.cache.closure(&e.digest));
         }
         Ok(out)
     }

@@ -38,7 +38,17 @@ impl Engine {
                     .config
                     .with_context(|| format!("{} has no config", img.repository))?;
                 let layers: Vec<Digest> = img.layers.iter().map(|l| l.0).collect();
-                crate::cache::write_dir_view(&blobs, &img.digest, &config, &layers, &view)?;
+                let (manifest, list) = match &img.instance {
+                    Some(m) => (m, Some(&img.digest)),
+                    None => (&img.digest, None),
+                };
+                let of = crate::cache::ViewOf {
+                    manifest,
+                    list,
+                    config: &config,
+                    layers: &layers,
+                };
+                crate::cache::write_dir_view(&blobs, &of, &view)?;
                 img.source = format!("dir:{}", view.display());
             }
             self.copy_missing(plan, present)

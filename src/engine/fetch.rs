@@ -197,18 +197,20 @@ impl Engine {
     /// name the set gives (fetched from registries), then brings the pins in line.
     /// Returns the sets' state afterwards when anything was copied.
     pub(super) async fn import_named(&mut self, views: &[SetView]) -> Result<Option<Vec<SetView>>> {
-        let mut by_digest: HashMap<Digest, PlannedImage> = HashMap::new();
+        // One copy per repository and digest: the same image under two repositories is
+        // stored under both names.
+        let mut by_digest: HashMap<(String, Digest), PlannedImage> = HashMap::new();
         let mut sets_of: std::collections::BTreeSet<String> = Default::default();
         for v in views {
             for r in &v.missing {
-                let Some(entry) = self.cache.complete(r) else {
+                let Some(cached) = self.cache.complete(r) else {
                     continue;
                 };
-                let Some(img) = self.planned_from_cache(r, &entry) else {
-                    continue;
-                };
+                let img = planned_from_cache(r, &cached);
                 sets_of.insert(v.name.clone());
-                let e = by_digest.entry(img.digest).or_insert(img);
+                let e = by_digest
+                    .entry((img.repository.clone(), img.digest))
+                    .or_insert(img);
                 if let Ok((_, crate::oci::reference::Tail::Tag(tag))) =
                     crate::oci::reference::parse(r)
                 {
@@ -263,33 +265,29 @@ impl Engine {
         );
         Ok(Some(views))
     }
+}
 
-    /// The image `reference` names, as the cache holds it, for copying.
-    fn planned_from_cache(
-        &self,
-        reference: &str,
-        entry: &crate::cache::IndexEntry,
-    ) -> Option<PlannedImage> {
-        let bytes = self
-            .cache
-            .read(&entry.digest, crate::bundle::format::MAX_DOCUMENT)
-            .ok()?;
-        let (config, layers) = crate::oci::sized_blobs_of_manifest(&bytes)?;
-        let compressed: u64 = layers.iter().map(|l| l.1).sum();
-        Some(PlannedImage {
-            source: String::new(),
-            repository: crate::registry::client::repository_of(reference),
-            tags: vec![],
-            digest: entry.digest,
-            media_type: entry.media_type.clone(),
-            size: bytes.len() as u64 + config.1 + compressed,
-            // As OpenShift estimates a pull: twice the compressed size.
-            layers: layers
-                .iter()
-                .map(|(d, s)| (*d, s.saturating_mul(2)))
-                .collect(),
-            overhead: bytes.len() as u64 + config.1,
-            config: Some(config.0),
-        })
+/// The image `reference` names, as the cache holds it, for copying.
+fn planned_from_cache(reference: &str, cached: &crate::cache::CachedImage) -> PlannedImage {
+    let compressed: u64 = cached.layers.iter().map(|l| l.1).sum();
+    let overhead = cached.manifest_len + cached.config.1;
+    PlannedImage {
+        source: String::new(),
+        repository: crate::registry::client::repository_of(reference),
+        tags: vec![],
+        // The list's digest, when the name gives a list: the store knows the image by
+        // it, as when CRI-O pulls by the list.
+        digest: cached.entry.digest,
+        media_type: cached.entry.media_type.clone(),
+        size: overhead + compressed,
+        // As OpenShift estimates a pull: twice the compressed size.
+        layers: cached
+            .layers
+            .iter()
+            .map(|(d, s)| (*d, s.saturating_mul(2)))
+            .collect(),
+        overhead,
+        config: Some(cached.config.0),
+        instance: cached.list.map(|_| cached.manifest),
     }
 }

@@ -186,6 +186,9 @@ struct PlannedImage {
     overhead: u64,
     /// The config blob (bundles only: foreign inputs are read by skopeo directly).
     config: Option<Digest>,
+    /// When `digest` is a list of images (fetched by the list's digest or by a tag that
+    /// names a list), the manifest of this node's image in it.
+    instance: Option<Digest>,
 }
 
 impl Plan {
@@ -376,6 +379,7 @@ fn planned_from_meta(i: &ImageMeta) -> PlannedImage {
             .collect(),
         overhead: i.size - i.layers.iter().map(|l| l.size).sum::<u64>(),
         config: Some(i.config.digest),
+        instance: None,
     }
 }
 

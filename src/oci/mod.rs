@@ -61,6 +61,79 @@ pub fn sized_blobs_of_manifest(bytes: &[u8]) -> Option<(Sized, Vec<Sized>)> {
     Some((d(&m.config)?, layers))
 }
 
+/// The media types of lists of images: an OCI index and a Docker manifest list.
+pub const LIST_MEDIA_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// For a list of images (an OCI index or a Docker manifest list), the descriptor of the
+/// image for `linux`/`arch`, as containers/image picks it for a node: `None` when `bytes`
+/// is not a list, `Some(None)` when it is a list without that platform (or a descriptor
+/// that is not sha256). A document with a `config` is an image manifest, never a list.
+pub fn list_instance(bytes: &[u8], arch: &str) -> Option<Option<Sized>> {
+    #[derive(serde::Deserialize)]
+    struct Platform {
+        #[serde(default)]
+        os: String,
+        #[serde(default)]
+        architecture: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Desc {
+        digest: String,
+        size: u64,
+        platform: Option<Platform>,
+    }
+    #[derive(serde::Deserialize)]
+    struct List {
+        config: Option<serde::de::IgnoredAny>,
+        manifests: Option<Vec<Desc>>,
+    }
+    let l = serde_json::from_slice::<List>(bytes).ok()?;
+    if l.config.is_some() {
+        return None;
+    }
+    let found = l.manifests?.into_iter().find(|d| {
+        d.platform
+            .as_ref()
+            .is_some_and(|p| p.os == "linux" && p.architecture == arch)
+    });
+    Some(found.and_then(|d| {
+        d.digest
+            .strip_prefix("sha256:")
+            .and_then(|h| Digest::from_hex(h).ok())
+            .map(|x| (x, d.size))
+    }))
+}
+
+/// Every sha256 image manifest a list names (`None` when `bytes` is not a list).
+pub fn list_instances(bytes: &[u8]) -> Option<Vec<Digest>> {
+    #[derive(serde::Deserialize)]
+    struct Desc {
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct List {
+        config: Option<serde::de::IgnoredAny>,
+        manifests: Option<Vec<Desc>>,
+    }
+    let l = serde_json::from_slice::<List>(bytes).ok()?;
+    if l.config.is_some() {
+        return None;
+    }
+    Some(
+        l.manifests?
+            .iter()
+            .filter_map(|d| {
+                d.digest
+                    .strip_prefix("sha256:")
+                    .and_then(|h| Digest::from_hex(h).ok())
+            })
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,5 +146,24 @@ mod tests {
         );
         assert_eq!(blobs_of_manifest(m.as_bytes()), vec![c, l]);
         assert!(blobs_of_manifest(b"not json").is_empty());
+    }
+
+    #[test]
+    fn a_list_names_the_image_of_this_platform() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        let list = format!(
+            r#"{{"schemaVersion":2,"manifests":[
+              {{"digest":"{a}","size":10,"platform":{{"os":"linux","architecture":"arm64"}}}},
+              {{"digest":"{b}","size":20,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
+        );
+        assert_eq!(list_instance(list.as_bytes(), "amd64"), Some(Some((b, 20))));
+        assert_eq!(list_instance(list.as_bytes(), "arm64"), Some(Some((a, 10))));
+        assert_eq!(list_instance(list.as_bytes(), "s390x"), Some(None));
+        let image =
+            format!(r#"{{"schemaVersion":2,"config":{{"digest":"{a}","size":1}},"layers":[]}}"#);
+        assert_eq!(list_instance(image.as_bytes(), "amd64"), None);
+        assert_eq!(list_instance(b"not json", "amd64"), None);
+        assert_eq!(list_instances(list.as_bytes()), Some(vec![a, b]));
+        assert_eq!(list_instances(image.as_bytes()), None);
     }
 }

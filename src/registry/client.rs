@@ -673,8 +673,21 @@ pub struct Resolved {
     pub media_type: String,
     /// The manifest's bytes, checked against `digest`.
     pub manifest: Vec<u8>,
+    /// The list of images the reference named, when it named one.
+    pub list: Option<Listed>,
     /// Its config and layers, with their sizes, config first.
     pub blobs: Vec<(Digest, u64)>,
+}
+
+/// A list of images (an OCI index or a Docker manifest list) a reference named.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    /// Its digest, checked.
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
 }
 
 impl Resolved {
@@ -683,20 +696,45 @@ impl Resolved {
         self.blobs.iter().map(|b| b.1).sum()
     }
 
+    /// Bytes of its manifest and list.
+    pub fn documents_len(&self) -> u64 {
+        (self.manifest.len() + self.list.as_ref().map_or(0, |l| l.bytes.len())) as u64
+    }
+
     /// Stores the manifest in `cache` and names the image there as `names` (full
     /// references): by digest, and by the tag a set gives it. Done before its blobs are
     /// fetched, so the partials of an image a set wants are referenced, and not
     /// collected, while they wait to be resumed; whether the cache holds every blob is
     /// checked wherever the image is used.
+    ///
+    /// When the reference named a list, the list is kept too, and every name but the
+    /// image's own digest name names the list: the store then knows the image by the
+    /// list's digest, as CRI-O's pull does.
     pub fn name_in(&self, cache: &Cache, names: &[String]) -> Result<()> {
         cache.put_bytes(&self.manifest)?;
+        if let Some(l) = &self.list {
+            cache.put_bytes(&l.bytes)?;
+        }
+        let own = format!("@{}", self.digest);
         let entries: Vec<crate::cache::IndexEntry> = names
             .iter()
-            .map(|n| crate::cache::IndexEntry {
-                media_type: self.media_type.clone(),
-                digest: self.digest,
-                size: self.manifest.len() as u64,
-                annotations: [(crate::cache::REF_NAME.to_string(), n.clone())].into(),
+            .map(|n| {
+                let (media_type, digest, size) = match &self.list {
+                    Some(l) if !n.ends_with(&own) => {
+                        (l.media_type.clone(), l.digest, l.bytes.len() as u64)
+                    }
+                    _ => (
+                        self.media_type.clone(),
+                        self.digest,
+                        self.manifest.len() as u64,
+                    ),
+                };
+                crate::cache::IndexEntry {
+                    media_type,
+                    digest,
+                    size,
+                    annotations: [(crate::cache::REF_NAME.to_string(), n.clone())].into(),
+                }
             })
             .collect();
         cache.name_images(&entries)
@@ -780,7 +818,8 @@ impl Client {
         let mut m: AnyManifest = serde_json::from_slice(&bytes).map_err(|e| {
             FetchError::Other(format!("{reference}: the manifest is not JSON: {e}"))
         })?;
-        if !m.manifests.is_empty() {
+        let mut list = None;
+        if m.config.is_none() && !m.manifests.is_empty() {
             let arch = crate::bundle::write::host_architecture();
             let pick = m
                 .manifests
@@ -796,9 +835,19 @@ impl Client {
                     ))
                 })?;
             let d = parse_digest(reference, &pick.digest)?;
-            (digest, bytes) = self
+            let (image_digest, image_bytes) = self
                 .manifest(&base, host, repo, &d.to_string(), Some(d))
                 .await?;
+            list = Some(Listed {
+                digest,
+                media_type: if m.media_type.is_empty() {
+                    crate::bundle::format::OCI_INDEX.to_string()
+                } else {
+                    m.media_type.clone()
+                },
+                bytes: std::mem::replace(&mut bytes, image_bytes),
+            });
+            digest = image_digest;
             m = serde_json::from_slice(&bytes).map_err(|e| {
                 FetchError::Other(format!("{reference}: the manifest is not JSON: {e}"))
             })?;
@@ -823,6 +872,7 @@ impl Client {
             digest,
             media_type,
             manifest: bytes,
+            list,
             blobs,
         })
     }
