@@ -629,6 +629,7 @@ pub fn board_progress(b: &crate::fetch::Board) -> Vec<crate::events::Progress> {
             done: p.done,
             total: p.total,
             images: None,
+            fetching: true,
         })
         .collect()
 }
@@ -753,6 +754,8 @@ mod via_daemon {
                     {
                         display.step(&crate::events::Progress {
                             bundle,
+                            // A fetch's steps say how it goes; its copies name an image.
+                            fetching: method == "Fetch" && !image.contains('@'),
                             image,
                             done,
                             total,

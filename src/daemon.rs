@@ -94,6 +94,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let stopping = Cancel::default();
     let mut stop_asked = watch_signals(stopping.clone(), current.clone())?;
     let sync_queued = Arc::new(AtomicBool::new(false));
+    let fetched_queued = Arc::new(AtomicBool::new(false));
     let mut worker = Worker {
         paths,
         settings,
@@ -102,6 +103,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         sets: SetStates::default(),
         current: current.clone(),
         sync_queued: sync_queued.clone(),
+        fetched_queued: fetched_queued.clone(),
         cancel: Cancel::default(),
         stopping: stopping.clone(),
     };
@@ -139,6 +141,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
         settings: worker.settings.clone(),
         progress: worker.progress.clone(),
         jobs: jobs_tx.clone(),
+        fetched_queued,
         wake: fetch_wake.clone(),
         stopping: stopping.clone(),
         failures: Default::default(),
@@ -351,6 +354,9 @@ enum Job {
     Sync,
     /// Check every set and put back what is missing.
     Heal,
+    /// Copy into the store the images the fetcher brought into the cache whole so far
+    /// (a heal), while it fetches on.
+    Fetched,
     /// Import what a device carries, if it is bundle media.
     Device(BlockDevice),
     /// Import the rest of what a device present at start carries, once its critical
@@ -397,6 +403,8 @@ struct Worker {
     sets: SetStates,
     current: Arc<Mutex<Current>>,
     sync_queued: Arc<AtomicBool>,
+    /// Whether a [`Job::Fetched`] waits in the queue: one is enough.
+    fetched_queued: Arc<AtomicBool>,
     /// The job in hand's token.
     cancel: Cancel,
     /// Raised when the daemon is told to stop.
@@ -438,6 +446,11 @@ impl Worker {
             }
             Job::Heal => {
                 self.status("checking", "Checking image sets").await;
+                self.work(Work::Heal).await;
+            }
+            Job::Fetched => {
+                self.fetched_queued.store(false, Ordering::SeqCst);
+                self.status("importing", "Importing fetched images").await;
                 self.work(Work::Heal).await;
             }
             Job::Device(dev) => {

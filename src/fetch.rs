@@ -180,6 +180,11 @@ pub struct Outcome {
     pub total: u64,
     /// Minutes until the next fetch window opens, when fetching was not allowed now.
     pub waiting_minutes: Option<u16>,
+    /// Milliseconds the fetch took (manifests, disk check and blobs).
+    pub elapsed_ms: u64,
+    /// Milliseconds from the first blob asked for to the last byte received: what a
+    /// rate is measured over.
+    pub transfer_ms: u64,
 }
 
 impl Outcome {
@@ -190,6 +195,8 @@ impl Outcome {
         self.downloaded += next.downloaded;
         self.total += next.total;
         self.waiting_minutes = self.waiting_minutes.or(next.waiting_minutes);
+        self.elapsed_ms += next.elapsed_ms;
+        self.transfer_ms += next.transfer_ms;
     }
 }
 
@@ -217,11 +224,37 @@ fn unix_now() -> u64 {
 /// Progress shared by the transfers and the board writer.
 struct Shared {
     board: Mutex<Board>,
-    /// Bytes of each image's blobs the cache holds, by reference.
-    done: HashMap<String, AtomicU64>,
-    /// Bytes of each image's blobs in all, once its manifest is known.
-    totals: Mutex<HashMap<String, u64>>,
+    /// Each blob of a resolved image: its size, and the bytes of it the cache holds.
+    blobs: Mutex<HashMap<Digest, (u64, Arc<AtomicU64>)>>,
+    /// The blobs of each image, by reference, once its manifest is known.
+    images: Mutex<HashMap<String, Vec<Digest>>>,
     downloaded: AtomicU64,
+}
+
+impl Shared {
+    /// Bytes held and in all of the blobs of `references`, each blob counted once
+    /// however many of them share it.
+    fn progress<'a>(&self, references: impl Iterator<Item = &'a String>) -> (u64, u64) {
+        let images = self.images.lock().unwrap_or_else(|p| p.into_inner());
+        let blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = HashSet::new();
+        let (mut done, mut total) = (0, 0);
+        for d in references.flat_map(|r| images.get(r).into_iter().flatten()) {
+            if seen.insert(*d) {
+                if let Some((size, held)) = blobs.get(d) {
+                    total += size;
+                    done += held.load(Ordering::Relaxed).min(*size);
+                }
+            }
+        }
+        (done, total)
+    }
+
+    /// The counter of the bytes of `d` the cache holds.
+    fn held(&self, d: &Digest) -> Option<Arc<AtomicU64>> {
+        let blobs = self.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        blobs.get(d).map(|b| b.1.clone())
+    }
 }
 
 impl Shared {
@@ -249,9 +282,18 @@ impl Shared {
     }
 }
 
+/// Who hears what a fetch does, as it does it.
+pub struct Hooks<'a> {
+    /// The board, about once a second.
+    pub board: &'a (dyn Fn(&Board) + Send + Sync),
+    /// An image the cache now holds whole (its reference as wanted), as soon as it does:
+    /// it can be copied into the store while the rest is still coming.
+    pub image: &'a (dyn Fn(&str) + Send + Sync),
+}
+
 /// Fetches `wants` into the cache of the node at `paths`. `earlier` are the failures of
-/// the previous round (so `since` says how long an image has been failing), `on_board`
-/// hears of progress about once a second.
+/// the previous round (so `since` says how long an image has been failing); `hooks`
+/// hear of progress and of each image complete.
 pub async fn fetch(
     paths: &HostPaths,
     settings: &Settings,
@@ -259,8 +301,9 @@ pub async fn fetch(
     opts: &Options,
     earlier: &BTreeMap<String, Failure>,
     cancel: &Cancel,
-    on_board: &(dyn Fn(&Board) + Send + Sync),
+    hooks: &Hooks<'_>,
 ) -> Outcome {
+    let on_board = hooks.board;
     let mut out = Outcome::default();
     if wants.is_empty() {
         return out;
@@ -298,14 +341,20 @@ pub async fn fetch(
             active: true,
             ..Default::default()
         }),
-        done: wants
-            .iter()
-            .map(|w| (w.reference.clone(), AtomicU64::new(0)))
-            .collect(),
-        totals: Default::default(),
+        blobs: Default::default(),
+        images: Default::default(),
         downloaded: AtomicU64::new(0),
     });
-    let work = run(paths, settings, wants, opts, earlier, cancel, &shared);
+    let work = run(
+        paths,
+        settings,
+        wants,
+        opts,
+        earlier,
+        cancel,
+        &shared,
+        hooks.image,
+    );
     let started = Instant::now();
     let publish = |final_: bool| {
         let mut b = shared
@@ -314,20 +363,19 @@ pub async fn fetch(
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         b.active = !final_;
-        let totals = shared.totals.lock().unwrap_or_else(|p| p.into_inner());
         let rate = shared.downloaded.load(Ordering::Relaxed) as f64
             / started.elapsed().as_secs_f64().max(0.001);
+        let mut by_set: BTreeMap<&String, Vec<&String>> = BTreeMap::new();
         for w in wants {
-            let done = shared
-                .done
-                .get(&w.reference)
-                .map_or(0, |d| d.load(Ordering::Relaxed));
-            let total = totals.get(&w.reference).copied().unwrap_or(0);
             for s in &w.sets {
-                let p = b.sets.entry(s.clone()).or_default();
-                p.done += done;
-                p.total += total;
+                by_set.entry(s).or_default().push(&w.reference);
             }
+        }
+        for (set, references) in by_set {
+            let (done, total) = shared.progress(references.into_iter());
+            let p = b.sets.entry(set.clone()).or_default();
+            p.done = done;
+            p.total = total;
         }
         for p in b.sets.values_mut() {
             p.eta = (rate > 1.0 && p.total > p.done)
@@ -351,18 +399,16 @@ pub async fn fetch(
     b.write(paths);
     on_board(&b);
     out.failures = b.failures.clone();
-    out.fetched = result;
-    out.total = shared
-        .totals
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .sum();
+    (out.fetched, out.transfer_ms) = result;
+    out.total = shared.progress(wants.iter().map(|w| &w.reference)).1;
     out.downloaded = shared.downloaded.load(Ordering::Relaxed);
+    out.elapsed_ms = started.elapsed().as_millis() as u64;
     out
 }
 
-/// Resolves, checks and fetches; failures go to the board.
+/// Resolves, checks and fetches; failures go to the board, and `on_image` hears of each
+/// image once the cache holds it whole.
+#[allow(clippy::too_many_arguments)]
 async fn run(
     paths: &HostPaths,
     settings: &Settings,
@@ -371,7 +417,8 @@ async fn run(
     earlier: &BTreeMap<String, Failure>,
     cancel: &Cancel,
     shared: &Shared,
-) -> Vec<String> {
+    on_image: &(dyn Fn(&str) + Send + Sync),
+) -> (Vec<String>, u64) {
     let mut fetched = Vec::new();
     let cache = Cache::new(paths.cache_dir());
     let fail_all = |reason: Reason, msg: String| {
@@ -383,14 +430,14 @@ async fn run(
         Ok(c) => c,
         Err(e) => {
             fail_all(Reason::Failed, format!("{e:#}"));
-            return fetched;
+            return (fetched, 0);
         }
     };
     let client = match Client::new(paths, Retry::default()) {
         Ok(c) => c.with_max_rate(settings.fetch.max_rate),
         Err(e) => {
             fail_all(Reason::Failed, format!("{e:#}"));
-            return fetched;
+            return (fetched, 0);
         }
     };
     let policy = Policy::load(paths);
@@ -436,7 +483,7 @@ async fn run(
         }
     }
     if images.is_empty() {
-        return fetched;
+        return (fetched, 0);
     }
 
     // The disk: the blobs the cache lacks, once each, on the cache's filesystem; the
@@ -446,10 +493,10 @@ async fn run(
     let mut seen = HashSet::new();
     for (w, r) in &images {
         shared
-            .totals
+            .images
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(w.reference.clone(), r.size());
+            .insert(w.reference.clone(), r.blobs.iter().map(|b| b.0).collect());
         for (d, size) in &r.blobs {
             if seen.insert(*d) {
                 if cache.has(d).is_none() {
@@ -458,7 +505,7 @@ async fn run(
                 need_store += size.saturating_mul(2);
             }
         }
-        need_cache += r.manifest.len() as u64;
+        need_cache += r.documents_len();
     }
     let store_root = crate::store::Store::new(paths, settings).root;
     let space = check_space(
@@ -485,7 +532,7 @@ async fn run(
         for (w, _) in &images {
             shared.fail(w, Reason::NoSpace, msg.clone(), earlier);
         }
-        return fetched;
+        return (fetched, 0);
     }
 
     // Named in the cache before their blobs come, so nothing collects the partials.
@@ -498,27 +545,26 @@ async fn run(
             shared.fail(w, Reason::Failed, format!("{e:#}"), earlier);
         }
         // What the cache holds already counts as done.
-        let have: u64 = r
-            .blobs
-            .iter()
-            .map(|(d, s)| {
-                if cache.has(d).is_some() {
-                    *s
-                } else {
-                    cache.partial_len(d).min(*s)
-                }
-            })
-            .sum();
-        if let Some(c) = shared.done.get(&w.reference) {
-            c.store(have, Ordering::Relaxed);
+        let mut blobs = shared.blobs.lock().unwrap_or_else(|p| p.into_inner());
+        for (d, size) in &r.blobs {
+            blobs.entry(*d).or_insert_with(|| {
+                let have = match cache.has(d) {
+                    Some(_) => *size,
+                    None => cache.partial_len(d).min(*size),
+                };
+                (*size, Arc::new(AtomicU64::new(have)))
+            });
         }
     }
 
-    // Each blob once, from the source of the first image that names it.
+    // Each blob once, from the source of the first image that names it, in the order
+    // that makes images whole soonest, so they are copied into the store while the rest
+    // come.
+    let order = soonest_whole(&images, |d| cache.has(d).is_some());
     let mut blobs: Vec<(Digest, u64, usize)> = Vec::new();
     let mut users: HashMap<Digest, Vec<usize>> = HashMap::new();
-    for (i, (_, r)) in images.iter().enumerate() {
-        for (d, size) in &r.blobs {
+    for &i in &order {
+        for (d, size) in &images[i].1.blobs {
             let u = users.entry(*d).or_default();
             if u.is_empty() {
                 blobs.push((*d, *size, i));
@@ -526,42 +572,92 @@ async fn run(
             u.push(i);
         }
     }
-    let failed: Mutex<HashMap<usize, (Reason, String)>> = Default::default();
-    futures_util::stream::iter(blobs)
-        .for_each_concurrent(jobs, |(d, size, i)| {
-            let (client, cache, images, users, failed) =
-                (&client, &cache, &images, &users, &failed);
-            async move {
-                if cancel.is_cancelled() || cache.has(&d) == Some(size) {
-                    return;
+    // Blobs each image still waits for; it is whole when none is left. An image is
+    // settled once whole or failed.
+    let mut waiting: Vec<u64> = images.iter().map(|(_, r)| r.blobs.len() as u64).collect();
+    let mut settled = vec![false; images.len()];
+    let mut failed: HashMap<usize, (Reason, String)> = HashMap::new();
+    // A blob starts only for one of the first `jobs` images not settled yet: a large
+    // layer many images wait for then has the link nearly to itself, instead of sharing
+    // it with a crowd of later, small blobs that cannot make an image whole before it.
+    let in_window = |settled: &[bool], i: usize| {
+        order
+            .iter()
+            .take_while(|j| **j != i)
+            .filter(|j| !settled[**j])
+            .count()
+            < jobs
+    };
+    let transfer = Instant::now();
+    let mut queue = blobs.into_iter().peekable();
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    loop {
+        while running.len() < jobs && !cancel.is_cancelled() {
+            let Some(&(_, _, i)) = queue.peek() else {
+                break;
+            };
+            if !running.is_empty() && !in_window(&settled, i) {
+                break;
+            }
+            // A window that closes lets what is in flight finish and starts nothing.
+            if !opts.ignore_windows && settings.fetch.wait_minutes(minute_now()) > 0 {
+                queue = Vec::new().into_iter().peekable();
+                break;
+            }
+            let Some((d, size, i)) = queue.next() else {
+                break;
+            };
+            let (client, cache, images) = (&client, &cache, &images);
+            running.push(async move {
+                if cache.has(&d) == Some(size) {
+                    return (d, Ok(()));
                 }
-                // A window that closes lets what is in flight finish and starts nothing.
-                if !opts.ignore_windows && settings.fetch.wait_minutes(minute_now()) > 0 {
-                    return;
-                }
-                let src = &images[i].1.source;
+                let held = shared.held(&d);
                 let on_bytes = |n: u64| {
                     shared.downloaded.fetch_add(n, Ordering::Relaxed);
-                    for u in &users[&d] {
-                        if let Some(c) = shared.done.get(&images[*u].0.reference) {
-                            c.fetch_add(n, Ordering::Relaxed);
-                        }
+                    if let Some(h) = &held {
+                        h.fetch_add(n, Ordering::Relaxed);
                     }
                 };
-                if let Err(e) = client
-                    .fetch_blob_reporting(src, d, size, cache, &on_bytes)
-                    .await
-                {
-                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
-                    for u in &users[&d] {
-                        f.entry(*u)
-                            .or_insert_with(|| (Reason::of(&e), format!("{e:#}")));
+                let res = client
+                    .fetch_blob_reporting(&images[i].1.source, d, size, cache, &on_bytes)
+                    .await;
+                // What the cache holds now, whatever was started again on the way.
+                if let Some(h) = &held {
+                    let now = if res.is_ok() {
+                        size
+                    } else {
+                        cache.partial_len(&d)
+                    };
+                    h.store(now.min(size), Ordering::Relaxed);
+                }
+                (d, res.map(|_| ()))
+            });
+        }
+        let Some((d, res)) = running.next().await else {
+            break;
+        };
+        match res {
+            Ok(()) => {
+                for &u in &users[&d] {
+                    waiting[u] = waiting[u].saturating_sub(1);
+                    if waiting[u] == 0 && !settled[u] {
+                        settled[u] = true;
+                        on_image(&images[u].0.reference);
                     }
                 }
             }
-        })
-        .await;
-    let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+            Err(e) => {
+                for &u in &users[&d] {
+                    settled[u] = true;
+                    failed
+                        .entry(u)
+                        .or_insert_with(|| (Reason::of(&e), format!("{e:#}")));
+                }
+            }
+        }
+    }
+    let transfer_ms = transfer.elapsed().as_millis() as u64;
     for (i, (w, r)) in images.iter().enumerate() {
         let whole = r.blobs.iter().all(|(d, s)| cache.has(d) == Some(*s));
         if whole {
@@ -584,7 +680,37 @@ async fn run(
             ),
         }
     }
-    fetched
+    (fetched, transfer_ms)
+}
+
+/// The order in which to fetch `images` so that each is whole as soon as it can be:
+/// repeatedly the image with the fewest bytes still to fetch once what comes before it is
+/// in (so the images sharing a base layer follow the first that brings it). Blobs `have`
+/// says the cache holds cost nothing.
+fn soonest_whole(images: &[(Want, Resolved)], have: impl Fn(&Digest) -> bool) -> Vec<usize> {
+    let mut coming: HashSet<Digest> = HashSet::new();
+    let mut left: Vec<usize> = (0..images.len()).collect();
+    let mut order = Vec::with_capacity(images.len());
+    while !left.is_empty() {
+        let cost = |i: usize| -> u64 {
+            images[i]
+                .1
+                .blobs
+                .iter()
+                .filter(|(d, _)| !coming.contains(d) && !have(d))
+                .map(|(_, s)| *s)
+                .sum()
+        };
+        let (at, _) = left
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, i)| (cost(**i), **i))
+            .expect("not empty");
+        let i = left.remove(at);
+        coming.extend(images[i].1.blobs.iter().map(|(d, _)| *d));
+        order.push(i);
+    }
+    order
 }
 
 /// Marks a refusal by the node's policy.

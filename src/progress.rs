@@ -86,11 +86,13 @@ pub fn bar_line(p: &Progress) -> String {
     s
 }
 
-/// `bundle: copied IMAGE (4.2 GiB/15.1 GiB, 28%)`.
+/// `bundle: copied IMAGE (4.2 GiB/15.1 GiB, 28%)`, or for a fetch
+/// `set NAME: fetching, about 3 min left (1.1 GiB/4.0 GiB, 27%)`.
 pub fn plain_line(p: &Progress) -> String {
     format!(
-        "{}: copied {} ({}/{}, {:.0}%)",
+        "{}: {}{} ({}/{}, {:.0}%)",
         p.bundle,
+        if p.fetching { "" } else { "copied " },
         p.image,
         human_size(p.done),
         human_size(p.total),
@@ -134,6 +136,7 @@ mod tests {
             done,
             total,
             images,
+            fetching: false,
         }
     }
 
@@ -154,6 +157,16 @@ mod tests {
         assert_eq!(
             plain_line(&p(1, 4, None)),
             "ocp-4.16.3: copied quay.io/x/y@sha256:ab (1 B/4 B, 25%)"
+        );
+        let fetch = Progress {
+            bundle: "set edge".into(),
+            image: "fetching, about 2 min left".into(),
+            fetching: true,
+            ..p(1, 4, None)
+        };
+        assert_eq!(
+            plain_line(&fetch),
+            "set edge: fetching, about 2 min left (1 B/4 B, 25%)"
         );
     }
 }

@@ -1102,3 +1102,76 @@ fn an_image_named_by_its_list_is_stored_and_pinned_as_crio_would_pull_it() {
         node.store_names()
     );
 }
+
+#[test]
+fn an_image_fetched_whole_is_copied_into_the_store_while_the_rest_still_come() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = start_registry(&node.scratch("registry"));
+    // A slow link: the large layer of b takes seconds; a is whole at once.
+    let proxy = common::proxy::start_proxy(
+        reg.port,
+        common::proxy::Fault::Slow {
+            bytes_per_sec: 1 << 20,
+        },
+    );
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let layer = |seed, size| LayerSpec { seed, size };
+    let lay = fixture::write_oci_layout(
+        &node.scratch("layout"),
+        &[
+            ImageSpec {
+                reference: "example.com/preload/a:1".into(),
+                layers: vec![layer(1, 20_000), layer(2, 20_000)],
+            },
+            ImageSpec {
+                reference: "example.com/preload/b:1".into(),
+                layers: vec![layer(1, 20_000), layer(3, 4 << 20)],
+            },
+        ],
+    )
+    .unwrap();
+    push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    let refs = references(&lay, &host);
+    write_set(&node, "edge", &refs, "");
+
+    let mut fetch = node.spawn(&["fetch"]);
+    let big = lay.images[1].layers[1]
+        .digest
+        .trim_start_matches("sha256:")
+        .to_string();
+    let big_blob = node.state_dir().join(format!("cache/blobs/sha256/{big}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // a is in the store while b's large layer is still on its way, and nothing of the
+    // set is pinned before all of it is in.
+    loop {
+        if node.store_names().contains(&refs[0]) {
+            break;
+        }
+        assert!(
+            fetch.try_wait().unwrap().is_none(),
+            "the fetch ended before a was seen in the store"
+        );
+        assert!(std::time::Instant::now() < deadline, "a never came");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!big_blob.exists(), "b's large layer was already whole");
+    assert!(pins(&node).is_empty(), "pinned before the set was complete");
+    let out = fetch.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pinned = pins(&node);
+    assert!(
+        pinned.contains(&refs[0]) && pinned.contains(&refs[1]),
+        "{pinned:?}"
+    );
+}

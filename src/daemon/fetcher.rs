@@ -36,6 +36,8 @@ pub(super) struct Fetcher {
     pub(super) settings: Settings,
     pub(super) progress: crate::events::ProgressSender,
     pub(super) jobs: mpsc::UnboundedSender<Job>,
+    /// Shared with the worker: whether a [`Job::Fetched`] waits for it.
+    pub(super) fetched_queued: Arc<std::sync::atomic::AtomicBool>,
     pub(super) wake: Arc<Notify>,
     pub(super) stopping: Cancel,
     pub(super) failures: BTreeMap<String, Failure>,
@@ -103,6 +105,18 @@ impl Fetcher {
                 let _ = jobs.send(Job::Sync);
             }
         };
+        // Images whole in the cache are copied into the store by the worker while the
+        // rest come; one such job waiting is enough.
+        let (jobs, queued) = (self.jobs.clone(), self.fetched_queued.clone());
+        let on_image = move |_: &str| {
+            if !queued.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let _ = jobs.send(Job::Fetched);
+            }
+        };
+        let hooks = crate::fetch::Hooks {
+            board: &on_board,
+            image: &on_image,
+        };
         let outcome = crate::fetch::fetch(
             &self.paths,
             &self.settings,
@@ -110,7 +124,7 @@ impl Fetcher {
             opts,
             &self.failures,
             &self.stopping,
-            &on_board,
+            &hooks,
         )
         .await;
         self.failures = outcome.failures.clone();

@@ -2,7 +2,7 @@
 //! store's copy scheduler.
 
 use super::*;
-use crate::store::copy::{copy_all, Copied, CopyJob};
+use crate::store::copy::{copy_all, Copied, CopyJob, Feed};
 
 impl Engine {
     /// Copies the missing images of a verified bundle layout.
@@ -104,12 +104,13 @@ impl Engine {
                     done: c.bytes,
                     total: total_bytes,
                     images: Some((c.done, total)),
+                    fetching: false,
                 });
             }
         };
         copy_all(
             &self.store,
-            &jobs,
+            Feed::Fixed(&jobs),
             self.settings.import_jobs,
             plan.present_layers(present),
             &self.cancel,

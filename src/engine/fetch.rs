@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::fetch::{Board, Outcome, Want};
+use crate::store::copy::CopyJob;
 
 /// The images that sets which fetch (set files, unless `fetch = false`) lack in the store
 /// and that the cache does not hold whole, with the sets wanting each. `only` limits it
@@ -149,7 +150,8 @@ impl FetchReport {
 
 impl Engine {
     /// Fetches what the sets `only` (every fetching set when empty) lack, then copies it
-    /// into the store and pins it: `longshore fetch` without the daemon.
+    /// into the store and pins it: `longshore fetch` without the daemon. Images are
+    /// copied into the store as they come in whole, while the rest are fetched.
     pub async fn fetch(
         &mut self,
         only: &[String],
@@ -161,36 +163,126 @@ impl Engine {
         let earlier = Board::read(&self.paths)
             .map(|b| b.failures)
             .unwrap_or_default();
-        let mut outcome = crate::fetch::fetch(
-            &self.paths,
-            &self.settings,
-            &wants,
-            opts,
-            &earlier,
-            &self.cancel,
-            on_board,
-        )
-        .await;
+        let mut outcome = self
+            .fetch_importing(&wants, opts, &earlier, on_board)
+            .await?;
         // A release's payload is known once its image is in: then that is fetched too.
         if expand_releases(&self.paths) > 0 {
             let views = self.sync().await?;
             let more = wanted(&self.paths, &views, only)?;
-            let next = crate::fetch::fetch(
-                &self.paths,
-                &self.settings,
-                &more,
-                opts,
-                &outcome.failures,
-                &self.cancel,
-                on_board,
-            )
-            .await;
+            let failures = outcome.failures.clone();
+            let next = self
+                .fetch_importing(&more, opts, &failures, on_board)
+                .await?;
             outcome.merge(next);
             wants.extend(more);
         }
         let after = self.heal().await?;
         Board::clear(&self.paths);
         Ok(FetchReport::new(outcome, &views, after, &wants, only))
+    }
+
+    /// Fetches `wants` on a task of its own while this thread copies each image into the
+    /// store as soon as the cache holds it whole (pins follow once a set is complete, in
+    /// the heal after the fetch).
+    async fn fetch_importing(
+        &mut self,
+        wants: &[Want],
+        opts: &crate::fetch::Options,
+        earlier: &std::collections::BTreeMap<String, crate::fetch::Failure>,
+        on_board: &(dyn Fn(&Board) + Send + Sync),
+    ) -> Result<Outcome> {
+        let (boards_tx, boards) = std::sync::mpsc::channel::<Board>();
+        let (whole_tx, whole) = std::sync::mpsc::channel::<String>();
+        let task = {
+            let (paths, settings, cancel) = (
+                self.paths.clone(),
+                self.settings.clone(),
+                self.cancel.clone(),
+            );
+            let (wants, opts, earlier) = (wants.to_vec(), opts.clone(), earlier.clone());
+            tokio::spawn(async move {
+                let board = move |b: &Board| {
+                    let _ = boards_tx.send(b.clone());
+                };
+                let image = move |r: &str| {
+                    let _ = whole_tx.send(r.to_string());
+                };
+                let hooks = crate::fetch::Hooks {
+                    board: &board,
+                    image: &image,
+                };
+                crate::fetch::fetch(&paths, &settings, &wants, &opts, &earlier, &cancel, &hooks)
+                    .await
+            })
+        };
+        // Both channels close when the fetch is over and its hooks are gone.
+        let copied = tokio::task::block_in_place(|| {
+            std::thread::scope(|s| {
+                s.spawn(move || {
+                    for b in boards {
+                        on_board(&b);
+                    }
+                });
+                self.copy_as_whole(whole)
+            })
+        });
+        match copied {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("{n} fetched images copied into the store as they came in"),
+            // What is left is copied again after the fetch.
+            Err(e) => tracing::warn!("copying fetched images into the store: {e:#}"),
+        }
+        task.await
+            .map_err(|e| anyhow::anyhow!("the fetch task failed: {e}"))
+    }
+
+    /// Copies into the store each image `whole` names as it comes (the cache holds it
+    /// whole then), with `[import] jobs` copies at once, until `whole` closes.
+    fn copy_as_whole(&self, whole: std::sync::mpsc::Receiver<String>) -> Result<usize> {
+        let views = self
+            .paths
+            .staging_dir()
+            .join(format!(".tmp-views-{}-fetch", std::process::id()));
+        let _ = fs::remove_dir_all(&views);
+        let stored = self.store.names()?;
+        let (jobs_tx, jobs) = std::sync::mpsc::channel();
+        let cache = &self.cache;
+        let on_copied = |job: &CopyJob, c: crate::store::copy::Copied| {
+            tracing::info!(
+                "{} copied into the store ({} fetched images so far)",
+                job.label,
+                c.done
+            );
+        };
+        let res = std::thread::scope(|s| {
+            let (views, stored) = (&views, &stored);
+            s.spawn(move || {
+                // A name is given once, whichever reference of the image came first.
+                let mut given = HashSet::new();
+                for (n, r) in whole.into_iter().enumerate() {
+                    match whole_job(cache, &r, &views.join(n.to_string()), stored, &mut given) {
+                        Ok(Some(job)) => {
+                            if jobs_tx.send(job).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!("{r}: {e:#}"),
+                    }
+                }
+            });
+            crate::store::copy::copy_all(
+                &self.store,
+                crate::store::copy::Feed::Stream(jobs),
+                self.settings.import_jobs,
+                HashSet::new(),
+                &self.cancel,
+                &on_copied,
+            )
+        });
+        let _ = fs::remove_dir_all(&views);
+        res
     }
 
     /// Copies into the store the images sets lack that the cache holds whole under the
@@ -265,6 +357,54 @@ impl Engine {
         );
         Ok(Some(views))
     }
+}
+
+/// The copy of the image `reference` names, which the cache holds whole, through a `dir:`
+/// view at `view`: under the names `stored` lacks and no earlier job was `given`.
+fn whole_job(
+    cache: &Cache,
+    reference: &str,
+    view: &Path,
+    stored: &crate::store::StoredNames,
+    given: &mut HashSet<String>,
+) -> Result<Option<CopyJob>> {
+    let cached = cache
+        .complete(reference)
+        .context("the cache does not hold it whole")?;
+    let mut img = planned_from_cache(reference, &cached);
+    if let Ok((_, crate::oci::reference::Tail::Tag(tag))) = crate::oci::reference::parse(reference)
+    {
+        img.tags.push(tag);
+    }
+    let names: Vec<String> = img
+        .wanted()
+        .names()
+        .into_iter()
+        .filter(|n| stored.lookup(n) != Some(img.digest))
+        .filter(|n| given.insert(n.clone()))
+        .collect();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let blobs = cache.root().join("blobs/sha256");
+    let blobs = blobs
+        .canonicalize()
+        .with_context(|| format!("resolving {}", blobs.display()))?;
+    let layers: Vec<Digest> = cached.layers.iter().map(|l| l.0).collect();
+    let of = crate::cache::ViewOf {
+        manifest: &cached.manifest,
+        list: cached.list.as_ref(),
+        config: &cached.config.0,
+        layers: &layers,
+    };
+    crate::cache::write_dir_view(&blobs, &of, view)?;
+    Ok(Some(CopyJob {
+        source: format!("dir:{}", view.display()),
+        names,
+        layers,
+        size: img.size,
+        label: format!("{}@{}", img.repository, img.digest),
+    }))
 }
 
 /// The image `reference` names, as the cache holds it, for copying.

@@ -130,6 +130,9 @@ pub struct Client {
     insecure: std::sync::Mutex<std::collections::HashMap<String, Option<&'static str>>>,
 }
 
+/// How much unused time the rate cap makes up for.
+const RATE_SLACK: Duration = Duration::from_millis(50);
+
 /// A cap on the bytes per second of every transfer of one client together.
 ///
 /// Each chunk received books the time it takes at the cap, after whatever was booked
@@ -146,8 +149,10 @@ impl RateLimit {
         let until = {
             let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let now = tokio::time::Instant::now();
-            // Time left unused while idle is not saved up for a burst.
-            let start = next.filter(|t| *t > now).unwrap_or(now);
+            // Time left unused between transfers (a request on its way) is made up for,
+            // but at most the last 50 ms of it: no long idle is saved up for a burst.
+            let floor = now.checked_sub(RATE_SLACK).unwrap_or(now);
+            let start = next.map_or(now, |t| t.max(floor));
             let t = start + Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
             *next = Some(t);
             t
