@@ -45,9 +45,10 @@ TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates do
 	apache2-utils openssl
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
-# The benchmark compares verification with openssl's sha256.
+# The benchmark compares verification with openssl's sha256, and pre-loads from
+# docker-registry behind a link shaped with tc (iproute2) in network namespaces.
 BENCH_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates openssl \
-	dbus systemd udev e2fsprogs
+	dbus systemd udev e2fsprogs docker-registry iproute2
 
 .PHONY: all build test test-deps demo bench clean lint binary install rpm ignition-examples fuzz
 
@@ -87,6 +88,7 @@ bench:
 	$(CARGO) build --release --locked --bin longshore
 	$(CARGO) bench --locked --bench import
 	$(CARGO) bench --locked --bench daemon
+	$(CARGO) bench --locked --bench preload
 
 # Fuzzing the parsers of untrusted input with cargo-fuzz (libFuzzer) on the stable
 # toolchain, without a sanitizer: each target runs FUZZ_SECONDS (an hour by default),

@@ -18,6 +18,9 @@ pub enum Fault {
     IgnoreRange,
     /// Flip one byte of every blob body, at this offset.
     Corrupt { at: u64 },
+    /// Cut whichever connection is passing blob bytes each time this many more have
+    /// crossed the proxy in all: a link that drops every N bytes.
+    CutLinkEvery { bytes: u64 },
     /// Pass blob bodies on at this many bytes per second: a slow link, whose sender
     /// has little in flight when the receiver goes away.
     Slow { bytes_per_sec: u64 },
@@ -128,6 +131,23 @@ fn serve(
             Some(l) if sent + n as u64 > l => (l - sent) as usize,
             _ => n,
         };
+        if let (Fault::CutLinkEvery { bytes: every }, true) = (fault, is_blob) {
+            // The link's running total decides where it drops: at the next multiple.
+            let before = bodies.fetch_add(n as u64, Ordering::SeqCst);
+            let boundary = (before / every + 1) * every;
+            if before + n as u64 >= boundary {
+                let keep = (boundary - before) as usize;
+                bodies.fetch_sub((n - keep) as u64, Ordering::SeqCst);
+                let _ = out.write_all(&buf[..keep]);
+                let _ = out.flush();
+                let _ = out.shutdown(Shutdown::Both);
+                return;
+            }
+            if out.write_all(&buf[..n]).is_err() {
+                return;
+            }
+            continue;
+        }
         if let Fault::Corrupt { at } = fault {
             if is_blob && (sent..sent + n as u64).contains(&at) {
                 buf[(at - sent) as usize] ^= 0xff;
