@@ -594,7 +594,7 @@ fn wait_for_set(
 }
 
 #[test]
-fn the_daemon_fetches_in_the_background_and_resumes_after_it_is_killed_mid_blob() {
+fn the_daemon_fetches_over_a_cut_link_in_the_background_and_resumes_after_it_is_killed_mid_blob() {
     if !require(&[
         "skopeo",
         "docker-registry",
@@ -606,11 +606,13 @@ fn the_daemon_fetches_in_the_background_and_resumes_after_it_is_killed_mid_blob(
     }
     let (_um, node) = common::usermgr::UserManager::with_crio();
     let reg = start_registry(&node.scratch("registry"));
-    // A slow link, so the daemon can be killed in the middle of the large layer.
+    // A slow link, so the daemon can be killed in the middle of the large layer, that
+    // also cuts every blob response after 1.5 MiB.
     let proxy = common::proxy::start_proxy(
         reg.port,
-        common::proxy::Fault::Slow {
+        common::proxy::Fault::SlowCut {
             bytes_per_sec: 2 << 20,
+            bytes: 3 << 19,
         },
     );
     let host = format!("127.0.0.1:{}", proxy.port);

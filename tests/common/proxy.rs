@@ -24,6 +24,8 @@ pub enum Fault {
     /// Pass blob bodies on at this many bytes per second: a slow link, whose sender
     /// has little in flight when the receiver goes away.
     Slow { bytes_per_sec: u64 },
+    /// A slow link that also cuts every blob response after this many bytes.
+    SlowCut { bytes_per_sec: u64, bytes: u64 },
 }
 
 /// A one-request-per-connection HTTP proxy in front of the registry.
@@ -118,6 +120,7 @@ fn serve(
         {
             Some(bytes)
         }
+        Fault::SlowCut { bytes, .. } if is_blob => Some(bytes),
         _ => None,
     };
     let mut sent = 0u64;
@@ -159,7 +162,7 @@ fn serve(
         sent += n as u64;
         if is_blob {
             bodies.fetch_add(n as u64, Ordering::SeqCst);
-            if let Fault::Slow { bytes_per_sec } = fault {
+            if let Fault::Slow { bytes_per_sec } | Fault::SlowCut { bytes_per_sec, .. } = fault {
                 std::thread::sleep(Duration::from_secs_f64(n as f64 / bytes_per_sec as f64));
             }
         }
