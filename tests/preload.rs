@@ -1177,3 +1177,40 @@ fn an_image_fetched_whole_is_copied_into_the_store_while_the_rest_still_come() {
         "{pinned:?}"
     );
 }
+
+#[test]
+fn the_proxy_variables_are_obeyed_as_containers_image_obeys_them() {
+    if !require(TOOLS) {
+        return;
+    }
+    let mut node = Node::new();
+    let reg = start_registry(&node.scratch("registry"));
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (30_000, 3_000));
+    push(&lay, &host, &[]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    let refs = references(&lay, &host);
+    let proxy = common::proxy::start_forward_proxy();
+    node.env
+        .push(("HTTP_PROXY".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    // Every request goes through the proxy.
+    write_set(&node, "a", &refs[..1], "");
+    let r = fetch_json(&node, &["a"]);
+    assert_eq!(r["missing"], 0, "{r}");
+    let seen = proxy.requests.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|l| l.contains(&format!("http://{host}/v2/")) && l.contains("/blobs/")),
+        "{seen:?}"
+    );
+    // NO_PROXY names the registry: the proxy hears nothing more.
+    node.env.push(("NO_PROXY".into(), "127.0.0.1".into()));
+    let before = proxy.requests.lock().unwrap().len();
+    write_set(&node, "b", &refs[1..], "");
+    let r = fetch_json(&node, &["b"]);
+    assert_eq!(r["missing"], 0, "{r}");
+    let seen = proxy.requests.lock().unwrap().clone();
+    assert_eq!(seen.len(), before, "{:?}", &seen[before..]);
+}

@@ -174,3 +174,73 @@ fn serve(
         }
     }
 }
+
+/// A forward HTTP proxy, as `HTTP_PROXY` names one: it takes requests in absolute form
+/// (`GET http://host:port/path HTTP/1.1`), one per connection, passes them on to that
+/// host, and records each request line it forwarded.
+pub struct ForwardProxy {
+    pub port: u16,
+    /// The request lines it forwarded.
+    pub requests: Arc<Mutex<Vec<String>>>,
+}
+
+pub fn start_forward_proxy() -> ForwardProxy {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let reqs = requests.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let reqs = reqs.clone();
+            std::thread::spawn(move || forward(client, &reqs));
+        }
+    });
+    ForwardProxy { port, requests }
+}
+
+fn forward(client: TcpStream, reqs: &Mutex<Vec<String>>) {
+    let _ = client.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut reader = BufReader::new(client.try_clone().unwrap());
+    let mut first = String::new();
+    if reader.read_line(&mut first).unwrap_or(0) == 0 {
+        return;
+    }
+    // GET http://127.0.0.1:5000/v2/ HTTP/1.1
+    let mut parts = first.split_whitespace();
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return;
+    };
+    let Some(rest) = target.strip_prefix("http://") else {
+        let mut c = client;
+        let _ = c.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        return;
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    reqs.lock().unwrap().push(first.trim_end().to_string());
+    let mut head = format!("{method} {path} {version}\r\n");
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("connection:") || lower.starts_with("proxy-") {
+            continue;
+        }
+        head.push_str(&line);
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let Ok(mut up) = TcpStream::connect(authority) else {
+        return;
+    };
+    if up.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let mut out = client;
+    let _ = std::io::copy(&mut up, &mut out);
+}
