@@ -1214,3 +1214,62 @@ fn the_proxy_variables_are_obeyed_as_containers_image_obeys_them() {
     let seen = proxy.requests.lock().unwrap().clone();
     assert_eq!(seen.len(), before, "{:?}", &seen[before..]);
 }
+
+/// `HH:MM-HH:MM`, UTC, from `from` to `to` minutes after now.
+fn window_from_now(from: u64, to: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 60;
+    let at = |m: u64| {
+        let m = (now + m) % 1440;
+        format!("{:02}:{:02}", m / 60, m % 60)
+    };
+    format!("{}-{}", at(from), at(to))
+}
+
+#[test]
+fn outside_the_fetch_windows_the_daemon_waits_and_fetch_runs_at_once() {
+    if !require(&["skopeo", "docker-registry", "dbus-daemon", "systemctl"]) {
+        return;
+    }
+    let (_um, node) = common::usermgr::UserManager::with_crio();
+    let reg = logged(&node.scratch("registry"));
+    let host = format!("127.0.0.1:{}", reg.port);
+    let lay = layout(&node, "layout", (30_000, 3_000));
+    push(&lay, &host, &[]);
+    let pushed = reg.requests().len();
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    write_set(&node, "edge", &references(&lay, &host), "");
+    // The window opens in two hours.
+    node.write_config(
+        "60-windows.toml",
+        &format!("[fetch]\nwindows = [\"{}\"]\n", window_from_now(120, 180)),
+    );
+    let daemon = common::daemon::Daemon::start(&node);
+    let waiting = wait_for_set(&node, "edge", 30, "waiting", |s| {
+        condition(s, "Progressing")["reason"] == "WaitingForWindow"
+    });
+    let msg = condition(&waiting, "Progressing")["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(msg.contains("next opens in 1") || msg.contains("next opens in 2"), "{msg}");
+    assert_eq!(
+        reg.requests().len(),
+        pushed,
+        "the registry was asked outside the window: {:?}",
+        &reg.requests()[pushed..]
+    );
+    // An administrator's fetch runs now.
+    let r = fetch_json(&node, &["edge"]);
+    assert_eq!(r["missing"], 0, "{r}");
+    wait_for_set(&node, "edge", 10, "pinned", |s| {
+        condition(s, "Ready")["reason"] == "Pinned"
+    });
+    drop(daemon);
+}
