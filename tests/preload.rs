@@ -923,11 +923,24 @@ fn a_release_named_by_its_image_expands_to_its_payload() {
 
     // A whole upgrade bundle from the release's name: first on a machine with no cache,
     // from the registry; then on this node, from its cache alone, the registry gone.
+    // A node with no registry names the release in a set file that does not fetch; the
+    // bundle brings the release image, so its payload is read from the cache and the set
+    // is complete and pinned.
     let imported = |tar: &Path| {
         let fresh = Node::new();
+        let dir = fresh.sysroot.join("etc/longshore/sets.d");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("next.toml"),
+            format!("release = \"{release}\"\nfetch = false\n"),
+        )
+        .unwrap();
         fresh.ok(&["import", tar.to_str().unwrap()]);
         let names: BTreeSet<String> = fresh.store_names().into_iter().collect();
         assert!(want.iter().all(|w| names.contains(w)), "{names:?}");
+        let set = set_json(&fresh, "next");
+        assert_eq!(set["images"].as_array().unwrap().len(), 3, "{set}");
+        assert_eq!(condition(&set, "Ready")["reason"], "Pinned", "{set}");
     };
     let admin = Node::new();
     let from_registry = node.scratch("upgrade-registry.tar");

@@ -46,9 +46,9 @@ pub fn wanted(paths: &HostPaths, views: &[SetView], only: &[String]) -> Result<V
     Ok(by_ref.into_values().collect())
 }
 
-/// Reads the payload of every release a fetching set file names whose release image the
-/// cache now holds whole and whose payload is not known yet. Returns how many were read;
-/// one that cannot be read is logged and left pending.
+/// Reads the payload of every release a set file names whose release image the cache now
+/// holds whole (fetched, or brought by a bundle) and whose payload is not known yet.
+/// Returns how many were read; one that cannot be read is logged and left pending.
 pub fn expand_releases(paths: &HostPaths) -> usize {
     let Ok(files) = sets::load_files(paths) else {
         return 0;

@@ -7,6 +7,9 @@ impl Engine {
     /// the store, writes the pin file (and the additional-store drop-in), and reloads or
     /// restarts CRI-O when a file changed. Returns the sets' state.
     pub async fn sync(&mut self) -> Result<Vec<SetView>> {
+        // A release a set file names may have come in with a bundle (no registry in
+        // reach): its payload is read from the cache here, not only after a fetch.
+        expand_releases(&self.paths);
         let (views, other) = evaluate_sets(
             &self.paths,
             &self.settings,
