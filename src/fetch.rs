@@ -221,6 +221,9 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A blob this large is fetched while no other such blob is (small ones go beside it).
+const LARGE_BLOB: u64 = 16 << 20;
+
 /// Progress shared by the transfers and the board writer.
 struct Shared {
     board: Mutex<Board>,
@@ -560,7 +563,7 @@ async fn run(
     // Each blob once, from the source of the first image that names it, in the order
     // that makes images whole soonest, so they are copied into the store while the rest
     // come.
-    let order = soonest_whole(&images, |d| cache.has(d).is_some());
+    let order = fetch_order(&images, |d| cache.has(d).is_some());
     let mut blobs: Vec<(Digest, u64, usize)> = Vec::new();
     let mut users: HashMap<Digest, Vec<usize>> = HashMap::new();
     for &i in &order {
@@ -590,6 +593,7 @@ async fn run(
     };
     let transfer = Instant::now();
     let mut queue = blobs.into_iter().peekable();
+    let mut large_running = 0usize;
     let mut running = futures_util::stream::FuturesUnordered::new();
     loop {
         while running.len() < jobs && !cancel.is_cancelled() {
@@ -597,6 +601,11 @@ async fn run(
                 break;
             };
             if !running.is_empty() && !in_window(&settled, i) {
+                break;
+            }
+            // One large blob at a time: two would each take half the link, and the
+            // images waiting for the first would be whole later.
+            if queue.peek().is_some_and(|b| b.1 > LARGE_BLOB) && large_running > 0 {
                 break;
             }
             // A window that closes lets what is in flight finish and starts nothing.
@@ -608,9 +617,12 @@ async fn run(
                 break;
             };
             let (client, cache, images) = (&client, &cache, &images);
+            if size > LARGE_BLOB {
+                large_running += 1;
+            }
             running.push(async move {
                 if cache.has(&d) == Some(size) {
-                    return (d, Ok(()));
+                    return (d, size, Ok(()));
                 }
                 let held = shared.held(&d);
                 let on_bytes = |n: u64| {
@@ -631,12 +643,15 @@ async fn run(
                     };
                     h.store(now.min(size), Ordering::Relaxed);
                 }
-                (d, res.map(|_| ()))
+                (d, size, res.map(|_| ()))
             });
         }
-        let Some((d, res)) = running.next().await else {
+        let Some((d, size, res)) = running.next().await else {
             break;
         };
+        if size > LARGE_BLOB {
+            large_running -= 1;
+        }
         match res {
             Ok(()) => {
                 for &u in &users[&d] {
@@ -683,14 +698,23 @@ async fn run(
     (fetched, transfer_ms)
 }
 
-/// The order in which to fetch `images` so that each is whole as soon as it can be:
-/// repeatedly the image with the fewest bytes still to fetch once what comes before it is
-/// in (so the images sharing a base layer follow the first that brings it). Blobs `have`
-/// says the cache holds cost nothing.
-fn soonest_whole(images: &[(Want, Resolved)], have: impl Fn(&Digest) -> bool) -> Vec<usize> {
+/// The order in which to fetch `images`. First, one after another, the image that brings
+/// each layer several images share (a base layer), cheapest first: these take the store
+/// longest to copy, so they come while the link still has the rest to bring. Then the
+/// others, each time the one with the fewest bytes still to fetch, so each is whole as
+/// soon as it can be. Blobs `have` says the cache holds cost nothing.
+fn fetch_order(images: &[(Want, Resolved)], have: impl Fn(&Digest) -> bool) -> Vec<usize> {
+    let mut users: HashMap<Digest, usize> = HashMap::new();
+    for (_, r) in images {
+        for (d, _) in &r.blobs {
+            *users.entry(*d).or_default() += 1;
+        }
+    }
+    let shared = |d: &Digest| users.get(d).is_some_and(|n| *n > 1) && !have(d);
     let mut coming: HashSet<Digest> = HashSet::new();
     let mut left: Vec<usize> = (0..images.len()).collect();
     let mut order = Vec::with_capacity(images.len());
+    let mut bases_done = false;
     while !left.is_empty() {
         let cost = |i: usize| -> u64 {
             images[i]
@@ -701,10 +725,26 @@ fn soonest_whole(images: &[(Want, Resolved)], have: impl Fn(&Digest) -> bool) ->
                 .map(|(_, s)| *s)
                 .sum()
         };
-        let (at, _) = left
+        let brings_base = |i: usize| {
+            images[i]
+                .1
+                .blobs
+                .iter()
+                .any(|(d, _)| shared(d) && !coming.contains(d))
+        };
+        let candidates: Vec<(usize, usize)> = left
             .iter()
+            .copied()
             .enumerate()
-            .min_by_key(|(_, i)| (cost(**i), **i))
+            .filter(|(_, i)| bases_done || brings_base(*i))
+            .collect();
+        if candidates.is_empty() {
+            bases_done = true;
+            continue;
+        }
+        let (at, _) = candidates
+            .into_iter()
+            .min_by_key(|(_, i)| (cost(*i), *i))
             .expect("not empty");
         let i = left.remove(at);
         coming.extend(images[i].1.blobs.iter().map(|(d, _)| *d));
@@ -753,4 +793,61 @@ async fn resolve(client: &Client, conf: &RegistriesConf, reference: &str) -> Res
     } else {
         e.context(format!("after {}", errors.join("; ")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::conf::PullSource;
+
+    fn image(name: &str, blobs: &[(&str, u64)]) -> (Want, Resolved) {
+        (
+            Want {
+                reference: name.to_string(),
+                sets: BTreeSet::new(),
+            },
+            Resolved {
+                source: PullSource {
+                    reference: name.to_string(),
+                    insecure: false,
+                    mirror: false,
+                },
+                digest: Digest::of(name.as_bytes()),
+                media_type: String::new(),
+                manifest: vec![],
+                list: None,
+                blobs: blobs
+                    .iter()
+                    .map(|(b, s)| (Digest::of(b.as_bytes()), *s))
+                    .collect(),
+            },
+        )
+    }
+
+    #[test]
+    fn images_bringing_shared_layers_come_first_then_the_cheapest() {
+        // Two bases, each shared by two images; one image of its own.
+        let images = vec![
+            image("a1", &[("base-a", 100), ("own-a1", 9)]),
+            image("b1", &[("base-b", 80), ("own-b1", 7)]),
+            image("a2", &[("base-a", 100), ("own-a2", 1)]),
+            image("solo", &[("own-solo", 3)]),
+            image("b2", &[("base-b", 80), ("own-b2", 2)]),
+        ];
+        let order = fetch_order(&images, |_| false);
+        let names: Vec<&str> = order
+            .iter()
+            .map(|i| images[*i].0.reference.as_str())
+            .collect();
+        // b2 brings base-b most cheaply (82), then a2 base-a (101); then by bytes left.
+        assert_eq!(names, ["b2", "a2", "solo", "b1", "a1"]);
+        // A base the cache holds is no reason to come first.
+        let have = Digest::of(b"base-b");
+        let order = fetch_order(&images, |d| *d == have);
+        let names: Vec<&str> = order
+            .iter()
+            .map(|i| images[*i].0.reference.as_str())
+            .collect();
+        assert_eq!(names, ["a2", "b2", "solo", "b1", "a1"]);
+    }
 }
