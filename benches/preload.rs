@@ -239,37 +239,70 @@ fn sysroot(dir: &Path, host: &str, refs: &[String], extra: &str) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// `longshore fetch --json` on `root` in `ns`: the wall time and the report.
-fn longshore_fetch(ns: Option<&str>, root: &Path) -> (Duration, serde_json::Value) {
+/// `longshore fetch --json` on `root` in `ns`: the wall time, the report, and the peak
+/// RSS of the longshore process (VmHWM, sampled every 5 ms; skopeo's is not counted).
+fn longshore_fetch(ns: Option<&str>, root: &Path) -> (Duration, serde_json::Value, u64) {
     let start = Instant::now();
-    let out = in_ns(ns, LONGSHORE)
+    let mut child = in_ns(ns, LONGSHORE)
         .arg("--sysroot")
         .arg(root)
         .args(["fetch", "--json"])
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .output()
+        .spawn()
         .expect("longshore fetch");
+    // Output is read on threads of its own, so a full pipe never stalls the fetch.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut b);
+        b
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut b);
+        b
+    });
+    // Under `ip netns exec`, the child execs longshore in place: same pid.
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    let status = loop {
+        if let Ok(s) = fs::read_to_string(&status_path) {
+            if let Some(kb) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb * 1024);
+            }
+        }
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
     let took = start.elapsed();
+    let (stdout, stderr) = (
+        out_reader.join().expect("stdout"),
+        err_reader.join().expect("stderr"),
+    );
     if let Some(dir) = std::env::var_os("BENCH_LOG_DIR") {
         let name = root
             .file_name()
             .unwrap_or_default()
             .to_string_lossy()
             .into_owned();
-        let _ = fs::write(Path::new(&dir).join(format!("{name}.log")), &out.stderr);
+        let _ = fs::write(Path::new(&dir).join(format!("{name}.log")), &stderr);
     }
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "longshore fetch: {e}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let report: serde_json::Value = serde_json::from_slice(&stdout)
+        .unwrap_or_else(|e| panic!("longshore fetch: {e}: {}", String::from_utf8_lossy(&stderr)));
     assert!(
-        out.status.success(),
+        status.success(),
         "longshore fetch failed: {report}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        String::from_utf8_lossy(&stderr)
     );
-    (took, report)
+    (took, report, peak)
 }
 
 /// How often each side runs on the shaped link.
@@ -393,7 +426,7 @@ fn main() {
         eprintln!("shaped link, round {}: longshore fetch ...", round + 1);
         let dir = sb.dir.join("node-shaped");
         let root = sysroot(&dir, &far, &refs, "");
-        let (t, report) = longshore_fetch(Some(&node_ns), &root);
+        let (t, report, _) = longshore_fetch(Some(&node_ns), &root);
         assert_eq!(report["missing"], 0, "{report}");
         ours.push(t);
         node::unmount_under(&dir);
@@ -410,7 +443,7 @@ fn main() {
     assert_eq!(loop_failed, 0, "the loop failed on loopback");
     eprintln!("loopback: longshore fetch ...");
     let root = sysroot(&sb.dir.join("node-lo"), &near, &refs, "");
-    let (ours_lo, report) = longshore_fetch(None, &root);
+    let (ours_lo, report, ours_rss) = longshore_fetch(None, &root);
     assert_eq!(report["missing"], 0, "{report}");
 
     // 3. A link cut every 64 MiB.
@@ -419,7 +452,7 @@ fn main() {
     let refs = refs_at(&via);
     eprintln!("cut link: longshore fetch ...");
     let root = sysroot(&sb.dir.join("node-cut"), &via, &refs, "");
-    let (ours_cut, report) = longshore_fetch(None, &root);
+    let (ours_cut, report, _) = longshore_fetch(None, &root);
     assert_eq!(report["missing"], 0, "{report}");
     let ours_cut_bytes = cut.body_bytes.swap(0, Ordering::SeqCst);
     eprintln!("cut link: skopeo copy loop (--retry-times 3) ...");
@@ -436,7 +469,7 @@ fn main() {
         few,
         "[fetch]\nmax_rate = \"32MiB\"\n",
     );
-    let (_, report) = longshore_fetch(None, &root);
+    let (_, report, _) = longshore_fetch(None, &root);
     let got = report["downloaded"].as_u64().unwrap_or(0);
     let ms = report["transferMs"].as_u64().unwrap_or(1).max(1);
     let achieved = got as f64 / (ms as f64 / 1000.0);
@@ -504,6 +537,13 @@ fn main() {
         &mib(cap),
         Some(achieved / cap as f64),
         "0.95 - 1.05",
+    );
+    row(
+        "peak RSS, longshore fetch over loopback",
+        &mib(ours_rss),
+        "",
+        None,
+        "< 64 MiB",
     );
     drop(sb);
 }

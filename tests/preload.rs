@@ -1207,15 +1207,18 @@ fn the_proxy_variables_are_obeyed_as_containers_image_obeys_them() {
     );
     let refs = references(&lay, &host);
     let proxy = common::proxy::start_forward_proxy();
-    node.env
-        .push(("HTTP_PROXY".into(), format!("http://127.0.0.1:{}", proxy.port)));
+    node.env.push((
+        "HTTP_PROXY".into(),
+        format!("http://127.0.0.1:{}", proxy.port),
+    ));
     // Every request goes through the proxy.
     write_set(&node, "a", &refs[..1], "");
     let r = fetch_json(&node, &["a"]);
     assert_eq!(r["missing"], 0, "{r}");
     let seen = proxy.requests.lock().unwrap().clone();
     assert!(
-        seen.iter().any(|l| l.contains(&format!("http://{host}/v2/")) && l.contains("/blobs/")),
+        seen.iter()
+            .any(|l| l.contains(&format!("http://{host}/v2/")) && l.contains("/blobs/")),
         "{seen:?}"
     );
     // NO_PROXY names the registry: the proxy hears nothing more.
@@ -1271,7 +1274,10 @@ fn outside_the_fetch_windows_the_daemon_waits_and_fetch_runs_at_once() {
         .as_str()
         .unwrap()
         .to_string();
-    assert!(msg.contains("next opens in 1") || msg.contains("next opens in 2"), "{msg}");
+    assert!(
+        msg.contains("next opens in 1") || msg.contains("next opens in 2"),
+        "{msg}"
+    );
     assert_eq!(
         reg.requests().len(),
         pushed,
