@@ -161,6 +161,17 @@ impl RateLimit {
     }
 }
 
+/// Where the registry `host` answers: Docker Hub's references name `docker.io`, its API is
+/// at `registry-1.docker.io` (containers/image `docker/docker_client.go`,
+/// `newDockerClient`); credentials and certs.d still go by the name the reference gives.
+fn endpoint(host: &str) -> &str {
+    if host == "docker.io" {
+        "registry-1.docker.io"
+    } else {
+        host
+    }
+}
+
 /// `host[:port]`, the repository path, for a reference `host/path/repo[:tag|@digest]`.
 fn split_repository(reference: &str) -> Result<(&str, &str)> {
     let name = match reference.find('@') {
@@ -238,7 +249,7 @@ impl Client {
     /// certificate unchecked), else plain HTTP, as containers/image tries them.
     async fn base_url(&self, src: &PullSource, host: &str) -> Result<String> {
         if !src.insecure {
-            return Ok(format!("https://{host}"));
+            return Ok(format!("https://{}", endpoint(host)));
         }
         let known = {
             let mut m = self.insecure.lock().unwrap_or_else(|p| p.into_inner());
@@ -1008,6 +1019,13 @@ mod tests {
             ("lab:5000", "app")
         );
         assert!(split_repository("app").is_err());
+    }
+
+    #[test]
+    fn docker_hub_is_reached_at_its_api_host() {
+        assert_eq!(endpoint("docker.io"), "registry-1.docker.io");
+        assert_eq!(endpoint("quay.io"), "quay.io");
+        assert_eq!(endpoint("docker.io:5000"), "docker.io:5000");
     }
 
     #[test]
