@@ -5,9 +5,10 @@
 //! Figures:
 //! - a 40-image set (about 1 GiB of layer content, shared base layers, named by digest as
 //!   a release payload names its images) from a registry in a network namespace of its
-//!   own, over a veth link shaped with `tc tbf` (`BENCH_LINK_MBIT`, 400 by default), and
-//!   the same over loopback with no cap: longshore (fetch into the cache, import into the
-//!   store, pin) against the loop (each image copied into an empty store);
+//!   own, over a veth link shaped with `tc tbf` (`BENCH_LINK_MBIT`, 400 by default; the
+//!   two sides take turns, five runs each, and their medians are compared), and the same
+//!   over loopback with no cap: longshore (fetch into the cache, import into the store,
+//!   pin) against the loop (each image copied into an empty store);
 //! - the same set over a link cut every 64 MiB (a proxy of the bench's own that drops
 //!   whichever connection is passing bytes at each 64 MiB that crossed it): the bytes
 //!   longshore fetched against the set's size, and what the loop fetched on the same
@@ -306,7 +307,7 @@ fn longshore_fetch(ns: Option<&str>, root: &Path) -> (Duration, serde_json::Valu
 }
 
 /// How often each side runs on the shaped link.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn median(times: &mut [Duration]) -> Duration {
     times.sort();
@@ -408,7 +409,7 @@ fn main() {
             .collect()
     };
 
-    // 1. The shaped link: each side three times, taking turns, each into an empty store
+    // 1. The shaped link: each side five times, taking turns, each into an empty store
     // and (longshore) an empty cache; the medians are compared.
     let refs = refs_at(&far);
     let (mut loops, mut ours) = (vec![], vec![]);
