@@ -446,6 +446,10 @@ fn a_set_that_says_fetch_false_is_left_alone() {
     assert!(e.contains("fetch = false"), "{e}");
     let r = fetch_json(&node, &[]);
     assert_eq!(r["fetched"].as_array().unwrap().len(), 0, "{r}");
+    // A node that turns fetching off contacts no registry, even when asked.
+    node.write_config("60-nofetch.toml", "[fetch]\nenabled = false\n");
+    let e = node.fails(&["fetch"], 1);
+    assert!(e.contains("[fetch] enabled = false"), "{e}");
 }
 
 #[test]

@@ -358,6 +358,21 @@ impl Cache {
             .ok()?
             .into_iter()
             .find(|e| e.name() == Some(name))?;
+        self.complete_entry(e)
+    }
+
+    /// The index by name, read once for many lookups with [`Cache::complete_entry`]. An
+    /// index that cannot be read names nothing.
+    pub fn index_by_name(&self) -> std::collections::HashMap<String, IndexEntry> {
+        self.index()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| Some((e.name()?.to_string(), e)))
+            .collect()
+    }
+
+    /// [`Cache::complete`] for an index entry already read.
+    pub fn complete_entry(&self, e: IndexEntry) -> Option<CachedImage> {
         let img = self.image_of(e)?;
         std::iter::once(&img.config)
             .chain(&img.layers)

@@ -193,6 +193,7 @@ impl Fetcher {
     /// A fetch asked for on D-Bus: now, whatever the windows say.
     async fn now(&mut self, order: Order) {
         let res = async {
+            engine::check_enabled(&self.settings)?;
             let before = self.views().await?;
             let wants = engine::wanted(&self.paths, &before, &order.sets)?;
             let now = Options {

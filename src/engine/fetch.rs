@@ -24,13 +24,17 @@ pub fn wanted(paths: &HostPaths, views: &[SetView], only: &[String]) -> Result<V
         }
     }
     let cache = Cache::new(paths.cache_dir());
+    let index = cache.index_by_name();
     let mut by_ref: std::collections::BTreeMap<String, Want> = Default::default();
     for v in views {
         if !fetching.contains(v.name.as_str()) || (!only.is_empty() && !only.contains(&v.name)) {
             continue;
         }
         for r in &v.missing {
-            if cache.complete(r).is_some() {
+            if index
+                .get(r)
+                .is_some_and(|e| cache.complete_entry(e.clone()).is_some())
+            {
                 continue;
             }
             by_ref
@@ -44,6 +48,16 @@ pub fn wanted(paths: &HostPaths, views: &[SetView], only: &[String]) -> Result<V
         }
     }
     Ok(by_ref.into_values().collect())
+}
+
+/// Refuses a fetch an administrator asks for when the node's configuration turns
+/// fetching off: such a node is not to contact registries at all.
+pub fn check_enabled(settings: &Settings) -> Result<()> {
+    anyhow::ensure!(
+        settings.fetch.enabled,
+        "fetching from registries is turned off on this node ([fetch] enabled = false); its set files' images come from bundles"
+    );
+    Ok(())
 }
 
 /// Reads the payload of every release a set file names whose release image the cache now
@@ -158,6 +172,7 @@ impl Engine {
         opts: &crate::fetch::Options,
         on_board: &(dyn Fn(&Board) + Send + Sync),
     ) -> Result<FetchReport> {
+        check_enabled(&self.settings)?;
         let views = self.sync().await?;
         let mut wants = wanted(&self.paths, &views, only)?;
         let earlier = Board::read(&self.paths)
@@ -293,9 +308,13 @@ impl Engine {
         // stored under both names.
         let mut by_digest: HashMap<(String, Digest), PlannedImage> = HashMap::new();
         let mut sets_of: std::collections::BTreeSet<String> = Default::default();
+        let index = self.cache.index_by_name();
         for v in views {
             for r in &v.missing {
-                let Some(cached) = self.cache.complete(r) else {
+                let Some(cached) = index
+                    .get(r)
+                    .and_then(|e| self.cache.complete_entry(e.clone()))
+                else {
                     continue;
                 };
                 let img = planned_from_cache(r, &cached);

@@ -58,7 +58,7 @@ mod sweep;
 mod verify;
 
 pub use cache::{cache_report, CacheReport, CacheView, CachedBundle};
-pub use fetch::{expand_releases, wanted, FetchReport};
+pub use fetch::{check_enabled, expand_releases, wanted, FetchReport};
 use pins::Busy;
 pub use pins::{crio_config, evaluate_sets};
 use sweep::sweep;
