@@ -617,6 +617,8 @@ fn man_pages(cmd: clap::Command) -> Vec<(String, clap_mangen::Man)> {
 pub fn board_progress(b: &crate::fetch::Board) -> Vec<crate::events::Progress> {
     b.sets
         .iter()
+        // A set none of whose manifests is known yet has nothing to show.
+        .filter(|(_, p)| p.total > 0 || p.waiting.is_some())
         .map(|(name, p)| crate::events::Progress {
             bundle: format!("set {name}"),
             image: match (p.eta, &p.waiting) {

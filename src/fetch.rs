@@ -463,7 +463,7 @@ async fn run(
                     Some(e) => format!("{}@{}", repository_of(&w.reference), e.digest),
                     None => w.reference.clone(),
                 };
-                let r = resolve(client, conf, &reference).await;
+                let r = resolve(client, conf, &reference, &Retry::default()).await;
                 (w, r)
             }
         })
@@ -760,7 +760,38 @@ struct PolicyRefusal;
 
 /// The manifest of `reference` from the first source registries.conf gives that serves
 /// it (mirrors in order, then the registry unless it is blocked).
-async fn resolve(client: &Client, conf: &RegistriesConf, reference: &str) -> Result<Resolved> {
+async fn resolve(
+    client: &Client,
+    conf: &RegistriesConf,
+    reference: &str,
+    retry: &Retry,
+) -> Result<Resolved> {
+    // Every source in turn, as containers/image goes through them; the whole list again
+    // after a wait when what decided was worth another try (a cut, a busy registry).
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let e = match resolve_once(client, conf, reference).await {
+            Ok(r) => return Ok(r),
+            Err(e) => e,
+        };
+        let transient = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<FetchError>())
+            .is_some_and(FetchError::retryable);
+        if !transient || attempt >= retry.attempts {
+            return Err(e);
+        }
+        let wait = retry.delay(attempt);
+        tracing::warn!(
+            "{reference}: {e:#}; trying again in {:.1} s",
+            wait.as_secs_f64()
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
+async fn resolve_once(client: &Client, conf: &RegistriesConf, reference: &str) -> Result<Resolved> {
     let sources = conf.pull_sources(reference);
     if sources.is_empty() {
         anyhow::bail!(

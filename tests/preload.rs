@@ -1296,3 +1296,30 @@ fn outside_the_fetch_windows_the_daemon_waits_and_fetch_runs_at_once() {
     });
     drop(daemon);
 }
+
+#[test]
+fn a_busy_registry_is_asked_again_after_a_wait() {
+    if !require(TOOLS) {
+        return;
+    }
+    let node = Node::new();
+    let reg = start_registry(&node.scratch("registry"));
+    // The first three requests get 503: the manifests' first tries, and one more.
+    let proxy = common::proxy::start_proxy(reg.port, common::proxy::Fault::BusyFirst { n: 3 });
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let lay = layout(&node, "layout", (30_000, 3_000));
+    push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
+    write_registries_conf(
+        &node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+    write_set(&node, "edge", &references(&lay, &host), "");
+    let r = fetch_json(&node, &[]);
+    assert_eq!(r["missing"], 0, "{r}");
+    let heads = proxy.requests.lock().unwrap().clone();
+    let manifests = heads.iter().filter(|h| h.contains("/manifests/")).count();
+    assert!(
+        manifests >= 3,
+        "the manifests were not asked for again: {heads:?}"
+    );
+}

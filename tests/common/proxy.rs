@@ -26,6 +26,8 @@ pub enum Fault {
     Slow { bytes_per_sec: u64 },
     /// A slow link that also cuts every blob response after this many bytes.
     SlowCut { bytes_per_sec: u64, bytes: u64 },
+    /// Answer `503 Service Unavailable` to the first `n` requests: a busy registry.
+    BusyFirst { n: usize },
 }
 
 /// A one-request-per-connection HTTP proxy in front of the registry.
@@ -83,6 +85,15 @@ fn serve(
         }
     }
     reqs.lock().unwrap().push(head.clone());
+    if let Fault::BusyFirst { n } = fault {
+        if cuts.fetch_add(1, Ordering::SeqCst) < n {
+            let mut c = client;
+            let _ = c.write_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+            return;
+        }
+    }
     let is_blob = head.starts_with("GET ") && head.contains("/blobs/sha256:");
     // One request per connection: the client opens a new one for the next.
     let mut forwarded: String = head
