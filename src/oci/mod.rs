@@ -61,75 +61,65 @@ pub fn sized_blobs_of_manifest(bytes: &[u8]) -> Option<(Sized, Vec<Sized>)> {
     Some((d(&m.config)?, layers))
 }
 
-/// The media types of lists of images: an OCI index and a Docker manifest list.
-pub const LIST_MEDIA_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
+/// One entry of a list of images.
+#[derive(serde::Deserialize)]
+struct ListEntry {
+    digest: String,
+    size: u64,
+    platform: Option<Platform>,
+}
+
+#[derive(serde::Deserialize)]
+struct Platform {
+    #[serde(default)]
+    os: String,
+    #[serde(default)]
+    architecture: String,
+}
+
+impl ListEntry {
+    fn sized(&self) -> Option<Sized> {
+        self.digest
+            .strip_prefix("sha256:")
+            .and_then(|h| Digest::from_hex(h).ok())
+            .map(|d| (d, self.size))
+    }
+}
+
+/// The entries of a list of images, `None` when `bytes` is not one. A document with a
+/// `config` is an image manifest, never a list.
+fn list_entries(bytes: &[u8]) -> Option<Vec<ListEntry>> {
+    #[derive(serde::Deserialize)]
+    struct List {
+        config: Option<serde::de::IgnoredAny>,
+        manifests: Option<Vec<ListEntry>>,
+    }
+    let l = serde_json::from_slice::<List>(bytes).ok()?;
+    if l.config.is_some() {
+        return None;
+    }
+    l.manifests
+}
 
 /// For a list of images (an OCI index or a Docker manifest list), the descriptor of the
 /// image for `linux`/`arch`, as containers/image picks it for a node: `None` when `bytes`
 /// is not a list, `Some(None)` when it is a list without that platform (or a descriptor
-/// that is not sha256). A document with a `config` is an image manifest, never a list.
+/// that is not sha256).
 pub fn list_instance(bytes: &[u8], arch: &str) -> Option<Option<Sized>> {
-    #[derive(serde::Deserialize)]
-    struct Platform {
-        #[serde(default)]
-        os: String,
-        #[serde(default)]
-        architecture: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Desc {
-        digest: String,
-        size: u64,
-        platform: Option<Platform>,
-    }
-    #[derive(serde::Deserialize)]
-    struct List {
-        config: Option<serde::de::IgnoredAny>,
-        manifests: Option<Vec<Desc>>,
-    }
-    let l = serde_json::from_slice::<List>(bytes).ok()?;
-    if l.config.is_some() {
-        return None;
-    }
-    let found = l.manifests?.into_iter().find(|d| {
+    let found = list_entries(bytes)?.into_iter().find(|d| {
         d.platform
             .as_ref()
             .is_some_and(|p| p.os == "linux" && p.architecture == arch)
     });
-    Some(found.and_then(|d| {
-        d.digest
-            .strip_prefix("sha256:")
-            .and_then(|h| Digest::from_hex(h).ok())
-            .map(|x| (x, d.size))
-    }))
+    Some(found.and_then(|d| d.sized()))
 }
 
 /// Every sha256 image manifest a list names (`None` when `bytes` is not a list).
 pub fn list_instances(bytes: &[u8]) -> Option<Vec<Digest>> {
-    #[derive(serde::Deserialize)]
-    struct Desc {
-        digest: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct List {
-        config: Option<serde::de::IgnoredAny>,
-        manifests: Option<Vec<Desc>>,
-    }
-    let l = serde_json::from_slice::<List>(bytes).ok()?;
-    if l.config.is_some() {
-        return None;
-    }
     Some(
-        l.manifests?
+        list_entries(bytes)?
             .iter()
-            .filter_map(|d| {
-                d.digest
-                    .strip_prefix("sha256:")
-                    .and_then(|h| Digest::from_hex(h).ok())
-            })
+            .filter_map(|d| d.sized().map(|s| s.0))
             .collect(),
     )
 }
