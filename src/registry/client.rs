@@ -604,14 +604,6 @@ pub struct FetchedImage {
 struct Desc {
     digest: String,
     size: u64,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(serde::Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -837,20 +829,13 @@ impl Client {
         let mut list = None;
         if m.config.is_none() && !m.manifests.is_empty() {
             let arch = crate::bundle::write::host_architecture();
-            let pick = m
-                .manifests
-                .iter()
-                .find(|d| {
-                    d.platform
-                        .as_ref()
-                        .is_some_and(|p| p.os == "linux" && p.architecture == arch)
-                })
+            let (d, _) = crate::oci::list_instance(&bytes, arch)
+                .flatten()
                 .ok_or_else(|| {
                     FetchError::Other(format!(
-                        "{reference}: no image for linux/{arch} in its list"
+                        "{reference}: no image for linux/{arch} (by sha256) in its list"
                     ))
                 })?;
-            let d = parse_digest(reference, &pick.digest)?;
             let (image_digest, image_bytes) = self
                 .manifest(&base, host, repo, &d.to_string(), Some(d))
                 .await?;
