@@ -7,6 +7,8 @@
 mod fixture;
 #[path = "../tests/common/loopdev.rs"]
 mod loopdev;
+#[path = "common/memory.rs"]
+mod memory;
 #[path = "../tests/common/node.rs"]
 mod node;
 #[path = "../tests/common/usermgr.rs"]
@@ -15,17 +17,6 @@ mod usermgr;
 use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn rss_kib(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
@@ -66,7 +57,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_secs(2));
-    let idle_rss = rss_kib(daemon.id());
+    let idle_rss = memory::status_bytes(daemon.id(), "VmRSS").unwrap_or(0) / 1024;
 
     let mut latencies = Vec::new();
     for round in 0..5 {

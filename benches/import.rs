@@ -18,6 +18,8 @@
 
 #[path = "../tests/common/fixture.rs"]
 mod fixture;
+#[path = "common/memory.rs"]
+mod memory;
 #[path = "../tests/common/node.rs"]
 mod node;
 
@@ -50,32 +52,17 @@ fn measure(cmd: &mut Command) -> (Duration, u64) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak = 0u64;
-    loop {
-        if let Ok(s) = fs::read_to_string(&status_path) {
-            if let Some(kb) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kb * 1024);
-            }
+    let (status, peak) = memory::wait_with_peak(&mut child);
+    let elapsed = start.elapsed();
+    if !status.success() {
+        let mut err = String::new();
+        use std::io::Read;
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
         }
-        if let Some(status) = child.try_wait().expect("wait") {
-            let elapsed = start.elapsed();
-            if !status.success() {
-                let mut err = String::new();
-                use std::io::Read;
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = e.read_to_string(&mut err);
-                }
-                panic!("{cmd:?} failed: {err}");
-            }
-            return (elapsed, peak);
-        }
-        std::thread::sleep(Duration::from_millis(5));
+        panic!("{cmd:?} failed: {err}");
     }
+    (elapsed, peak)
 }
 
 fn time(cmd: &mut Command) -> Duration {

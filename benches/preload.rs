@@ -19,6 +19,8 @@
 
 #[path = "../tests/common/fixture.rs"]
 mod fixture;
+#[path = "common/memory.rs"]
+mod memory;
 #[path = "../tests/common/node.rs"]
 mod node;
 #[path = "../tests/common/proxy.rs"]
@@ -266,23 +268,7 @@ fn longshore_fetch(ns: Option<&str>, root: &Path) -> (Duration, serde_json::Valu
         b
     });
     // Under `ip netns exec`, the child execs longshore in place: same pid.
-    let status_path = format!("/proc/{}/status", child.id());
-    let mut peak = 0u64;
-    let status = loop {
-        if let Ok(s) = fs::read_to_string(&status_path) {
-            if let Some(kb) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kb * 1024);
-            }
-        }
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let (status, peak) = memory::wait_with_peak(&mut child);
     let took = start.elapsed();
     let (stdout, stderr) = (
         out_reader.join().expect("stdout"),

@@ -463,7 +463,7 @@ async fn run(
                     Some(e) => format!("{}@{}", repository_of(&w.reference), e.digest),
                     None => w.reference.clone(),
                 };
-                let r = resolve(client, conf, &reference, &Retry::default()).await;
+                let r = resolve(client, conf, &reference, &client.retry()).await;
                 (w, r)
             }
         })

@@ -88,6 +88,14 @@ fn write_set(node: &Node, name: &str, images: &[String], extra: &str) {
     .unwrap();
 }
 
+/// registries.conf naming `host` alone, reached over plain HTTP.
+fn plain_http_registry(node: &Node, host: &str) {
+    write_registries_conf(
+        node,
+        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
+    );
+}
+
 fn write_registries_conf(node: &Node, text: &str) {
     let etc = node.sysroot.join("etc/containers");
     fs::create_dir_all(&etc).unwrap();
@@ -167,10 +175,7 @@ fn a_set_file_brings_its_images_from_a_registry_into_the_store_pinned() {
     let host = format!("127.0.0.1:{}", reg.port);
     let lay = layout(&node, "layout", (300_000, 20_000));
     push(&lay, &host, &[]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     let refs = references(&lay, &host);
     write_set(&node, "edge", &refs, "");
 
@@ -343,10 +348,7 @@ fn credentials_come_from_the_pull_secret_and_a_refusal_degrades_the_set() {
     let host = format!("127.0.0.1:{}", reg.port);
     let lay = layout(&node, "layout", (40_000, 4_000));
     push(&lay, &host, &["--dest-creds", "puller:s3cret"]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     write_set(&node, "edge", &references(&lay, &host), "");
     let kubelet = node.sysroot.join("var/lib/kubelet");
     fs::create_dir_all(&kubelet).unwrap();
@@ -398,10 +400,7 @@ fn an_image_the_policy_refuses_is_not_fetched() {
     let lay = layout(&node, "layout", (20_000, 2_000));
     push(&lay, &host, &[]);
     let pushed = reg.requests().len();
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     let refs = references(&lay, &host);
     write_set(&node, "edge", &refs, "");
     fs::write(
@@ -527,10 +526,7 @@ fn a_link_cut_every_megabyte_still_brings_the_set_in_and_no_byte_crosses_twice()
     let host = format!("127.0.0.1:{}", proxy.port);
     let lay = layout(&node, "layout", (6 << 20, 3 << 20));
     push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     write_set(&node, "edge", &references(&lay, &host), "");
     let r = fetch_json(&node, &[]);
     assert_eq!(r["missing"], 0, "{r}");
@@ -622,10 +618,7 @@ fn the_daemon_fetches_over_a_cut_link_in_the_background_and_resumes_after_it_is_
     let host = format!("127.0.0.1:{}", proxy.port);
     let lay = layout(&node, "layout", (8 << 20, 100_000));
     push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     write_set(&node, "edge", &references(&lay, &host), "");
 
     let daemon = common::daemon::Daemon::start(&node);
@@ -705,10 +698,7 @@ fn the_daemon_says_why_a_set_cannot_be_fetched_and_fetch_goes_through_it() {
     let host = format!("127.0.0.1:{}", reg.port);
     let lay = layout(&node, "layout", (40_000, 4_000));
     push(&lay, &host, &["--dest-creds", "puller:s3cret"]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     let kubelet = node.sysroot.join("var/lib/kubelet");
     fs::create_dir_all(&kubelet).unwrap();
     let secret = |pass: &str| {
@@ -757,10 +747,7 @@ fn a_set_that_does_not_fit_is_refused_before_its_first_blob_with_the_numbers() {
     let lay = layout(&node, "layout", (200_000, 20_000));
     push(&lay, &host, &[]);
     let pushed = reg.requests().len();
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     write_set(&node, "edge", &references(&lay, &host), "");
     node.write_config("60-floor.toml", "[store]\nmin_free_space = \"1000TiB\"\n");
     let out = node.run(&["fetch", "--json"]);
@@ -886,10 +873,7 @@ fn a_release_named_by_its_image_expands_to_its_payload() {
         .status()
         .unwrap();
     assert!(st.success());
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     let dir = node.sysroot.join("etc/longshore/sets.d");
     fs::create_dir_all(&dir).unwrap();
     // By tag: refused unless the file allows tags.
@@ -1045,10 +1029,7 @@ fn an_image_named_by_its_list_is_stored_and_pinned_as_crio_would_pull_it() {
         .status()
         .unwrap();
     assert!(st.success());
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     // By the list's digest, and by a tag that names the list.
     let by_list = format!("{host}/preload/multi@{list}");
     let by_tag = format!("{host}/preload/multi:1");
@@ -1153,10 +1134,7 @@ fn an_image_fetched_whole_is_copied_into_the_store_while_the_rest_still_come() {
     )
     .unwrap();
     push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     let refs = references(&lay, &host);
     write_set(&node, "edge", &refs, "");
 
@@ -1205,10 +1183,7 @@ fn the_proxy_variables_are_obeyed_as_containers_image_obeys_them() {
     let host = format!("127.0.0.1:{}", reg.port);
     let lay = layout(&node, "layout", (30_000, 3_000));
     push(&lay, &host, &[]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     let refs = references(&lay, &host);
     let proxy = common::proxy::start_forward_proxy();
     node.env.push((
@@ -1260,10 +1235,7 @@ fn outside_the_fetch_windows_the_daemon_waits_and_fetch_runs_at_once() {
     let lay = layout(&node, "layout", (30_000, 3_000));
     push(&lay, &host, &[]);
     let pushed = reg.requests().len();
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     write_set(&node, "edge", &references(&lay, &host), "");
     // The window opens in two hours.
     node.write_config(
@@ -1309,10 +1281,7 @@ fn a_busy_registry_is_asked_again_after_a_wait() {
     let host = format!("127.0.0.1:{}", proxy.port);
     let lay = layout(&node, "layout", (30_000, 3_000));
     push(&lay, &format!("127.0.0.1:{}", reg.port), &[]);
-    write_registries_conf(
-        &node,
-        &format!("[[registry]]\nlocation = \"{host}\"\ninsecure = true\n"),
-    );
+    plain_http_registry(&node, &host);
     write_set(&node, "edge", &references(&lay, &host), "");
     let r = fetch_json(&node, &[]);
     assert_eq!(r["missing"], 0, "{r}");

@@ -236,6 +236,11 @@ impl Client {
         self.http(&host)
     }
 
+    /// How it tries again.
+    pub fn retry(&self) -> Retry {
+        self.retry
+    }
+
     /// Caps the bytes per second of all this client's transfers together.
     pub fn with_max_rate(mut self, bytes_per_sec: Option<u64>) -> Client {
         self.rate = bytes_per_sec.filter(|r| *r > 0).map(|r| RateLimit {
