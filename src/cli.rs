@@ -69,6 +69,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Sharing the cache with this node's CRI-O and the cluster's nodes (see
+    /// docs/sharing.md).
+    Share {
+        #[command(subcommand)]
+        action: ShareCommand,
+    },
     /// Fetch what set files name from registries into the cache (as CRI-O would pull
     /// it: registries.conf, the pull secret, certs.d, policy.json), then import and pin
     /// it (see docs/fetching.md). Runs now, whatever `[fetch] windows` says.
@@ -196,6 +202,18 @@ enum CacheCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ShareCommand {
+    /// Make a new cluster key: 32 random bytes in the format libp2p reads too. Copy the
+    /// same file to every node (a MachineConfig), readable by root only.
+    Keygen {
+        /// Write it to this file (created with mode 0600; an existing file is refused)
+        /// instead of printing it.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
     },
 }
 
@@ -445,6 +463,28 @@ async fn dispatch(cmd: Command, paths: HostPaths) -> Result<ExitCode> {
                 print_json(&r)?;
             } else {
                 print!("{}", r.render());
+            }
+        }
+        Command::Share {
+            action: ShareCommand::Keygen { output },
+        } => {
+            let key = crate::share::auth::ClusterKey::generate()?;
+            match output {
+                None => print!("{key}"),
+                Some(p) => {
+                    use std::io::Write;
+                    use std::os::unix::fs::OpenOptionsExt;
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&p)
+                        .with_context(|| format!("creating {}", p.display()))?;
+                    f.write_all(key.as_bytes())
+                        .and_then(|_| f.sync_all())
+                        .with_context(|| format!("writing {}", p.display()))?;
+                    eprintln!("wrote a new cluster key to {}", p.display());
+                }
             }
         }
         Command::Fetch { sets, json } => {

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -28,6 +29,28 @@ struct Fragment {
     media: Option<MediaFragment>,
     cache: Option<CacheFragment>,
     fetch: Option<FetchFragment>,
+    share: Option<ShareFragment>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShareFragment {
+    enabled: Option<bool>,
+    #[serde(default, deserialize_with = "loopback_addr")]
+    local: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "peer_addr")]
+    peer: Option<Option<SocketAddr>>,
+    #[serde(default, deserialize_with = "host_ports")]
+    bootstrap: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "absolute_path")]
+    key_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "registry_hosts")]
+    registries: Option<Vec<String>>,
+    never_contact_source: Option<bool>,
+    upstream: Option<bool>,
+    mirror_tags: Option<bool>,
+    #[serde(default, deserialize_with = "connection_cap")]
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,6 +351,32 @@ pub struct CrioSettings {
     pub allow_restart: bool,
 }
 
+/// `[share]`: serving the cache to this node's CRI-O and to the cluster's other nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSettings {
+    /// Whether the endpoint runs and the mirror drop-in is written.
+    pub enabled: bool,
+    /// The loopback listener for this node's CRI-O and tools (no authentication).
+    pub local: SocketAddr,
+    /// The listener for the cluster's other nodes (authenticated); `None` is none.
+    pub peer: Option<SocketAddr>,
+    /// Peers to join the cluster through: `HOST:PORT`, a host name may name several.
+    pub bootstrap: Vec<String>,
+    /// The cluster key, shared by every node of the cluster.
+    pub key_file: PathBuf,
+    /// The registries mirrored through the endpoint; empty is every registry the cache
+    /// holds images from.
+    pub registries: Vec<String>,
+    /// The mirrored registries themselves are never contacted (`blocked = true`).
+    pub never_contact_source: bool,
+    /// A miss on every node is fetched from the source into the cache.
+    pub upstream: bool,
+    /// The mirror is used for tags too (`pull-from-mirror = "all"`), not only digests.
+    pub mirror_tags: bool,
+    /// Connections served at once, over both listeners.
+    pub max_connections: usize,
+}
+
 /// The merged, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -350,6 +399,8 @@ pub struct Settings {
     pub cache_keep_imported: u64,
     /// `[fetch]`.
     pub fetch: FetchSettings,
+    /// `[share]`.
+    pub share: ShareSettings,
     /// The bus systemd is reached on.
     pub bus: Bus,
     /// CRI-O.
@@ -388,6 +439,18 @@ impl Default for Settings {
                 jobs: 4,
                 max_rate: None,
                 windows: vec![],
+            },
+            share: ShareSettings {
+                enabled: false,
+                local: SocketAddr::from(([127, 0, 0, 1], 5050)),
+                peer: None,
+                bootstrap: vec![],
+                key_file: PathBuf::from("/etc/longshore/cluster.key"),
+                registries: vec![],
+                never_contact_source: false,
+                upstream: false,
+                mirror_tags: false,
+                max_connections: 64,
             },
             bus: Bus::System,
             crio: CrioSettings {
@@ -457,6 +520,19 @@ impl Settings {
                 self.fetch.max_rate = x.max_rate.filter(|r| *r > 0);
             }
             set(&mut self.fetch.windows, x.windows);
+        }
+        if let Some(x) = f.share {
+            let s = &mut self.share;
+            set(&mut s.enabled, x.enabled);
+            set(&mut s.local, x.local);
+            set(&mut s.peer, x.peer);
+            set(&mut s.bootstrap, x.bootstrap);
+            set(&mut s.key_file, x.key_file);
+            set(&mut s.registries, x.registries);
+            set(&mut s.never_contact_source, x.never_contact_source);
+            set(&mut s.upstream, x.upstream);
+            set(&mut s.mirror_tags, x.mirror_tags);
+            set(&mut s.max_connections, x.max_connections);
         }
         if let Some(m) = f.media {
             set(&mut self.media.labels, m.labels);
@@ -542,6 +618,117 @@ fn label_globs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D
         )));
     }
     Ok(Some(v))
+}
+
+/// The loopback listener's address: it answers without authentication, so it may only
+/// be on a loopback address.
+fn loopback_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    let a: SocketAddr = s.parse().map_err(|_| {
+        serde::de::Error::custom(format!("{s:?} is not an address and port (IP:PORT)"))
+    })?;
+    if !a.ip().is_loopback() {
+        return Err(serde::de::Error::custom(format!(
+            "{s:?} is not a loopback address; the local listener answers anyone who reaches it, \
+             so it must be on 127.0.0.1 or ::1 (other nodes use `peer`)"
+        )));
+    }
+    Ok(Some(a))
+}
+
+/// The peer listener's address, `IP:PORT` (`0.0.0.0:PORT` for every address of the
+/// node); an empty string is no peer listener.
+fn peer_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<SocketAddr>>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s.is_empty() {
+        return Ok(Some(None));
+    }
+    let a: SocketAddr = s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{s:?} is not an address and port (IP:PORT, or 0.0.0.0:PORT for every address)"
+        ))
+    })?;
+    Ok(Some(Some(a)))
+}
+
+/// `HOST:PORT` entries: a host name, an IPv4 address or a bracketed IPv6 address.
+fn host_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    for s in &v {
+        if let Err(e) = check_host_port(s) {
+            return Err(serde::de::Error::custom(format!("{s:?}: {e}")));
+        }
+    }
+    Ok(Some(v))
+}
+
+/// Checks a `HOST:PORT`.
+pub fn check_host_port(s: &str) -> Result<(String, u16)> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        bail!("expected HOST:PORT");
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p > 0 => p,
+        _ => bail!("{port:?} is not a port"),
+    };
+    let host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>()
+            .map_err(|_| anyhow::anyhow!("{host:?} is not an IPv6 address"))?;
+        v6.to_string()
+    } else {
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+                    && !l.ends_with('-')
+            });
+        if !ok {
+            bail!("{host:?} is not a host name or address");
+        }
+        host.to_string()
+    };
+    Ok((host, port))
+}
+
+/// Registry hosts to mirror: `host[:port]`, as image references name them.
+fn registry_hosts<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    for s in &v {
+        let host =
+            s.rsplit_once(':').map_or(
+                s.as_str(),
+                |(h, p)| {
+                    if p.parse::<u16>().is_ok() {
+                        h
+                    } else {
+                        s
+                    }
+                },
+            );
+        let ok = !host.is_empty()
+            && host.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok || s.contains('/') {
+            return Err(serde::de::Error::custom(format!(
+                "{s:?} is not a registry host (HOST or HOST:PORT, as in image references)"
+            )));
+        }
+    }
+    Ok(Some(v))
+}
+
+fn connection_cap<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = i64::deserialize(d)?;
+    if !(1..=4096).contains(&n) {
+        return Err(serde::de::Error::custom(format!(
+            "{n} is out of range; expected 1 to 4096"
+        )));
+    }
+    Ok(Some(n as usize))
 }
 
 fn copy_jobs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
@@ -723,6 +910,7 @@ mod tests {
         assert_eq!(shipped.cache_max_size, built_in.cache_max_size);
         assert_eq!(shipped.cache_keep_imported, built_in.cache_keep_imported);
         assert_eq!(shipped.fetch, built_in.fetch);
+        assert_eq!(shipped.share, built_in.share);
         assert_eq!(shipped.bus, built_in.bus);
         assert_eq!(shipped.crio.unit, built_in.crio.unit);
         assert_eq!(shipped.crio.reload, built_in.crio.reload);

@@ -87,6 +87,9 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
     api::forward_progress(api.connection(), progress_rx);
     tracing::info!("longshore daemon started; {unit} is {last_state}");
+    // The endpoint serves from the cache on tasks of its own, from the start: pulls of
+    // this node's CRI-O need not wait for the boot's work.
+    let sharing = crate::share::start(&paths, &settings).await;
 
     let current = Arc::new(Mutex::new(Current::default()));
     // SIGTERM and SIGINT are watched on their own task, so they are heard at once, also
@@ -230,6 +233,9 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     }
     drop(orders_tx);
     fetcher.abort();
+    if let Some(s) = sharing {
+        s.stop(&worker_paths);
+    }
     crate::fetch::Board::clear(&worker_paths);
     drop(jobs_tx);
     match tokio::time::timeout(STOP_TIMEOUT, worker).await {
@@ -894,6 +900,12 @@ fn watched_dirs(paths: &HostPaths) -> Vec<(PathBuf, bool)> {
     for (i, d) in paths.config_dirs.iter().enumerate() {
         dirs.push((d.join("sets.d"), i > 0));
     }
+    // The registries configuration: the mirror drop-in carries what the others say.
+    let registries = paths.host(Path::new(crate::registry::conf::DROPIN_DIR));
+    if let Some(parent) = registries.parent() {
+        dirs.push((parent.to_path_buf(), true));
+    }
+    dirs.push((registries, true));
     dirs
 }
 

@@ -27,6 +27,7 @@ pub mod registry;
 pub mod release;
 pub mod report;
 pub mod sets;
+pub mod share;
 pub mod state;
 pub mod store;
 pub mod systemd;

@@ -61,6 +61,79 @@ pub struct Status {
     /// What the daemon is doing; only when the status comes from it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daemon: Option<DaemonStatus>,
+    /// The endpoint; only with `[share] enabled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sharing: Option<SharingStatus>,
+}
+
+/// The endpoint in `status`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharingStatus {
+    /// Whether a daemon serves now.
+    pub running: bool,
+    /// The loopback listener's address, when it listens.
+    pub local: Option<String>,
+    /// The peer listener's address, when it listens.
+    pub peer: Option<String>,
+    /// Why a configured listener is not running.
+    pub problems: Vec<String>,
+    /// What this node's CRI-O and tools were served.
+    pub served_local: crate::share::CountersView,
+    /// What other nodes were served.
+    pub served_peer: crate::share::CountersView,
+}
+
+/// The endpoint's state, from the board the daemon writes.
+pub fn sharing(paths: &HostPaths, settings: &Settings) -> Option<SharingStatus> {
+    if !settings.share.enabled {
+        return None;
+    }
+    Some(match crate::share::ShareBoard::read(paths) {
+        Some(b) => SharingStatus {
+            running: true,
+            local: b.local,
+            peer: b.peer,
+            problems: b.problems,
+            served_local: b.served_local,
+            served_peer: b.served_peer,
+        },
+        None => SharingStatus {
+            running: false,
+            local: None,
+            peer: None,
+            problems: vec!["the daemon is not running, so nothing is served".into()],
+            served_local: Default::default(),
+            served_peer: Default::default(),
+        },
+    })
+}
+
+/// The endpoint for a person.
+pub fn render_sharing(s: &SharingStatus) -> String {
+    let mut out = String::from("SHARING\n");
+    let listener = |a: &Option<String>| a.clone().unwrap_or_else(|| "not listening".into());
+    let _ = writeln!(
+        out,
+        "  local {:<24} {} requests, {} served, {} not here",
+        listener(&s.local),
+        s.served_local.requests,
+        human_size(s.served_local.bytes),
+        s.served_local.misses
+    );
+    let _ = writeln!(
+        out,
+        "  peer  {:<24} {} requests, {} served, {} not here, {} refused",
+        listener(&s.peer),
+        s.served_peer.requests,
+        human_size(s.served_peer.bytes),
+        s.served_peer.misses,
+        s.served_peer.refused
+    );
+    for p in &s.problems {
+        let _ = writeln!(out, "  problem: {p}");
+    }
+    out
 }
 
 /// A bundle in `status`.
@@ -163,6 +236,7 @@ pub async fn status(paths: &HostPaths, settings: &Settings) -> Result<Status> {
         sets,
         images,
         daemon: None,
+        sharing: sharing(paths, settings),
     })
 }
 
@@ -171,6 +245,9 @@ pub fn render_status(s: &Status) -> String {
     let mut out = String::new();
     if s.bundles.is_empty() {
         let _ = writeln!(out, "No bundles imported yet. Store: {}", s.store);
+        if let Some(sh) = &s.sharing {
+            out.push_str(&render_sharing(sh));
+        }
         return out;
     }
     let _ = writeln!(out, "BUNDLES");
@@ -203,6 +280,9 @@ pub fn render_status(s: &Status) -> String {
             human_size(i.size),
             i.names.join(", ")
         );
+    }
+    if let Some(sh) = &s.sharing {
+        out.push_str(&render_sharing(sh));
     }
     out
 }

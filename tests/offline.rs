@@ -96,38 +96,12 @@ fn a_bare_wildcard_pin_is_never_written_and_is_reported() {
     );
 }
 
-/// A D-Bus session bus with no service manager on it.
-struct BareBus {
-    dir: tempfile::TempDir,
-    address: String,
-    pid: i32,
-}
-
-impl BareBus {
-    fn start() -> BareBus {
-        let dir = tempfile::tempdir().unwrap();
-        let address = format!("unix:path={}/bus", dir.path().display());
-        let pid = common::usermgr::start_bus(&address);
-        BareBus { dir, address, pid }
-    }
-}
-
-impl Drop for BareBus {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = &self.dir;
-    }
-}
-
 #[test]
 fn a_daemon_without_systemd_keeps_working_and_says_so() {
     if !require(&["skopeo", "dbus-daemon"]) {
         return;
     }
-    let bus = BareBus::start();
+    let bus = common::usermgr::BareBus::start();
     let mut node = Node::new();
     node.env
         .push(("DBUS_SESSION_BUS_ADDRESS".into(), bus.address.clone()));

@@ -172,6 +172,16 @@ impl Cache {
             .map(|m| m.len())
     }
 
+    /// Opens complete blob `d` for reading, with its length; never through a link.
+    pub fn open(&self, d: &Digest) -> Result<(fs::File, u64)> {
+        let f = open_regular(&self.blob(d))?;
+        let len = f
+            .metadata()
+            .with_context(|| format!("reading {}", self.blob(d).display()))?
+            .len();
+        Ok((f, len))
+    }
+
     /// Brings in `file`, whose content the caller hashed to `d`, by renaming it (it must be
     /// on the cache's filesystem). When the cache has `d` already, `file` is removed and
     /// the cached one kept. Returns whether the blob is new.

@@ -15,6 +15,7 @@
 //!   images are stored under.
 
 pub mod control;
+pub mod mirrors;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -227,7 +228,7 @@ fn walk_key(root: &Path, p: &Path) -> Vec<std::ffi::OsString> {
         .collect()
 }
 
-fn remove_if_present(path: &Path) -> Result<FileChange> {
+pub(crate) fn remove_if_present(path: &Path) -> Result<FileChange> {
     match fs::remove_file(path) {
         Ok(()) => {
             sync_dir(path)?;
@@ -242,7 +243,7 @@ fn remove_if_present(path: &Path) -> Result<FileChange> {
 /// temporary file in the parent of CRI-O's directory (which CRI-O does not read), synced,
 /// then renamed over the old file, and the directory is synced: CRI-O's directory holds
 /// the old file or the new one, whole, at every instant.
-fn write_if_changed(path: &Path, text: &str) -> Result<FileChange> {
+pub(crate) fn write_if_changed(path: &Path, text: &str) -> Result<FileChange> {
     if fs::read_to_string(path).is_ok_and(|old| old == text) {
         return Ok(FileChange::Unchanged);
     }

@@ -47,6 +47,7 @@ impl Engine {
         pins.remove("*");
         let pin_change = self.crio.write_pins(&pins)?;
         let store_change = self.sync_store_dropin()?;
+        let mirror_change = self.sync_mirror_dropin()?;
         match pin_change {
             FileChange::Written => tracing::info!(
                 "wrote {} with {} pinned images",
@@ -60,7 +61,7 @@ impl Engine {
         }
         if store_change.changed() {
             self.control.restart().await?;
-        } else if pin_change.changed() {
+        } else if pin_change.changed() || mirror_change.changed() {
             self.control.reload().await?;
         }
         Ok(views)
@@ -85,6 +86,68 @@ impl Engine {
                 self.crio.write_store(Some(&on_node))
             }
         }
+    }
+
+    /// With `[share] enabled`, makes the mirror drop-in put the endpoint first for the
+    /// registries served (see [`crate::crio::mirrors`]); otherwise, that none is left.
+    pub(super) fn sync_mirror_dropin(&self) -> Result<FileChange> {
+        use crate::crio::mirrors;
+        let dir = self
+            .paths
+            .host(Path::new(crate::registry::conf::DROPIN_DIR));
+        let path = dir.join(mirrors::MIRROR_FILE);
+        let share = &self.settings.share;
+        if !share.enabled {
+            let change = crate::crio::remove_if_present(&path)?;
+            if change.changed() {
+                tracing::info!("removed {}: sharing is off", path.display());
+            }
+            return Ok(change);
+        }
+        let hosts: std::collections::BTreeSet<String> = if share.registries.is_empty() {
+            self.cache
+                .index()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|e| Some(e.name()?.split('/').next()?.to_string()))
+                .collect()
+        } else {
+            share.registries.iter().cloned().collect()
+        };
+        let (before, later) = crate::registry::conf::RegistriesConf::load_until(
+            &self.paths,
+            Some(mirrors::MIRROR_FILE),
+        )
+        .context("reading the registries configuration the mirror drop-in must carry")?;
+        let plan = mirrors::MirrorPlan {
+            local: share.local,
+            hosts,
+            tags: share.mirror_tags,
+            block: share.never_contact_source,
+        };
+        let (text, skipped) = mirrors::render(&before, &plan);
+        for h in skipped {
+            tracing::warn!(
+                "registry {h} is not mirrored: its address cannot stand in a mirror's path"
+            );
+        }
+        for f in mirrors::overriding(&later, &text) {
+            tracing::warn!(
+                "{} is read after {} and sets the same registries, so CRI-O does not pull through longshore for them",
+                f.display(),
+                path.display()
+            );
+        }
+        let change = crate::crio::write_if_changed(&path, &text)?;
+        if change.changed() {
+            tracing::info!(
+                "wrote {}: {} mirrors {} registries",
+                path.display(),
+                share.local,
+                plan.hosts.len()
+            );
+        }
+        Ok(change)
     }
 
     /// Removes a set that came from a bundle; its images are unpinned (not removed).

@@ -29,6 +29,9 @@ use serde::Deserialize;
 
 use crate::paths::HostPaths;
 
+/// Where the drop-ins are, on a node.
+pub const DROPIN_DIR: &str = "/etc/containers/registries.conf.d";
+
 /// Largest registries configuration file read.
 pub const MAX_CONF: u64 = 1 << 20;
 
@@ -151,11 +154,31 @@ struct RawMirror {
 }
 
 impl RegistriesConf {
-    /// Reads the node's `registries.conf` and `registries.conf.d` (under its sysroot).
-    /// Missing files are no error: then every reference is pulled from its own host.
+    /// Reads the node's `registries.conf` and `registries.conf.d` (under its sysroot), as
+    /// longshore pulls: the mirror longshore's own drop-in puts first (its loopback
+    /// endpoint) is left out, so longshore never asks itself; everything else in that
+    /// file (the other mirrors, `blocked`) holds. Missing files are no error: then every
+    /// reference is pulled from its own host.
     pub fn load(paths: &HostPaths) -> Result<RegistriesConf> {
+        Ok(Self::read(paths, None, true)?.0)
+    }
+
+    /// The configuration of `registries.conf` and the drop-ins whose names sort before
+    /// `stop` (all of them with `None`), and the drop-ins at or after it.
+    pub fn load_until(
+        paths: &HostPaths,
+        stop: Option<&str>,
+    ) -> Result<(RegistriesConf, Vec<PathBuf>)> {
+        Self::read(paths, stop, false)
+    }
+
+    fn read(
+        paths: &HostPaths,
+        stop: Option<&str>,
+        strip_own: bool,
+    ) -> Result<(RegistriesConf, Vec<PathBuf>)> {
         let main = paths.host(Path::new("/etc/containers/registries.conf"));
-        let dir = paths.host(Path::new("/etc/containers/registries.conf.d"));
+        let dir = paths.host(Path::new(DROPIN_DIR));
         let mut conf = RegistriesConf::default();
         if main.exists() {
             let text = crate::config::read_text(&main, MAX_CONF)?;
@@ -172,12 +195,32 @@ impl RegistriesConf {
             Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
         };
         dropins.sort();
+        let mut later = Vec::new();
         for p in dropins {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if stop.is_some_and(|stop| name.as_str() >= stop) {
+                later.push(p);
+                continue;
+            }
             let text = crate::config::read_text(&p, MAX_CONF)?;
-            conf.merge(parse(&p, &text, true)?);
+            let mut regs = parse(&p, &text, true)?;
+            if strip_own && name == crate::crio::mirrors::MIRROR_FILE {
+                for r in &mut regs {
+                    if r.mirrors
+                        .first()
+                        .is_some_and(|m| crate::crio::mirrors::is_loopback(&m.location))
+                    {
+                        r.mirrors.remove(0);
+                    }
+                }
+            }
+            conf.merge(regs);
             conf.sources.push(p);
         }
-        Ok(conf)
+        Ok((conf, later))
     }
 
     /// A later file's registries replace those of the same prefix.
@@ -564,8 +607,8 @@ location = "mirror.local"
         )
         .expect("write");
         std::fs::write(
-            etc.join("registries.conf.d/99-longshore-mirror.conf"),
-            "[[registry]]\nlocation = \"quay.io\"\n[[registry.mirror]]\nlocation = \"127.0.0.1:5050/quay.io\"\n",
+            etc.join("registries.conf.d/50-site.conf"),
+            "[[registry]]\nlocation = \"quay.io\"\n[[registry.mirror]]\nlocation = \"site.mirror/quay.io\"\n",
         )
         .expect("write");
         std::fs::write(etc.join("registries.conf.d/notes.txt"), "not read").expect("write");
@@ -574,7 +617,26 @@ location = "mirror.local"
         let r = c.find("quay.io/a/b:1").expect("found");
         // Mirrors are not merged: the drop-in's list is the whole list.
         assert_eq!(r.mirrors.len(), 1);
-        assert_eq!(r.mirrors[0].location, "127.0.0.1:5050/quay.io");
+        assert_eq!(r.mirrors[0].location, "site.mirror/quay.io");
+
+        // longshore's own drop-in: as longshore pulls, its loopback mirror is left out and
+        // the rest of what it says holds.
+        std::fs::write(
+            etc.join("registries.conf.d/99-longshore-mirror.conf"),
+            "[[registry]]\nlocation = \"quay.io\"\nblocked = true\n\
+             [[registry.mirror]]\nlocation = \"127.0.0.1:5050/quay.io\"\ninsecure = true\n\
+             [[registry.mirror]]\nlocation = \"site.mirror/quay.io\"\n",
+        )
+        .expect("write");
+        let c = RegistriesConf::load(&paths).expect("load");
+        let r = c.find("quay.io/a/b:1").expect("found");
+        assert!(r.blocked);
+        assert_eq!(r.mirrors.len(), 1);
+        assert_eq!(r.mirrors[0].location, "site.mirror/quay.io");
+        let (before, later) =
+            RegistriesConf::load_until(&paths, Some("99-longshore-mirror.conf")).expect("load");
+        assert_eq!(later.len(), 1);
+        assert!(!before.find("quay.io/a/b:1").expect("found").blocked);
     }
 
     #[test]

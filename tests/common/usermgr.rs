@@ -289,3 +289,29 @@ impl Drop for UserManager {
         );
     }
 }
+
+/// A D-Bus session bus with no service manager on it.
+pub struct BareBus {
+    dir: tempfile::TempDir,
+    pub address: String,
+    pid: i32,
+}
+
+impl BareBus {
+    pub fn start() -> BareBus {
+        let dir = tempfile::tempdir().unwrap();
+        let address = format!("unix:path={}/bus", dir.path().display());
+        let pid = start_bus(&address);
+        BareBus { dir, address, pid }
+    }
+}
+
+impl Drop for BareBus {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = &self.dir;
+    }
+}

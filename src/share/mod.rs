@@ -1,0 +1,282 @@
+//! Sharing the cache: a read-only registry endpoint for this node's CRI-O and for the
+//! cluster's other nodes ([`serve`]), and the requests between nodes ([`auth`]).
+//!
+//! The endpoint answers from the cache only what can be pulled whole (see
+//! [`serve`]); CRI-O is pointed at it by the mirror drop-in
+//! ([`crate::crio::mirrors`]). A registry host becomes one path component in the
+//! mirror's location (`127.0.0.1:5050/quay.io`), because containers/image sends no
+//! `ns` parameter to a mirror; a port is written `_PORT` there, since `:` may not stand
+//! in a repository path (`registry.local:5000` → `registry.local_5000`).
+
+pub mod auth;
+pub mod serve;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::cache::Cache;
+use crate::config::Settings;
+use crate::paths::HostPaths;
+
+/// How often the daemon writes its figures for `longshore status`.
+const BOARD_EVERY: Duration = Duration::from_secs(2);
+
+/// The endpoint, running.
+pub struct Running {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops serving.
+    pub fn stop(self, paths: &HostPaths) {
+        for t in self.tasks {
+            t.abort();
+        }
+        ShareBoard::clear(paths);
+    }
+}
+
+/// Starts the endpoint's listeners, when `[share] enabled`. A listener that cannot start
+/// (its address taken, no cluster key) is reported and left out; the daemon's other
+/// work goes on without it.
+pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
+    let share = &settings.share;
+    if !share.enabled {
+        ShareBoard::clear(paths);
+        return None;
+    }
+    let stats = Arc::new(Stats::default());
+    let ep = Arc::new(serve::Endpoint {
+        cache: Cache::new(paths.cache_dir()),
+        arch: crate::bundle::write::host_architecture(),
+        stats: stats.clone(),
+    });
+    let conns = Arc::new(tokio::sync::Semaphore::new(share.max_connections));
+    let mut board = ShareBoard {
+        pid: std::process::id(),
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    match tokio::net::TcpListener::bind(share.local).await {
+        Ok(l) => {
+            tracing::info!("serving the cache to this node on {}", share.local);
+            board.local = Some(share.local.to_string());
+            tasks.push(tokio::spawn(serve::run(
+                l,
+                serve::Side::Local,
+                ep.clone(),
+                conns.clone(),
+            )));
+        }
+        Err(e) => {
+            let p = format!("the local listener {} did not start: {e}", share.local);
+            tracing::error!("{p}");
+            board.problems.push(p);
+        }
+    }
+    if let Some(addr) = share.peer {
+        let started = match auth::ClusterKey::load(&paths.host(&share.key_file)) {
+            Err(e) => Err(format!("{e:#}")),
+            Ok(key) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Ok((l, key)),
+                Err(e) => Err(format!("{e}")),
+            },
+        };
+        match started {
+            Ok((l, key)) => {
+                tracing::info!("serving the cache to the cluster's nodes on {addr}");
+                board.peer = Some(addr.to_string());
+                tasks.push(tokio::spawn(serve::run(
+                    l,
+                    serve::Side::Peer(key),
+                    ep.clone(),
+                    conns.clone(),
+                )));
+            }
+            Err(e) => {
+                let p = format!("the peer listener {addr} did not start: {e}");
+                tracing::error!("{p}");
+                board.problems.push(p);
+            }
+        }
+    }
+    board.write(paths);
+    let board_paths = paths.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut last = board.clone();
+        loop {
+            tokio::time::sleep(BOARD_EVERY).await;
+            board.update(&stats);
+            if board != last {
+                board.write(&board_paths);
+                last = board.clone();
+            }
+        }
+    }));
+    Some(Running { tasks })
+}
+
+/// The path component standing for registry `host` (`host[:port]`) in the mirror's
+/// location; `None` for a host that cannot be one (a bracketed IPv6 address).
+pub fn mirror_component(host: &str) -> Option<String> {
+    if host.starts_with('[') {
+        return None;
+    }
+    let c = host.replacen(':', "_", 1).to_ascii_lowercase();
+    crate::oci::reference::check_name(&format!("localhost/{c}"))
+        .ok()
+        .map(|_| c)
+}
+
+/// The repository a request path's name stands for: its first component back to a
+/// registry host (`registry.local_5000/app` → `registry.local:5000/app`), checked as
+/// containers/image checks names.
+pub fn source_repository(name: &str) -> Option<String> {
+    let (first, rest) = name.split_once('/')?;
+    let host = match first.rsplit_once('_') {
+        Some((h, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            format!("{h}:{port}")
+        }
+        _ => first.to_string(),
+    };
+    let repo = format!("{host}/{rest}");
+    crate::oci::reference::check_name(&repo).ok()?;
+    // A first component that is no registry host would be read by containers/image as
+    // part of a Docker Hub path; it names nothing here.
+    (host.contains(['.', ':']) || host == "localhost").then_some(repo)
+}
+
+/// What one listener did.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests answered (any status).
+    pub requests: AtomicU64,
+    /// Body bytes sent.
+    pub bytes: AtomicU64,
+    /// Manifests and blobs not answered (404).
+    pub misses: AtomicU64,
+    /// Requests refused for want of a valid signature.
+    pub refused: AtomicU64,
+}
+
+/// What the endpoint did since the daemon started.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// The loopback listener (this node's CRI-O and tools).
+    pub local: Counters,
+    /// The peer listener (other nodes).
+    pub peer: Counters,
+}
+
+/// One listener's figures, as reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountersView {
+    /// Requests answered.
+    pub requests: u64,
+    /// Body bytes sent.
+    pub bytes: u64,
+    /// Manifests and blobs not answered.
+    pub misses: u64,
+    /// Requests refused for want of a valid signature.
+    pub refused: u64,
+}
+
+impl Counters {
+    fn view(&self) -> CountersView {
+        CountersView {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The endpoint's state for `longshore status`: written by the daemon to
+/// `/run/longshore/share.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareBoard {
+    /// The daemon serving; the board is stale once it is gone.
+    pub pid: u32,
+    /// The loopback listener's address, when it listens.
+    pub local: Option<String>,
+    /// The peer listener's address, when it listens.
+    pub peer: Option<String>,
+    /// Why a listener is not running, when one is configured but failed.
+    pub problems: Vec<String>,
+    /// Requests of this node's CRI-O and tools.
+    pub served_local: CountersView,
+    /// Requests of other nodes.
+    pub served_peer: CountersView,
+}
+
+fn board_path(paths: &HostPaths) -> std::path::PathBuf {
+    paths.run_dir.join("share.json")
+}
+
+impl ShareBoard {
+    /// The board of a daemon still running, if there is one.
+    pub fn read(paths: &HostPaths) -> Option<ShareBoard> {
+        let bytes = crate::untrusted::read_admin_file(&board_path(paths), 1 << 20).ok()?;
+        let b: ShareBoard = serde_json::from_slice(&bytes).ok()?;
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid as i32), None).is_ok();
+        alive.then_some(b)
+    }
+
+    /// Fills in the figures of `stats`.
+    pub fn update(&mut self, stats: &Stats) {
+        self.served_local = stats.local.view();
+        self.served_peer = stats.peer.view();
+    }
+
+    /// Writes it for others to read.
+    pub fn write(&self, paths: &HostPaths) {
+        let p = board_path(paths);
+        let res = std::fs::create_dir_all(&paths.run_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| crate::state::write_atomic(&p, &serde_json::to_vec(self)?));
+        if let Err(e) = res {
+            tracing::debug!("writing {}: {e:#}", p.display());
+        }
+    }
+
+    /// Removes it (the daemon stops).
+    pub fn clear(paths: &HostPaths) {
+        let _ = std::fs::remove_file(board_path(paths));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_hosts_become_one_path_component_and_back() {
+        assert_eq!(mirror_component("quay.io").as_deref(), Some("quay.io"));
+        assert_eq!(
+            mirror_component("registry.local:5000").as_deref(),
+            Some("registry.local_5000")
+        );
+        assert_eq!(
+            mirror_component("127.0.0.1:5000").as_deref(),
+            Some("127.0.0.1_5000")
+        );
+        assert_eq!(mirror_component("[::1]:5000"), None);
+        assert_eq!(
+            source_repository("registry.local_5000/ocp/release").as_deref(),
+            Some("registry.local:5000/ocp/release")
+        );
+        assert_eq!(
+            source_repository("quay.io/openshift/x").as_deref(),
+            Some("quay.io/openshift/x")
+        );
+        assert_eq!(source_repository("library/busybox"), None);
+        assert_eq!(source_repository("quay.io"), None);
+        assert_eq!(source_repository("quay.io/../etc"), None);
+        assert_eq!(source_repository("quay.io/UPPER"), None);
+    }
+}

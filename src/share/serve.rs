@@ -1,0 +1,545 @@
+//! The read-only registry endpoint: the OCI distribution API's pull half, answered from
+//! the cache.
+//!
+//! - `GET|HEAD /v2/`: 200, `Docker-Distribution-API-Version: registry/2.0`.
+//! - `GET|HEAD /v2/<name>/manifests/<digest|tag>`: the manifest with its media type,
+//!   length and `Docker-Content-Digest`. A tag is answered only when the cache's index
+//!   names `<source>/<repo>:<tag>`, that is when an image set or a bundle brought it.
+//! - `GET|HEAD /v2/<name>/blobs/<digest>`: the blob; one `Range` (`bytes=N-`, `N-M`,
+//!   `-N`) is answered 206 with `Content-Range`, an unsatisfiable one 416.
+//!
+//! The loopback listener answers a manifest only when every blob it names can follow
+//! (for a list, the image of this node's platform and its blobs): containers/image takes
+//! every blob of an image from the mirror that gave its manifest and fails the pull on a
+//! blob 404 (`docker/docker_image_src.go`), while a manifest 404 makes it try the next
+//! mirror, then the source. The peer listener answers any manifest or blob the cache
+//! holds, to requests signed with the cluster key ([`super::auth`]); it never asks
+//! further, so a request between nodes goes one hop only.
+//!
+//! Every file is opened by digest under the cache, never by a name from the request;
+//! names are checked with containers/image's grammar before they are looked up. Requests
+//! are served on their own tasks, at most `max_connections` connections at a time, with
+//! a limit on how long a client may take to send its request.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::auth::ClusterKey;
+use super::{Counters, Stats};
+use crate::bundle::format::MAX_DOCUMENT;
+use crate::cache::Cache;
+use crate::oci::digest::Digest;
+
+/// How long a client has to send a request's headers (also how long an idle
+/// connection is kept).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read from a blob file per body frame.
+const CHUNK: usize = 1 << 20;
+
+/// A response body.
+type Body = BoxBody<Bytes, io::Error>;
+
+/// Which listener a request came to.
+#[derive(Debug, Clone)]
+pub enum Side {
+    /// Loopback: this node's CRI-O and tools; no authentication.
+    Local,
+    /// The cluster: requests must be signed with the key.
+    Peer(ClusterKey),
+}
+
+/// What the endpoint answers from.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The cache.
+    pub cache: Cache,
+    /// This node's platform (`amd64`, …), for lists of images.
+    pub arch: &'static str,
+    /// What was served.
+    pub stats: Arc<Stats>,
+}
+
+impl Endpoint {
+    fn counters(&self, side: &Side) -> &Counters {
+        match side {
+            Side::Local => &self.stats.local,
+            Side::Peer(_) => &self.stats.peer,
+        }
+    }
+}
+
+/// Serves `listener` until the task is aborted: one task per connection, at most as many
+/// connections at once as `conns` has permits (others wait in the listen queue).
+pub async fn run(listener: TcpListener, side: Side, ep: Arc<Endpoint>, conns: Arc<Semaphore>) {
+    let side = Arc::new(side);
+    loop {
+        let Ok(permit) = conns.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (ep, side) = (ep.clone(), side.clone());
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let (ep, side) = (ep.clone(), side.clone());
+                async move { Ok::<_, Infallible>(handle(&ep, &side, remote, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                tracing::debug!("connection from {remote}: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(
+    ep: &Endpoint,
+    side: &Side,
+    remote: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let counters = ep.counters(side);
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    let method = req.method().clone();
+    if method != Method::GET && method != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "this registry is read-only",
+        );
+    }
+    let path = req.uri().path().to_string();
+    if let Side::Peer(key) = side {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or(path.as_str(), |p| p.as_str());
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Err(e) = key.verify(method.as_str(), pq, auth) {
+            let n = counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
+            // Said for the first few and then now and then, so a flood does not fill the
+            // journal.
+            if n <= 10 || n.is_power_of_two() {
+                tracing::warn!(
+                    "refused {method} {path} from {remote} on the peer listener: {e} ({n} refused so far)"
+                );
+            }
+            return error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", &e.to_string());
+        }
+    }
+    let head = method == Method::HEAD;
+    if path == "/v2/" || path == "/v2" {
+        let mut r = Response::new(full(Bytes::from_static(b"{}"), head));
+        set(&mut r, header::CONTENT_TYPE, "application/json");
+        set(&mut r, header::CONTENT_LENGTH, "2");
+        return with_api_version(r);
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
+    };
+    let route = rest
+        .rsplit_once("/manifests/")
+        .map(|(n, r)| (n, r, true))
+        .or_else(|| rest.rsplit_once("/blobs/").map(|(n, r)| (n, r, false)));
+    let Some((name, reference, is_manifest)) = route else {
+        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
+    };
+    let Some(repo) = super::source_repository(name) else {
+        counters.misses.fetch_add(1, Ordering::Relaxed);
+        return error(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "not a repository this mirror serves",
+        );
+    };
+    let res = if is_manifest {
+        manifest(ep, side, &repo, reference, head).await
+    } else {
+        blob(ep, side, reference, req.headers(), head).await
+    };
+    match res {
+        Some(r) => {
+            if let Some(n) = r
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .filter(|_| is_manifest && !head)
+            {
+                counters.bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            r
+        }
+        None => {
+            counters.misses.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("{method} {path} from {remote}: not served");
+            if is_manifest {
+                error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "not here whole")
+            } else {
+                error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "not here")
+            }
+        }
+    }
+}
+
+/// A digest as a request names it: `sha256:` and 64 lower-case hex digits.
+fn parse_digest(s: &str) -> Option<Digest> {
+    let hex = s.strip_prefix("sha256:")?;
+    (hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| Digest::from_hex(hex).ok())
+        .flatten()
+}
+
+async fn manifest(
+    ep: &Endpoint,
+    side: &Side,
+    repo: &str,
+    reference: &str,
+    head: bool,
+) -> Option<Response<Body>> {
+    let top = match parse_digest(reference) {
+        Some(d) => d,
+        None if crate::oci::reference::valid_tag(reference) => {
+            let name = format!("{repo}:{reference}");
+            let cache = ep.cache.clone();
+            tokio::task::spawn_blocking(move || cache.index_by_name().get(&name).map(|e| e.digest))
+                .await
+                .ok()??
+        }
+        None => return None,
+    };
+    let cache = ep.cache.clone();
+    let (arch, whole_only) = (ep.arch, matches!(side, Side::Local));
+    let bytes = tokio::task::spawn_blocking(move || {
+        let bytes = cache.read(&top, MAX_DOCUMENT).ok()?;
+        (!whole_only || servable(&cache, &bytes, arch)).then_some(bytes)
+    })
+    .await
+    .ok()??;
+    let media_type = media_type_of(&bytes)?;
+    let len = bytes.len();
+    let mut r = Response::new(full(Bytes::from(bytes), head));
+    set(&mut r, header::CONTENT_TYPE, &media_type);
+    set(&mut r, header::CONTENT_LENGTH, &len.to_string());
+    set(&mut r, "docker-content-digest", &top.to_string());
+    set(&mut r, header::ETAG, &format!("\"{top}\""));
+    Some(with_api_version(r))
+}
+
+/// Whether every blob manifest `bytes` names is in the cache (for a list, the image of
+/// `arch` and its blobs).
+fn servable(cache: &Cache, bytes: &[u8], arch: &str) -> bool {
+    let image = match crate::oci::list_instance(bytes, arch) {
+        None => bytes.to_vec(),
+        Some(None) => return false,
+        Some(Some((d, size))) => match cache.read(&d, MAX_DOCUMENT) {
+            Ok(b) if b.len() as u64 == size => b,
+            _ => return false,
+        },
+    };
+    let Some((config, layers)) = crate::oci::sized_blobs_of_manifest(&image) else {
+        return false;
+    };
+    std::iter::once(&config)
+        .chain(&layers)
+        .all(|(d, size)| cache.has(d) == Some(*size))
+}
+
+/// The media type a manifest says it has; an OCI document without one is an index when
+/// it lists manifests and an image manifest otherwise. Anything that is not a manifest or
+/// a list (a config, a layer someone asked for by the manifests path) is `None`.
+fn media_type_of(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Doc {
+        schema_version: Option<u32>,
+        media_type: Option<String>,
+        config: Option<serde::de::IgnoredAny>,
+        manifests: Option<serde::de::IgnoredAny>,
+    }
+    let d: Doc = serde_json::from_slice(bytes).ok()?;
+    if d.schema_version != Some(2) {
+        return None;
+    }
+    match d.media_type {
+        Some(t) if t.contains("manifest") || t.contains("index") => Some(t),
+        Some(_) => None,
+        None if d.manifests.is_some() && d.config.is_none() => {
+            Some("application/vnd.oci.image.index.v1+json".into())
+        }
+        None if d.config.is_some() => Some("application/vnd.oci.image.manifest.v1+json".into()),
+        None => None,
+    }
+}
+
+async fn blob(
+    ep: &Endpoint,
+    side: &Side,
+    reference: &str,
+    headers: &hyper::HeaderMap,
+    head: bool,
+) -> Option<Response<Body>> {
+    let d = parse_digest(reference)?;
+    let cache = ep.cache.clone();
+    let (file, len) = tokio::task::spawn_blocking(move || cache.open(&d).ok())
+        .await
+        .ok()??;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| parse_range(v, len));
+    let (status, start, end) = match range {
+        None | Some(Range::Ignored) => (StatusCode::OK, 0, len),
+        Some(Range::Unsatisfiable) => {
+            let mut r = error(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "RANGE_INVALID",
+                "range not satisfiable",
+            );
+            set(&mut r, header::CONTENT_RANGE, &format!("bytes */{len}"));
+            return Some(r);
+        }
+        Some(Range::Bytes(s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+    };
+    let body = if head {
+        empty()
+    } else {
+        let peer = matches!(side, Side::Peer(_));
+        file_body(file, start, end - start, ep.stats.clone(), peer)
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    set(&mut r, header::CONTENT_TYPE, "application/octet-stream");
+    set(&mut r, header::CONTENT_LENGTH, &(end - start).to_string());
+    set(&mut r, header::ACCEPT_RANGES, "bytes");
+    set(&mut r, "docker-content-digest", &d.to_string());
+    set(&mut r, header::ETAG, &format!("\"{d}\""));
+    if status == StatusCode::PARTIAL_CONTENT {
+        set(
+            &mut r,
+            header::CONTENT_RANGE,
+            &format!("bytes {start}-{}/{len}", end - 1),
+        );
+    }
+    Some(with_api_version(r))
+}
+
+/// A `Range` header, for a blob of `len` bytes.
+#[derive(Debug, PartialEq, Eq)]
+enum Range {
+    /// Bytes `start..end`.
+    Bytes(u64, u64),
+    /// No byte of the blob is in the range.
+    Unsatisfiable,
+    /// Not one byte range (several, another unit, malformed): the whole blob is sent,
+    /// as RFC 9110 allows.
+    Ignored,
+}
+
+fn parse_range(v: &str, len: u64) -> Range {
+    let Some(spec) = v.trim().strip_prefix("bytes=") else {
+        return Range::Ignored;
+    };
+    if spec.contains(',') {
+        return Range::Ignored;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return Range::Ignored;
+    };
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.len() <= 20 && s.bytes().all(|c| c.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    match (a.trim(), b.trim()) {
+        ("", suffix) => match num(suffix) {
+            Some(0) => Range::Unsatisfiable,
+            Some(n) if len > 0 => Range::Bytes(len.saturating_sub(n), len),
+            Some(_) => Range::Unsatisfiable,
+            None => Range::Ignored,
+        },
+        (s, "") => match num(s) {
+            Some(s) if s < len => Range::Bytes(s, len),
+            Some(_) => Range::Unsatisfiable,
+            None => Range::Ignored,
+        },
+        (s, e) => match (num(s), num(e)) {
+            (Some(s), Some(e)) if s > e => Range::Ignored,
+            (Some(s), Some(_)) if s >= len => Range::Unsatisfiable,
+            (Some(s), Some(e)) => Range::Bytes(s, e.min(len - 1) + 1),
+            _ => Range::Ignored,
+        },
+    }
+}
+
+/// `count` bytes of `file` from `start`, read a chunk at a time as the client takes
+/// them; the bytes sent are added to the listener's counters.
+fn file_body(file: std::fs::File, start: u64, count: u64, stats: Arc<Stats>, peer: bool) -> Body {
+    struct St {
+        file: tokio::fs::File,
+        left: u64,
+        started: bool,
+        start: u64,
+    }
+    let st = St {
+        file: tokio::fs::File::from_std(file),
+        left: count,
+        started: false,
+        start,
+    };
+    let stream = futures_util::stream::unfold(Some((st, stats)), move |s| async move {
+        let (mut st, stats) = s?;
+        if st.left == 0 {
+            return None;
+        }
+        if !st.started {
+            st.started = true;
+            if let Err(e) = st.file.seek(io::SeekFrom::Start(st.start)).await {
+                return Some((Err(e), None));
+            }
+        }
+        let want = st.left.min(CHUNK as u64) as usize;
+        let mut buf = BytesMut::with_capacity(want);
+        match st.file.read_buf(&mut buf).await {
+            Ok(0) => Some((
+                Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the blob file is shorter than it was",
+                )),
+                None,
+            )),
+            Ok(n) => {
+                let n = n.min(want);
+                buf.truncate(n);
+                st.left -= n as u64;
+                let c = if peer { &stats.peer } else { &stats.local };
+                c.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                Some((Ok(Frame::data(buf.freeze())), Some((st, stats))))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    BodyExt::boxed(StreamBody::new(stream))
+}
+
+fn full(bytes: Bytes, head: bool) -> Body {
+    if head {
+        return empty();
+    }
+    Full::new(bytes).map_err(|e: Infallible| match e {}).boxed()
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|e: Infallible| match e {})
+        .boxed()
+}
+
+fn set(r: &mut Response<Body>, name: impl header::IntoHeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        r.headers_mut().insert(name, v);
+    }
+}
+
+fn with_api_version(mut r: Response<Body>) -> Response<Body> {
+    set(&mut r, "docker-distribution-api-version", "registry/2.0");
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
+    let len = body.len();
+    let mut r = Response::new(full(Bytes::from(body), false));
+    *r.status_mut() = status;
+    set(&mut r, header::CONTENT_TYPE, "application/json");
+    set(&mut r, header::CONTENT_LENGTH, &len.to_string());
+    with_api_version(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-", 10), Range::Bytes(0, 10));
+        assert_eq!(parse_range("bytes=4-", 10), Range::Bytes(4, 10));
+        assert_eq!(parse_range("bytes=4-6", 10), Range::Bytes(4, 7));
+        assert_eq!(parse_range("bytes=4-60", 10), Range::Bytes(4, 10));
+        assert_eq!(parse_range("bytes=-3", 10), Range::Bytes(7, 10));
+        assert_eq!(parse_range("bytes=-30", 10), Range::Bytes(0, 10));
+        assert_eq!(parse_range("bytes=10-", 10), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=10-12", 10), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 10), Range::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,4-5", 10), Range::Ignored);
+        assert_eq!(parse_range("items=0-1", 10), Range::Ignored);
+        assert_eq!(parse_range("bytes=6-4", 10), Range::Ignored);
+        assert_eq!(parse_range("bytes=x-", 10), Range::Ignored);
+        assert_eq!(
+            parse_range("bytes=99999999999999999999999-", 10),
+            Range::Ignored
+        );
+    }
+
+    #[test]
+    fn digests_from_requests_are_strict() {
+        let d = Digest::of(b"x");
+        assert_eq!(parse_digest(&d.to_string()), Some(d));
+        assert_eq!(parse_digest(&d.to_string().to_uppercase()), None);
+        assert_eq!(parse_digest("sha256:../../etc/passwd"), None);
+        assert_eq!(parse_digest(&format!("sha512:{}", d.hex())), None);
+    }
+
+    #[test]
+    fn media_types() {
+        assert_eq!(
+            media_type_of(br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{}}"#).as_deref(),
+            Some("application/vnd.docker.distribution.manifest.v2+json")
+        );
+        assert_eq!(
+            media_type_of(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some("application/vnd.oci.image.index.v1+json")
+        );
+        assert_eq!(
+            media_type_of(br#"{"schemaVersion":2,"config":{},"layers":[]}"#).as_deref(),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
+        // A config or a layer is no manifest.
+        assert_eq!(media_type_of(br#"{"architecture":"amd64"}"#), None);
+        assert_eq!(
+            media_type_of(
+                br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.config.v1+json"}"#
+            ),
+            None
+        );
+        assert_eq!(media_type_of(b"\x1f\x8b"), None);
+    }
+}
