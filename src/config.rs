@@ -49,6 +49,7 @@ struct ShareFragment {
     never_contact_source: Option<bool>,
     upstream: Option<bool>,
     mirror_tags: Option<bool>,
+    mdns: Option<bool>,
     #[serde(default, deserialize_with = "connection_cap")]
     max_connections: Option<usize>,
 }
@@ -373,6 +374,8 @@ pub struct ShareSettings {
     pub upstream: bool,
     /// The mirror is used for tags too (`pull-from-mirror = "all"`), not only digests.
     pub mirror_tags: bool,
+    /// Also find the cluster's nodes with multicast DNS.
+    pub mdns: bool,
     /// Connections served at once, over both listeners.
     pub max_connections: usize,
 }
@@ -450,6 +453,7 @@ impl Default for Settings {
                 never_contact_source: false,
                 upstream: false,
                 mirror_tags: false,
+                mdns: false,
                 max_connections: 64,
             },
             bus: Bus::System,
@@ -532,6 +536,7 @@ impl Settings {
             set(&mut s.never_contact_source, x.never_contact_source);
             set(&mut s.upstream, x.upstream);
             set(&mut s.mirror_tags, x.mirror_tags);
+            set(&mut s.mdns, x.mdns);
             set(&mut s.max_connections, x.max_connections);
         }
         if let Some(m) = f.media {

@@ -521,6 +521,13 @@ impl Cache {
         write_atomic(&self.root.join("index.json"), &bytes)
     }
 
+    /// The digests of the complete blobs (an unreadable cache holds none).
+    pub fn digests(&self) -> std::collections::HashSet<Digest> {
+        self.list()
+            .map(|l| l.blobs.into_iter().map(|b| b.digest).collect())
+            .unwrap_or_default()
+    }
+
     /// Every blob and partial in the cache. Files of other names are not listed.
     pub fn list(&self) -> Result<Listing> {
         let dir = self.blobs_dir();
@@ -664,6 +671,11 @@ impl BlobWriter {
     /// Bytes already in the partial file: the offset the source must continue from.
     pub fn resume_at(&self) -> u64 {
         self.resumed
+    }
+
+    /// Bytes in the partial file now.
+    pub fn written(&self) -> u64 {
+        self.written
     }
 
     /// Copies what `r` yields, refusing to grow past the declared size. Returns the bytes

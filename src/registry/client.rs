@@ -884,6 +884,17 @@ impl Client {
     }
 
     /// A manifest by tag or digest, at most 4 MiB, checked against `wanted`.
+    /// The manifest (or list) `d` of the repository `src` names, as the registry has
+    /// it, checked against `d`.
+    pub async fn document(&self, src: &PullSource, d: Digest) -> Result<Vec<u8>> {
+        let (host, repo) = split_repository(&src.reference)?;
+        let base = self.base_url(src, host).await?;
+        Ok(self
+            .manifest(&base, host, repo, &d.to_string(), Some(d))
+            .await?
+            .1)
+    }
+
     async fn manifest(
         &self,
         base: &str,
@@ -948,7 +959,7 @@ fn basic(username: &str, password: &str) -> String {
 }
 
 /// Whether `Content-Range: bytes FROM-END/TOTAL` continues a blob of `size` at `from`.
-fn content_range_matches(v: &str, from: u64, size: u64) -> bool {
+pub(crate) fn content_range_matches(v: &str, from: u64, size: u64) -> bool {
     let Some(rest) = v.trim().strip_prefix("bytes ") else {
         return false;
     };

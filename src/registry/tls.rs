@@ -42,6 +42,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A TLS set-up that trusts nothing, for clients that only ever speak plain HTTP (the
+/// requests between nodes): the HTTP client wants one all the same.
+pub fn plain_only() -> Result<rustls::ClientConfig> {
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .context("setting up TLS")?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 fn read_pem_certs(file: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let bytes = crate::untrusted::read_admin_file(file, MAX_PEM)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)

@@ -9,6 +9,8 @@
 //! in a repository path (`registry.local:5000` → `registry.local_5000`).
 
 pub mod auth;
+pub mod obtain;
+pub mod peers;
 pub mod serve;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,16 +52,97 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
         return None;
     }
     let stats = Arc::new(Stats::default());
-    let ep = Arc::new(serve::Endpoint {
-        cache: Cache::new(paths.cache_dir()),
-        arch: crate::bundle::write::host_architecture(),
-        stats: stats.clone(),
-    });
-    let conns = Arc::new(tokio::sync::Semaphore::new(share.max_connections));
+    let cache = Cache::new(paths.cache_dir());
     let mut board = ShareBoard {
         pid: std::process::id(),
         ..Default::default()
     };
+    let mut problem = |p: String| {
+        tracing::error!("{p}");
+        board.problems.push(p);
+    };
+    // The peer listener and the DHT need the cluster key; without one this node still
+    // serves its own CRI-O.
+    let mut peer_side = None;
+    if let Some(addr) = share.peer {
+        let started = match auth::ClusterKey::load(&paths.host(&share.key_file)) {
+            Err(e) => Err(format!("{e:#}")),
+            Ok(key) => match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => Ok((l, key)),
+                Err(e) => Err(format!("{e}")),
+            },
+        };
+        match started {
+            Ok((l, key)) => peer_side = Some((addr, l, key)),
+            Err(e) => problem(format!("the peer listener {addr} did not start: {e}")),
+        }
+    }
+    let mut remote = None;
+    if let Some((addr, _, key)) = &peer_side {
+        let cfg = peers::PeerConfig {
+            listen: std::net::SocketAddr::new(addr.ip(), addr.port().wrapping_add(1)),
+            http_port: addr.port(),
+            bootstrap: share.bootstrap.clone(),
+            mdns: share.mdns,
+        };
+        let http = crate::registry::tls::plain_only().and_then(|tls| {
+            Ok(reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .no_proxy()
+                .connect_timeout(Duration::from_secs(5))
+                .read_timeout(Duration::from_secs(30))
+                .user_agent(concat!("longshore/", env!("CARGO_PKG_VERSION")))
+                .build()?)
+        });
+        match (peers::Peers::start(key, cfg), http) {
+            (Ok(p), Ok(http)) => {
+                board.peer_id = Some(p.id.clone());
+                remote = Some(Remote {
+                    peers: p,
+                    key: key.clone(),
+                    http,
+                });
+            }
+            (Err(e), _) => problem(format!("the DHT did not start: {e:#}")),
+            (_, Err(e)) => problem(format!("the HTTP client for peers: {e:#}")),
+        }
+    }
+    let peers = remote.as_ref().map(|r| r.peers.clone());
+    let upstream = if share.upstream && share.never_contact_source {
+        tracing::warn!(
+            "[share] upstream is ignored: never_contact_source says the registries are never contacted"
+        );
+        None
+    } else if share.upstream {
+        // A pull waits on it: a few quick tries, not the patient ones of a pre-load.
+        let retry = crate::registry::client::Retry {
+            attempts: 3,
+            first_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(5),
+        };
+        match crate::registry::client::Client::new(paths, retry) {
+            Ok(client) => Some(Upstream {
+                client,
+                paths: paths.clone(),
+            }),
+            Err(e) => {
+                problem(format!("pull-through is off: {e:#}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let ep = Arc::new(serve::Endpoint {
+        cache: cache.clone(),
+        arch: crate::bundle::write::host_architecture(),
+        stats: stats.clone(),
+        remote,
+        upstream,
+        sizes: Default::default(),
+        inflight: Default::default(),
+    });
+    let conns = Arc::new(tokio::sync::Semaphore::new(share.max_connections));
     let mut tasks = Vec::new();
     match tokio::net::TcpListener::bind(share.local).await {
         Ok(l) => {
@@ -72,37 +155,23 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
                 conns.clone(),
             )));
         }
-        Err(e) => {
-            let p = format!("the local listener {} did not start: {e}", share.local);
-            tracing::error!("{p}");
-            board.problems.push(p);
-        }
+        Err(e) => problem(format!(
+            "the local listener {} did not start: {e}",
+            share.local
+        )),
     }
-    if let Some(addr) = share.peer {
-        let started = match auth::ClusterKey::load(&paths.host(&share.key_file)) {
-            Err(e) => Err(format!("{e:#}")),
-            Ok(key) => match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => Ok((l, key)),
-                Err(e) => Err(format!("{e}")),
-            },
-        };
-        match started {
-            Ok((l, key)) => {
-                tracing::info!("serving the cache to the cluster's nodes on {addr}");
-                board.peer = Some(addr.to_string());
-                tasks.push(tokio::spawn(serve::run(
-                    l,
-                    serve::Side::Peer(key),
-                    ep.clone(),
-                    conns.clone(),
-                )));
-            }
-            Err(e) => {
-                let p = format!("the peer listener {addr} did not start: {e}");
-                tracing::error!("{p}");
-                board.problems.push(p);
-            }
-        }
+    if let Some((addr, l, key)) = peer_side {
+        tracing::info!("serving the cache to the cluster's nodes on {addr}");
+        board.peer = Some(addr.to_string());
+        tasks.push(tokio::spawn(serve::run(
+            l,
+            serve::Side::Peer(key),
+            ep.clone(),
+            conns,
+        )));
+    }
+    if let Some(p) = peers.clone() {
+        tasks.push(tokio::spawn(advertise(cache, p)));
     }
     board.write(paths);
     let board_paths = paths.clone();
@@ -110,7 +179,7 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
         let mut last = board.clone();
         loop {
             tokio::time::sleep(BOARD_EVERY).await;
-            board.update(&stats);
+            board.update(&stats, peers.as_ref());
             if board != last {
                 board.write(&board_paths);
                 last = board.clone();
@@ -118,6 +187,34 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
         }
     }));
     Some(Running { tasks })
+}
+
+/// How often the cache is looked at for blobs to provide or withdraw.
+const ADVERTISE_EVERY: Duration = Duration::from_secs(10);
+
+/// Provides a record for every blob and manifest the cache holds, and withdraws those of
+/// blobs that left it; looks again every [`ADVERTISE_EVERY`].
+async fn advertise(cache: Cache, peers: peers::Peers) {
+    let mut provided: std::collections::HashSet<crate::oci::digest::Digest> = Default::default();
+    loop {
+        let c = cache.clone();
+        let now = tokio::task::spawn_blocking(move || c.digests())
+            .await
+            .unwrap_or_default();
+        let new: Vec<_> = now.difference(&provided).copied().collect();
+        let gone: Vec<_> = provided.difference(&now).copied().collect();
+        if !new.is_empty() || !gone.is_empty() {
+            tracing::debug!(
+                "the DHT: providing {} new digests, withdrawing {}",
+                new.len(),
+                gone.len()
+            );
+        }
+        peers.provide(new);
+        peers.withdraw(gone);
+        provided = now;
+        tokio::time::sleep(ADVERTISE_EVERY).await;
+    }
 }
 
 /// The path component standing for registry `host` (`host[:port]`) in the mirror's
@@ -170,6 +267,45 @@ pub struct Stats {
     pub local: Counters,
     /// The peer listener (other nodes).
     pub peer: Counters,
+    /// Bytes fetched from other nodes.
+    pub fetched_peer: AtomicU64,
+    /// Bytes fetched from the registries themselves (pull-through).
+    pub fetched_upstream: AtomicU64,
+    /// Blobs and manifests that came with the wrong digest and were discarded.
+    pub rejected: AtomicU64,
+}
+
+/// How this node reaches the others: the DHT, the key requests are signed with, and
+/// an HTTP client that goes to them directly (never through a proxy).
+pub struct Remote {
+    /// The DHT.
+    pub peers: peers::Peers,
+    /// The cluster key.
+    pub key: auth::ClusterKey,
+    /// Plain HTTP to the peer listeners.
+    pub http: reqwest::Client,
+}
+
+/// Pull-through: the registry client, with the node's credentials and registries.conf.
+pub struct Upstream {
+    /// The client.
+    pub client: crate::registry::client::Client,
+    /// Where the node's configuration is.
+    pub paths: HostPaths,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Upstream")
+    }
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("peer", &self.peers.id)
+            .finish()
+    }
 }
 
 /// One listener's figures, as reported.
@@ -212,6 +348,16 @@ pub struct ShareBoard {
     pub served_local: CountersView,
     /// Requests of other nodes.
     pub served_peer: CountersView,
+    /// This node's identity in the DHT, when it takes part.
+    pub peer_id: Option<String>,
+    /// The other nodes this one knows.
+    pub peers: Vec<peers::PeerView>,
+    /// Bytes fetched from other nodes.
+    pub fetched_peer: u64,
+    /// Bytes fetched from the registries (pull-through).
+    pub fetched_upstream: u64,
+    /// Blobs and manifests discarded for a wrong digest.
+    pub rejected: u64,
 }
 
 fn board_path(paths: &HostPaths) -> std::path::PathBuf {
@@ -228,9 +374,15 @@ impl ShareBoard {
     }
 
     /// Fills in the figures of `stats`.
-    pub fn update(&mut self, stats: &Stats) {
+    pub fn update(&mut self, stats: &Stats, peers: Option<&peers::Peers>) {
         self.served_local = stats.local.view();
         self.served_peer = stats.peer.view();
+        self.fetched_peer = stats.fetched_peer.load(Ordering::Relaxed);
+        self.fetched_upstream = stats.fetched_upstream.load(Ordering::Relaxed);
+        self.rejected = stats.rejected.load(Ordering::Relaxed);
+        if let Some(p) = peers {
+            self.peers = p.known();
+        }
     }
 
     /// Writes it for others to read.

@@ -39,6 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::auth::ClusterKey;
+use super::obtain::Kind;
 use super::{Counters, Stats};
 use crate::bundle::format::MAX_DOCUMENT;
 use crate::cache::Cache;
@@ -71,6 +72,16 @@ pub struct Endpoint {
     pub arch: &'static str,
     /// What was served.
     pub stats: Arc<Stats>,
+    /// The other nodes, when this one takes part in the cluster.
+    pub remote: Option<super::Remote>,
+    /// Pull-through, when on.
+    pub upstream: Option<super::Upstream>,
+    /// Blob sizes the manifests answered gave (see [`Endpoint::note_sizes`]).
+    pub sizes: std::sync::Mutex<std::collections::HashMap<Digest, u64>>,
+    /// Digests being fetched now, and what waits for them.
+    pub inflight: std::sync::Mutex<
+        std::collections::HashMap<Digest, tokio::sync::watch::Receiver<Option<bool>>>,
+    >,
 }
 
 impl Endpoint {
@@ -119,7 +130,7 @@ pub async fn run(listener: TcpListener, side: Side, ep: Arc<Endpoint>, conns: Ar
 }
 
 async fn handle(
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     side: &Side,
     remote: SocketAddr,
     req: Request<Incoming>,
@@ -182,9 +193,9 @@ async fn handle(
         );
     };
     let res = if is_manifest {
-        manifest(ep, side, &repo, reference, head).await
+        manifest(ep, side, name, &repo, reference, head).await
     } else {
-        blob(ep, side, reference, req.headers(), head).await
+        blob(ep, side, name, reference, req.headers(), head).await
     };
     match res {
         Some(r) => {
@@ -219,12 +230,14 @@ fn parse_digest(s: &str) -> Option<Digest> {
 }
 
 async fn manifest(
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     side: &Side,
+    name: &str,
     repo: &str,
     reference: &str,
     head: bool,
 ) -> Option<Response<Body>> {
+    let local = matches!(side, Side::Local);
     let top = match parse_digest(reference) {
         Some(d) => d,
         None if crate::oci::reference::valid_tag(reference) => {
@@ -236,15 +249,11 @@ async fn manifest(
         }
         None => return None,
     };
-    let cache = ep.cache.clone();
-    let (arch, whole_only) = (ep.arch, matches!(side, Side::Local));
-    let bytes = tokio::task::spawn_blocking(move || {
-        let bytes = cache.read(&top, MAX_DOCUMENT).ok()?;
-        (!whole_only || servable(&cache, &bytes, arch)).then_some(bytes)
-    })
-    .await
-    .ok()??;
+    let bytes = document(ep, local, name, top).await?;
     let media_type = media_type_of(&bytes)?;
+    if local && !servable(ep, name, &bytes).await {
+        return None;
+    }
     let len = bytes.len();
     let mut r = Response::new(full(Bytes::from(bytes), head));
     set(&mut r, header::CONTENT_TYPE, &media_type);
@@ -254,23 +263,48 @@ async fn manifest(
     Some(with_api_version(r))
 }
 
-/// Whether every blob manifest `bytes` names is in the cache (for a list, the image of
-/// `arch` and its blobs).
-fn servable(cache: &Cache, bytes: &[u8], arch: &str) -> bool {
-    let image = match crate::oci::list_instance(bytes, arch) {
+/// Manifest `d` from the cache; on loopback, fetched from another node first when the
+/// cache lacks it.
+async fn document(ep: &Arc<Endpoint>, local: bool, name: &str, d: Digest) -> Option<Vec<u8>> {
+    let read = |ep: &Arc<Endpoint>| {
+        let cache = ep.cache.clone();
+        tokio::task::spawn_blocking(move || cache.read(&d, MAX_DOCUMENT).ok())
+    };
+    if let Some(b) = read(ep).await.ok()? {
+        return Some(b);
+    }
+    if !local || !ep.obtain(name, d, Kind::Document).await {
+        return None;
+    }
+    read(ep).await.ok()?
+}
+
+/// Whether every blob manifest `bytes` names can follow it: in the cache, or on another
+/// node (for a list, the image of this node's platform and its blobs).
+async fn servable(ep: &Arc<Endpoint>, name: &str, bytes: &[u8]) -> bool {
+    let image = match crate::oci::list_instance(bytes, ep.arch) {
         None => bytes.to_vec(),
         Some(None) => return false,
-        Some(Some((d, size))) => match cache.read(&d, MAX_DOCUMENT) {
-            Ok(b) if b.len() as u64 == size => b,
+        Some(Some((d, size))) => match document(ep, true, name, d).await {
+            Some(b) if b.len() as u64 == size => b,
             _ => return false,
         },
     };
     let Some((config, layers)) = crate::oci::sized_blobs_of_manifest(&image) else {
         return false;
     };
-    std::iter::once(&config)
-        .chain(&layers)
-        .all(|(d, size)| cache.has(d) == Some(*size))
+    let blobs: Vec<(Digest, u64)> = std::iter::once(config).chain(layers).collect();
+    ep.note_sizes(&blobs);
+    let missing: Vec<Digest> = blobs
+        .iter()
+        .filter(|(d, size)| ep.cache.has(d) != Some(*size))
+        .map(|(d, _)| *d)
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let found = futures_util::future::join_all(missing.iter().map(|d| ep.can_follow(*d))).await;
+    found.into_iter().all(|f| f)
 }
 
 /// The media type a manifest says it has; an OCI document without one is an index when
@@ -301,17 +335,25 @@ fn media_type_of(bytes: &[u8]) -> Option<String> {
 }
 
 async fn blob(
-    ep: &Endpoint,
+    ep: &Arc<Endpoint>,
     side: &Side,
+    name: &str,
     reference: &str,
     headers: &hyper::HeaderMap,
     head: bool,
 ) -> Option<Response<Body>> {
     let d = parse_digest(reference)?;
-    let cache = ep.cache.clone();
-    let (file, len) = tokio::task::spawn_blocking(move || cache.open(&d).ok())
-        .await
-        .ok()??;
+    let open = |ep: &Arc<Endpoint>| {
+        let cache = ep.cache.clone();
+        tokio::task::spawn_blocking(move || cache.open(&d).ok())
+    };
+    let (file, len) = match open(ep).await.ok()? {
+        Some(x) => x,
+        None if matches!(side, Side::Local) && ep.obtain(name, d, Kind::Blob).await => {
+            open(ep).await.ok()??
+        }
+        None => return None,
+    };
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())

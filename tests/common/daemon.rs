@@ -16,8 +16,22 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon on `node` and waits until it is ready.
     pub fn start(node: &Node) -> Daemon {
+        Daemon::start_in(node, None)
+    }
+
+    /// Starts the daemon on `node` in network namespace `netns` (by `ip netns exec`,
+    /// which execs it: the child is the daemon itself).
+    pub fn start_in(node: &Node, netns: Option<&str>) -> Daemon {
         let log = node.scratch("daemon.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_longshore"))
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_longshore")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_longshore")),
+        };
+        let child = cmd
             .arg("--sysroot")
             .arg(&node.sysroot)
             .arg("daemon")
@@ -30,6 +44,10 @@ impl Daemon {
         let d = Daemon { child, log };
         d.wait_for("ready: following", 30);
         d
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
     }
 
     pub fn log(&self) -> String {

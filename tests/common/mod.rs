@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod fixture;
 pub mod loopdev;
+pub mod netns;
 pub mod node;
 pub mod notify;
 pub mod proxy;

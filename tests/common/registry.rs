@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 /// A running registry, stopped when dropped.
 pub struct Registry {
     child: Child,
-    /// Its port on 127.0.0.1.
+    /// Its port on 127.0.0.1 (or on its address in its namespace).
     pub port: u16,
+    /// `IP:PORT` where it answers.
+    pub addr: String,
     /// Its log (requests at level info), when asked for.
     pub log: Option<std::path::PathBuf>,
 }
@@ -26,6 +28,8 @@ pub struct Options {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// Log every request to `registry.log` in its directory.
     pub log: bool,
+    /// Run in this network namespace, on this address's port 5000.
+    pub netns: Option<(String, std::net::IpAddr)>,
 }
 
 impl Registry {
@@ -120,15 +124,22 @@ pub fn start_registry(dir: &Path) -> Registry {
 
 /// Starts a registry set up as `opts` says, storing under `dir`.
 pub fn start_registry_with(dir: &Path, opts: &Options) -> Registry {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (ip, port) = match &opts.netns {
+        Some((_, ip)) => (ip.to_string(), 5000),
+        None => (
+            "127.0.0.1".to_string(),
+            TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        ),
+    };
+    let addr = format!("{ip}:{port}");
     fs::create_dir_all(dir).unwrap();
     let config = dir.join("registry.yml");
     let mut text = format!(
-        "version: 0.1\nlog:\n  level: {}\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        "version: 0.1\nlog:\n  level: {}\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
         if opts.log { "info" } else { "error" },
         dir.join("data").display()
     );
@@ -168,24 +179,45 @@ pub fn start_registry_with(dir: &Path, opts: &Options) -> Registry {
         Some(p) => Stdio::from(fs::File::create(p).unwrap()),
         None => Stdio::null(),
     };
-    let child = Command::new("docker-registry")
+    let mut cmd = match &opts.netns {
+        Some((ns, _)) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "docker-registry"]);
+            c
+        }
+        None => Command::new("docker-registry"),
+    };
+    let child = cmd
         .arg("serve")
         .arg(&config)
         .stdout(Stdio::null())
         .stderr(stderr)
         .spawn()
         .expect("starting docker-registry");
-    let reg = Registry { child, port, log };
+    let reg = Registry {
+        child,
+        port,
+        addr: addr.clone(),
+        log,
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
+    let answers = || {
+        let Ok(mut s) = TcpStream::connect(&addr) else {
+            return false;
+        };
+        let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        // Any answer: 200, 401 with auth, or 400 to plain HTTP on a TLS port.
+        resp.starts_with("HTTP/1.")
+    };
     loop {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-            let mut resp = String::new();
-            let _ = s.read_to_string(&mut resp);
-            // Any answer: 200, 401 with auth, or 400 to plain HTTP on a TLS port.
-            if resp.starts_with("HTTP/1.") {
-                return reg;
-            }
+        let up = match &opts.netns {
+            Some((ns, _)) => super::netns::in_netns(ns, answers),
+            None => answers(),
+        };
+        if up {
+            return reg;
         }
         assert!(
             Instant::now() < deadline,

@@ -1,0 +1,362 @@
+//! Nodes of one cluster share what one of them has: each node is a network namespace of
+//! the test's own with its own daemon, store, cache and registries.conf.d, on one LAN
+//! with an upstream registry (docker-registry) in a namespace of its own. Images are
+//! pulled with the real skopeo through each node's registries.conf, as CRI-O would.
+
+mod common;
+
+use std::fs;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::fixture::{self, FixtureImage, ImageSpec, LayerSpec, Layout};
+use common::netns::Lan;
+use common::node::{require, Node};
+use common::registry::{start_registry_with, Options, Registry};
+use common::usermgr::BareBus;
+
+const TOOLS: &[&str] = &[
+    "skopeo",
+    "docker-registry",
+    "dbus-daemon",
+    "unshare",
+    "ip",
+    "tc",
+];
+
+/// One node: its sysroot, its namespace and its daemon.
+struct ClusterNode {
+    node: Node,
+    ns: String,
+    ip: IpAddr,
+    daemon: Option<Daemon>,
+    _bus: BareBus,
+}
+
+impl ClusterNode {
+    fn start(&mut self) {
+        self.daemon = Some(Daemon::start_in(&self.node, Some(&self.ns)));
+    }
+
+    fn log(&self) -> String {
+        self.daemon.as_ref().map(|d| d.log()).unwrap_or_default()
+    }
+
+    /// skopeo in the node's namespace, with the node's /etc/containers in place of the
+    /// machine's (in a mount namespace of its own).
+    fn skopeo(&self, args: &[&str]) -> Output {
+        let etc = self.node.sysroot.join("etc/containers");
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+            ])
+            .args([
+                "sh",
+                "-c",
+                "mount --bind \"$0\" /etc/containers && exec skopeo \"$@\"",
+            ])
+            .arg(&etc)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Pulls `img` by digest into a `dir:` as CRI-O would; the copy's manifest digest.
+    fn pull(&self, upstream: &str, img: &FixtureImage) -> Result<String, String> {
+        let dest = self
+            .node
+            .scratch(&format!("pull-{}", &img.manifest_digest[7..19]));
+        let _ = fs::remove_dir_all(&dest);
+        let out = self.skopeo(&[
+            "copy",
+            "-q",
+            &format!(
+                "docker://{}@{}",
+                repo_at(upstream, img),
+                img.manifest_digest
+            ),
+            &format!("dir:{}", dest.display()),
+        ]);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        let m = fs::read(dest.join("manifest.json")).unwrap();
+        Ok(format!(
+            "sha256:{}",
+            longshore::oci::digest::Digest::of(&m).hex()
+        ))
+    }
+
+    fn board(&self) -> serde_json::Value {
+        let p = self.node.sysroot.join("run/longshore/share.json");
+        fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// `UPSTREAM/share/imgN`, the repository of a fixture image on the upstream registry.
+fn repo_at(upstream: &str, img: &FixtureImage) -> String {
+    let path = img.reference.split_once('/').unwrap().1;
+    format!("{upstream}/{}", path.rsplit_once(':').unwrap().0)
+}
+
+/// The LAN's last host runs the upstream registry; the others are nodes, each started.
+fn cluster(lan: &Lan, extra: &str) -> (Vec<ClusterNode>, Registry) {
+    let (up_ns, up_ip) = lan.hosts.last().unwrap();
+    let up_dir = tempfile::tempdir().unwrap().keep();
+    let reg = start_registry_with(
+        &up_dir,
+        &Options {
+            log: true,
+            netns: Some((up_ns.name.clone(), *up_ip)),
+            ..Options::default()
+        },
+    );
+    let key = longshore::share::auth::ClusterKey::generate().unwrap();
+    let members: Vec<&(common::netns::Netns, IpAddr)> =
+        lan.hosts[..lan.hosts.len() - 1].iter().collect();
+    let bootstrap: Vec<String> = members
+        .iter()
+        .map(|(_, ip)| format!("\"{ip}:5051\""))
+        .collect();
+    let mut nodes = Vec::new();
+    for (ns, ip) in members {
+        let bus = BareBus::start();
+        let mut node = Node::new();
+        node.env
+            .push(("DBUS_SESSION_BUS_ADDRESS".into(), bus.address.clone()));
+        node.write_config(
+            "50-cluster.toml",
+            &format!(
+                "bus = \"session\"\n[crio]\nreload = false\n[fetch]\nenabled = false\n\
+                 [share]\nenabled = true\nlocal = \"127.0.0.1:5050\"\npeer = \"{ip}:5051\"\n\
+                 bootstrap = [{}]\nkey_file = \"/etc/longshore/cluster.key\"\n\
+                 registries = [\"{}\"]\n{extra}",
+                bootstrap.join(", "),
+                reg.addr
+            ),
+        );
+        let etc = node.sysroot.join("etc");
+        fs::create_dir_all(etc.join("containers")).unwrap();
+        fs::create_dir_all(etc.join("longshore")).unwrap();
+        fs::copy(
+            "/etc/containers/policy.json",
+            etc.join("containers/policy.json"),
+        )
+        .unwrap();
+        fs::write(
+            etc.join("containers/registries.conf"),
+            format!(
+                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
+                reg.addr
+            ),
+        )
+        .unwrap();
+        let kp = etc.join("longshore/cluster.key");
+        fs::write(&kp, &key).unwrap();
+        fs::set_permissions(&kp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        let mut n = ClusterNode {
+            node,
+            ns: ns.name.clone(),
+            ip: *ip,
+            daemon: None,
+            _bus: bus,
+        };
+        n.start();
+        nodes.push(n);
+    }
+    (nodes, reg)
+}
+
+/// Waits until every running node knows every other one (the board counts connections).
+fn wait_joined(nodes: &[ClusterNode]) {
+    let running = nodes.iter().filter(|n| n.daemon.is_some()).count();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for n in nodes.iter().filter(|n| n.daemon.is_some()) {
+        loop {
+            let b = n.board();
+            let connected = b["peers"]
+                .as_array()
+                .map_or(0, |p| p.iter().filter(|p| p["connected"] == true).count());
+            if connected >= running - 1 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} knows {connected} of {} peers: {b}\n{}",
+                n.ip,
+                running - 1,
+                n.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Pushes every image of `layout` to the upstream registry, from its namespace.
+fn push(lan: &Lan, reg: &Registry, layout: &Layout) {
+    let (up_ns, _) = lan.hosts.last().unwrap();
+    for img in &layout.images {
+        let out = up_ns
+            .command("skopeo")
+            .args(["copy", "-q", "--dest-tls-verify=false"])
+            .arg(layout.transport_ref(&img.reference))
+            .arg(format!("docker://{}:1", repo_at(&reg.addr, img)))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Every digest an image's pull asks for: manifest, config, layers (hex).
+fn digests(img: &FixtureImage) -> Vec<String> {
+    std::iter::once(&img.manifest_digest)
+        .chain(std::iter::once(&img.config_digest))
+        .chain(img.layers.iter().map(|l| &l.digest))
+        .map(|d| d.trim_start_matches("sha256:").to_string())
+        .collect()
+}
+
+fn images(prefix: &str, n: usize, big: Option<usize>) -> Vec<ImageSpec> {
+    let mut specs = fixture::small_images(prefix, n);
+    if let Some(size) = big {
+        specs.push(ImageSpec {
+            reference: format!("{prefix}/big:1"),
+            layers: vec![LayerSpec { seed: 7, size }],
+        });
+    }
+    specs
+}
+
+fn scratch_layout(dir: &Path, specs: &[ImageSpec]) -> Layout {
+    fixture::write_oci_layout(dir, specs).unwrap()
+}
+
+fn bundle_of(node: &Node, layout: &Layout) -> PathBuf {
+    let out = node.scratch("cluster.tar.zst");
+    node.bundle_create(layout, &out, &["--name", "cluster"]);
+    out
+}
+
+#[test]
+fn nodes_take_a_bundles_images_from_the_node_that_has_them_even_when_one_dies_mid_blob() {
+    if !require(TOOLS) {
+        return;
+    }
+    let lan = Lan::new(5);
+    let (mut nodes, reg) = cluster(&lan, "");
+    let up = reg.addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    // The layer is random data, so it does not compress: 48 MiB cross the link.
+    let layout = scratch_layout(
+        &dir.path().join("layout"),
+        &images(&format!("{up}/share"), 3, Some(48 << 20)),
+    );
+    // The registry has them too, but must never be asked.
+    push(&lan, &reg, &layout);
+    let before = reg.requests().len();
+    let b = bundle_of(&nodes[0].node, &layout);
+    nodes[0].node.ok(&["import", b.to_str().unwrap()]);
+    wait_joined(&nodes);
+
+    // The second node takes every image from the first.
+    for img in &layout.images {
+        let got = nodes[1]
+            .pull(&up, img)
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", nodes[1].log(), nodes[0].log()));
+        assert_eq!(got, img.manifest_digest);
+    }
+    let layers: std::collections::BTreeMap<&str, u64> = layout
+        .images
+        .iter()
+        .flat_map(|i| i.layers.iter().map(|l| (l.digest.as_str(), l.size)))
+        .collect();
+    let set: u64 = layers.values().sum();
+    std::thread::sleep(Duration::from_millis(2500));
+    let fetched = nodes[1].board()["fetched_peer"].as_u64().unwrap();
+    assert!(
+        fetched >= set && fetched < set + (1 << 20),
+        "{fetched} fetched for a set of {set}"
+    );
+
+    // The third node pulls the big image over slow links from the first two; the one
+    // sending it is killed mid-blob, and the other sends the rest.
+    for n in &nodes[..2] {
+        let ns = lan.hosts.iter().find(|(ns, _)| ns.name == n.ns).unwrap();
+        ns.0.shape(24);
+    }
+    let big = layout.images.last().unwrap();
+    let big_size = big.layers[0].size;
+    let pids: Vec<i32> = nodes[..2]
+        .iter()
+        .map(|n| n.daemon.as_ref().unwrap().pid())
+        .collect();
+    let served = |i: usize| {
+        nodes[i].board()["served_peer"]["bytes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let base = [served(0), served(1)];
+    let (victim, res) = std::thread::scope(|s| {
+        let third = &nodes[2];
+        let up = up.clone();
+        let h = s.spawn(move || third.pull(&up, big));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let victim = loop {
+            let sending = (0..2).find(|i| served(*i) > base[*i] + (4 << 20));
+            if let Some(i) = sending {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pids[i]),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                break i;
+            }
+            assert!(Instant::now() < deadline, "no node sends the big layer");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        (victim, h.join().unwrap())
+    });
+    let got = res.unwrap_or_else(|e| panic!("{e}\n{}", nodes[2].log()));
+    assert_eq!(got, big.manifest_digest);
+    let log = nodes[2].log();
+    assert!(log.contains("asking the next provider"), "{log}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let third = nodes[2].board()["fetched_peer"].as_u64().unwrap();
+    assert!(
+        third >= big_size && (third as f64) < big_size as f64 * 1.05,
+        "{third} bytes fetched for a layer of {big_size}: resumed at the byte?"
+    );
+    nodes[victim].daemon.take();
+
+    // The fourth node still gets everything, from those left.
+    for img in &layout.images {
+        let got = nodes[3]
+            .pull(&up, img)
+            .unwrap_or_else(|e| panic!("{e}\n{}", nodes[3].log()));
+        assert_eq!(got, img.manifest_digest);
+    }
+    let after: Vec<String> = reg.requests()[before..].to_vec();
+    for img in &layout.images {
+        for d in digests(img) {
+            assert!(
+                !after.iter().any(|r| r.contains(&d)),
+                "upstream asked for {d}: {after:?}"
+            );
+        }
+    }
+}
