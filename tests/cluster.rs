@@ -27,6 +27,14 @@ const TOOLS: &[&str] = &[
     "tc",
 ];
 
+/// The cluster tests run one at a time: four daemons each are load enough for a small
+/// machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// One node: its sysroot, its namespace and its daemon.
 struct ClusterNode {
     node: Node,
@@ -258,6 +266,7 @@ fn nodes_take_a_bundles_images_from_the_node_that_has_them_even_when_one_dies_mi
     if !require(TOOLS) {
         return;
     }
+    let _one = one_at_a_time();
     let lan = Lan::new(5);
     let (mut nodes, reg) = cluster(&lan, "");
     let up = reg.addr.clone();
@@ -359,4 +368,166 @@ fn nodes_take_a_bundles_images_from_the_node_that_has_them_even_when_one_dies_mi
             );
         }
     }
+}
+
+/// How many times the registry's log shows a GET of each of `digests` (hex).
+fn sent(reg: &Registry, from: usize, digests: &[String]) -> Vec<(String, usize)> {
+    let log = std::fs::read_to_string(reg.log.as_ref().unwrap()).unwrap_or_default();
+    let gets: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("response completed") && l.contains("http.request.method=GET"))
+        .collect();
+    let _ = from;
+    digests
+        .iter()
+        .map(|d| {
+            (
+                d.clone(),
+                gets.iter().filter(|l| l.contains(d.as_str())).count(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn pull_through_sends_each_blob_from_upstream_once_and_a_hostile_copy_is_refused() {
+    if !require(TOOLS) {
+        return;
+    }
+    let _one = one_at_a_time();
+    let lan = Lan::new(5);
+    let (nodes, reg) = cluster(&lan, "upstream = true\n");
+    let up = reg.addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = scratch_layout(
+        &dir.path().join("layout"),
+        &images(&format!("{up}/share"), 3, Some(6 << 20)),
+    );
+    push(&lan, &reg, &layout);
+    let pushed = reg.requests().len();
+    wait_joined(&nodes);
+
+    // Nothing pre-loaded anywhere; all four pull the whole set at once.
+    std::thread::scope(|s| {
+        for n in &nodes {
+            let (layout, up) = (&layout, up.clone());
+            s.spawn(move || {
+                for img in &layout.images {
+                    let got = n
+                        .pull(&up, img)
+                        .unwrap_or_else(|e| panic!("node {}: {e}\n{}", n.ip, n.log()));
+                    assert_eq!(got, img.manifest_digest);
+                }
+            });
+        }
+    });
+    let mut all: Vec<String> = layout.images.iter().flat_map(digests).collect();
+    all.sort();
+    all.dedup();
+    for (d, n) in sent(&reg, pushed, &all) {
+        assert_eq!(n, 1, "the registry sent {d} {n} times");
+    }
+
+    // Nodes whose copy of a layer is wrong (a disk gone bad, or worse) offer it; the
+    // node that takes it refuses it by digest and still gets the image, from the
+    // registry in the end.
+    let more = scratch_layout(
+        &dir.path().join("more"),
+        &[ImageSpec {
+            reference: format!("{up}/share/other:1"),
+            layers: vec![LayerSpec {
+                seed: 99,
+                size: 1 << 20,
+            }],
+        }],
+    );
+    push(&lan, &reg, &more);
+    let other = &more.images[0];
+    nodes[0].pull(&up, other).unwrap();
+    let layer = other.layers[0]
+        .digest
+        .trim_start_matches("sha256:")
+        .to_string();
+    // Whichever nodes hold it (the one that pulled, and the one that pulled it through
+    // for it) hold it wrong.
+    let mut spoiled = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        let cached = n.node.state_dir().join("cache/blobs/sha256").join(&layer);
+        if i == 1 || !cached.exists() {
+            continue;
+        }
+        let mut bytes = fs::read(&cached).unwrap();
+        bytes[1000] ^= 0xff;
+        fs::write(&cached, &bytes).unwrap();
+        spoiled += 1;
+    }
+    assert!(spoiled >= 1);
+    let got = nodes[1]
+        .pull(&up, other)
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes[1].log()));
+    assert_eq!(got, other.manifest_digest);
+    let log = nodes[1].log();
+    assert!(log.contains("not asked for it again"), "{log}");
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(nodes[1].board()["rejected"].as_u64().unwrap() >= 1);
+    // What it keeps is the layer itself, and no partial is left.
+    let kept = nodes[1].node.state_dir().join("cache/blobs/sha256");
+    assert_eq!(
+        fs::read(kept.join(&layer)).unwrap(),
+        fs::read(more.blob_path(&other.layers[0].digest)).unwrap()
+    );
+    let partials: Vec<_> = fs::read_dir(&kept)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(partials.is_empty(), "{partials:?}");
+}
+
+#[test]
+fn never_contact_source_keeps_every_node_off_the_registry() {
+    if !require(TOOLS) {
+        return;
+    }
+    let _one = one_at_a_time();
+    let lan = Lan::new(3);
+    let (nodes, reg) = cluster(&lan, "never_contact_source = true\nupstream = true\n");
+    let up = reg.addr.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let layout = scratch_layout(
+        &dir.path().join("layout"),
+        &images(&format!("{up}/share"), 2, None),
+    );
+    push(&lan, &reg, &layout);
+    let pushed = reg.requests().len();
+    // The first node has the first image only.
+    let one = Layout {
+        dir: layout.dir.clone(),
+        images: vec![layout.images[0].clone()],
+    };
+    let b = bundle_of(&nodes[0].node, &one);
+    nodes[0].node.ok(&["import", b.to_str().unwrap()]);
+    let text = fs::read_to_string(
+        nodes[1]
+            .node
+            .sysroot
+            .join("etc/containers/registries.conf.d/99-longshore-mirror.conf"),
+    )
+    .unwrap();
+    assert!(text.contains("blocked = true"), "{text}");
+    wait_joined(&nodes);
+
+    let got = nodes[1]
+        .pull(&up, &layout.images[0])
+        .unwrap_or_else(|e| panic!("{e}\n{}", nodes[1].log()));
+    assert_eq!(got, layout.images[0].manifest_digest);
+    // No node has the second: the pull fails and says why; the registry hears nothing.
+    let e = nodes[1].pull(&up, &layout.images[1]).unwrap_err();
+    assert!(
+        e.contains("neither this node's cache nor another node"),
+        "{e}"
+    );
+    let after = reg.requests()[pushed..].to_vec();
+    assert!(after.is_empty(), "the registry was asked: {after:?}");
+    assert!(nodes[1].log().contains("[share] upstream is ignored"));
 }

@@ -137,7 +137,8 @@ impl Cache {
         &self.root
     }
 
-    fn blobs_dir(&self) -> PathBuf {
+    /// Where the blobs are.
+    pub fn blobs_dir(&self) -> PathBuf {
         self.root.join("blobs/sha256")
     }
 

@@ -189,12 +189,30 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
     Some(Running { tasks })
 }
 
-/// How often the cache is looked at for blobs to provide or withdraw.
-const ADVERTISE_EVERY: Duration = Duration::from_secs(10);
+/// How often the cache is looked at for blobs to provide or withdraw, besides when
+/// its blob directory changes.
+const ADVERTISE_EVERY: Duration = Duration::from_secs(60);
+/// How long a burst of changes in the cache is gathered before it is looked at.
+const ADVERTISE_SETTLE: Duration = Duration::from_millis(300);
 
 /// Provides a record for every blob and manifest the cache holds, and withdraws those of
-/// blobs that left it; looks again every [`ADVERTISE_EVERY`].
+/// blobs that left it: when the blob directory changes (inotify), and every
+/// [`ADVERTISE_EVERY`] besides.
 async fn advertise(cache: Cache, peers: peers::Peers) {
+    use futures_util::StreamExt;
+    let _ = cache.ensure();
+    let mut events = inotify::Inotify::init()
+        .and_then(|ino| {
+            ino.watches().add(
+                cache.blobs_dir(),
+                inotify::WatchMask::MOVED_TO
+                    | inotify::WatchMask::MOVED_FROM
+                    | inotify::WatchMask::DELETE,
+            )?;
+            ino.into_event_stream(vec![0u8; 4096])
+        })
+        .map_err(|e| tracing::warn!("the cache is looked at every minute only: {e}"))
+        .ok();
     let mut provided: std::collections::HashSet<crate::oci::digest::Digest> = Default::default();
     loop {
         let c = cache.clone();
@@ -213,7 +231,26 @@ async fn advertise(cache: Cache, peers: peers::Peers) {
         peers.provide(new);
         peers.withdraw(gone);
         provided = now;
-        tokio::time::sleep(ADVERTISE_EVERY).await;
+        match events.as_mut() {
+            Some(ev) => {
+                if tokio::time::timeout(ADVERTISE_EVERY, ev.next())
+                    .await
+                    .is_ok()
+                {
+                    // The rest of a burst (an import renames many blobs in), for a while.
+                    let until = tokio::time::Instant::now() + 4 * ADVERTISE_SETTLE;
+                    while tokio::time::Instant::now() < until {
+                        if !matches!(
+                            tokio::time::timeout(ADVERTISE_SETTLE, ev.next()).await,
+                            Ok(Some(_))
+                        ) {
+                            break;
+                        }
+                    }
+                }
+            }
+            None => tokio::time::sleep(ADVERTISE_EVERY).await,
+        }
     }
 }
 

@@ -36,10 +36,24 @@ use crate::oci::digest::Digest;
 /// Providers asked for one digest.
 pub const PROVIDERS: usize = 3;
 /// How long the DHT is given to name providers.
-pub const FIND_WAIT: Duration = Duration::from_secs(3);
+pub const FIND_WAIT: Duration = Duration::from_secs(5);
+/// How long a transfer from another node may stall before it is given up.
+const STALL: Duration = Duration::from_secs(30);
+/// How long a node waits for another to pull a digest through.
+const THROUGH_WAIT: Duration = Duration::from_secs(3600);
 /// The largest blob fetched when no manifest gave its size (then the first provider's
 /// `Content-Length` is taken, and checked with the digest at the end).
 const UNSIZED_MAX: u64 = 64 << 30;
+
+/// Where a digest may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Other nodes, then (with pull-through) the registry, through the node the digest
+    /// ranks highest.
+    Anywhere,
+    /// The registry only: another node asked this one to pull it through.
+    Upstream,
+}
 
 /// What is needed: a manifest (or list), or a blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +67,11 @@ pub enum Kind {
 impl Endpoint {
     /// Makes the cache hold `d`, fetched at most once however many ask; whether it does.
     pub async fn obtain(self: &Arc<Self>, name: &str, d: Digest, kind: Kind) -> bool {
+        self.obtain_as(name, d, kind, Via::Anywhere).await
+    }
+
+    /// [`Endpoint::obtain`], from the places `via` allows.
+    pub async fn obtain_as(self: &Arc<Self>, name: &str, d: Digest, kind: Kind, via: Via) -> bool {
         if self.cache.has(&d).is_some() {
             return true;
         }
@@ -65,7 +84,7 @@ impl Endpoint {
                     inflight.insert(d, rx.clone());
                     let (ep, name) = (self.clone(), name.to_string());
                     tokio::spawn(async move {
-                        let ok = ep.obtain_now(&name, d, kind).await;
+                        let ok = ep.obtain_now(&name, d, kind, via).await;
                         ep.inflight
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -86,10 +105,10 @@ impl Endpoint {
         }
     }
 
-    async fn obtain_now(&self, name: &str, d: Digest, kind: Kind) -> bool {
+    async fn obtain_now(&self, name: &str, d: Digest, kind: Kind, via: Via) -> bool {
         let started = Instant::now();
-        if let Some(remote) = &self.remote {
-            match self.from_peers(remote, name, d, kind).await {
+        if let (Some(remote), Via::Anywhere) = (&self.remote, via) {
+            match self.fetch_from_peers(remote, name, d, kind).await {
                 Ok((n, from)) => {
                     self.stats.fetched_peer.fetch_add(n, Ordering::Relaxed);
                     remote.peers.provide(vec![d]);
@@ -105,7 +124,27 @@ impl Endpoint {
         let Some(up) = &self.upstream else {
             return false;
         };
-        match self.from_upstream(up, name, d, kind).await {
+        // One node fetches each digest from the registry: the one the digest ranks
+        // highest. Another node asks it to, and takes the digest from it.
+        if let (Some(remote), Via::Anywhere) = (&self.remote, via) {
+            if let Some(owner) = remote.peers.owner(&d) {
+                match self.fetch_through(remote, owner, name, d, kind).await {
+                    Ok(n) => {
+                        self.stats.fetched_peer.fetch_add(n, Ordering::Relaxed);
+                        remote.peers.provide(vec![d]);
+                        tracing::info!(
+                            "fetched {d} ({n} bytes) through {owner}, which pulled it through, in {:.1} s",
+                            started.elapsed().as_secs_f64()
+                        );
+                        return true;
+                    }
+                    Err(e) => tracing::warn!(
+                        "{d}: {owner} did not pull it through ({e:#}); pulling it here"
+                    ),
+                }
+            }
+        }
+        match self.fetch_from_upstream(up, name, d, kind).await {
             Ok((n, from)) => {
                 self.stats.fetched_upstream.fetch_add(n, Ordering::Relaxed);
                 if let Some(r) = &self.remote {
@@ -127,7 +166,7 @@ impl Endpoint {
     /// Fetches `d` from the registry the request's repository names (its mirrors first,
     /// as registries.conf says, but never this node's endpoint), with the node's
     /// credentials.
-    async fn from_upstream(
+    async fn fetch_from_upstream(
         &self,
         up: &super::Upstream,
         name: &str,
@@ -197,7 +236,7 @@ impl Endpoint {
         }
     }
 
-    async fn from_peers(
+    async fn fetch_from_peers(
         &self,
         remote: &super::Remote,
         name: &str,
@@ -324,6 +363,55 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Asks `owner` to pull `d` through, then takes it from there.
+    async fn fetch_through(
+        &self,
+        remote: &super::Remote,
+        owner: SocketAddr,
+        name: &str,
+        d: Digest,
+        kind: Kind,
+    ) -> Result<u64> {
+        let (what, size) = match kind {
+            Kind::Document => ("manifests", None),
+            Kind::Blob => (
+                "blobs",
+                Some(
+                    self.size_of(&d)
+                        .context("no manifest answered here gave its size")?,
+                ),
+            ),
+        };
+        let mut ask = format!("/v2/{name}/{what}/{d}?through=1");
+        if let Some(n) = size {
+            ask += &format!("&size={n}");
+        }
+        // The owner answers once it has the digest: its own fetch may take long.
+        let r = remote
+            .signed(reqwest::Method::HEAD, owner, &ask)
+            .timeout(THROUGH_WAIT)
+            .send()
+            .await?;
+        if r.status() != reqwest::StatusCode::OK {
+            bail!("answered {}", r.status());
+        }
+        let path = format!("/v2/{name}/{what}/{d}");
+        match size {
+            None => {
+                let bytes = remote.document(owner, &path, d).await?;
+                let n = bytes.len() as u64;
+                self.cache.put_bytes(&bytes)?;
+                Ok(n)
+            }
+            Some(size) => Ok(self
+                .blob_from(remote, &[(owner, Some(size))], &path, d, size)
+                .await?
+                .0),
+        }
+    }
+}
+
 impl super::Remote {
     fn url(&self, p: SocketAddr, path: &str) -> String {
         format!("http://{p}{path}")
@@ -407,9 +495,10 @@ impl super::Remote {
         if from > 0 {
             req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
         }
-        let mut r = match req.send().await {
-            Ok(r) => r,
-            Err(e) => return Err((0, e.into())),
+        let mut r = match tokio::time::timeout(STALL, req.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err((0, e.into())),
+            Err(_) => return Err((0, anyhow::anyhow!("no answer in {} s", STALL.as_secs()))),
         };
         let ok = match r.status().as_u16() {
             200 => from == 0,
@@ -428,7 +517,13 @@ impl super::Remote {
         }
         let mut n = 0u64;
         loop {
-            match r.chunk().await {
+            let chunk = match tokio::time::timeout(STALL, r.chunk()).await {
+                Ok(c) => c,
+                Err(_) => {
+                    return Err((n, anyhow::anyhow!("no byte came in {} s", STALL.as_secs())))
+                }
+            };
+            match chunk {
                 Ok(Some(bytes)) => {
                     n += bytes.len() as u64;
                     if let Err(e) = std::io::Write::write_all(w, &bytes) {

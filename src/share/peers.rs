@@ -30,7 +30,7 @@ use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{kad, mdns, noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol, Transport};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::auth::ClusterKey;
 use crate::oci::digest::Digest;
@@ -41,6 +41,8 @@ pub const REPUBLISH: Duration = Duration::from_secs(10 * 60);
 pub const RECORD_TTL: Duration = Duration::from_secs(25 * 60);
 /// How often bootstrap names are looked up and dialled while no node answers there.
 const BOOTSTRAP_EVERY: Duration = Duration::from_secs(15);
+/// How long a lookup goes on for more providers once it found one.
+pub const FIND_GRACE: Duration = Duration::from_millis(300);
 /// Provider announcements in flight at once.
 const ANNOUNCING: usize = 16;
 /// The DHT's protocol name: never mixed with IPFS's.
@@ -76,7 +78,7 @@ enum Command {
     Find {
         digest: Digest,
         max: usize,
-        reply: oneshot::Sender<Vec<SocketAddr>>,
+        reply: mpsc::UnboundedSender<Vec<SocketAddr>>,
     },
 }
 
@@ -197,18 +199,53 @@ impl Peers {
         }
     }
 
-    /// The peer listeners of up to `max` other nodes that provide `digest`, as soon as
-    /// that many are found, or what was found within `wait`.
+    /// The peer listeners of up to `max` other nodes that provide `digest`: as soon as
+    /// that many are found, or [`FIND_GRACE`] after the first was, or when the lookup
+    /// ends; at most `wait`.
     pub async fn find(&self, digest: Digest, max: usize, wait: Duration) -> Vec<SocketAddr> {
-        let (reply, rx) = oneshot::channel();
+        let (reply, mut rx) = mpsc::unbounded_channel();
         if self.tx.send(Command::Find { digest, max, reply }).is_err() {
             return vec![];
         }
-        tokio::time::timeout(wait, rx)
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .unwrap_or_default()
+        let mut found: Vec<SocketAddr> = Vec::new();
+        let end = tokio::time::Instant::now() + wait;
+        let mut until = end;
+        loop {
+            match tokio::time::timeout_at(until, rx.recv()).await {
+                Ok(Some(more)) => {
+                    for a in more {
+                        if !found.contains(&a) {
+                            found.push(a);
+                        }
+                    }
+                    if found.len() >= max {
+                        break;
+                    }
+                    if !found.is_empty() {
+                        until = end.min(tokio::time::Instant::now() + FIND_GRACE);
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        found.truncate(max);
+        found
+    }
+
+    /// Which node fetches `digest` from its registry when no node has it: of this node
+    /// and those connected now, the one whose identity hashed with the digest ranks
+    /// highest (rendezvous hashing), so nodes that know the same peers agree without
+    /// asking each other. `None` when it is this node.
+    pub fn owner(&self, digest: &Digest) -> Option<SocketAddr> {
+        let rank = |id: &str| Digest::of(format!("{id} {digest}").as_bytes());
+        let mine = rank(&self.id);
+        self.known()
+            .into_iter()
+            .filter(|p| p.connected)
+            .map(|p| (rank(&p.id), p.address))
+            .filter(|(r, _)| r.hex() > mine.hex())
+            .max_by(|a, b| a.0.hex().cmp(&b.0.hex()))
+            .and_then(|(_, a)| a.parse().ok())
     }
 
     /// The nodes this one knows.
@@ -225,7 +262,7 @@ impl Peers {
 struct Find {
     found: Vec<PeerId>,
     max: usize,
-    reply: Option<oneshot::Sender<Vec<SocketAddr>>>,
+    reply: mpsc::UnboundedSender<Vec<SocketAddr>>,
 }
 
 struct Task {
@@ -298,15 +335,11 @@ impl Task {
                     Find {
                         found: vec![],
                         max,
-                        reply: Some(reply),
+                        reply,
                     },
                 );
             }
         }
-    }
-
-    fn addresses(&self, found: &[PeerId]) -> Vec<SocketAddr> {
-        addresses(&self.ips, self.cfg.http_port, found)
     }
 
     fn learn(&mut self, swarm: &mut libp2p::Swarm<Behaviour>, peer: PeerId, ip: IpAddr) {
@@ -431,20 +464,17 @@ impl Task {
                         return;
                     };
                     if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = res {
-                        for p in providers {
-                            if p != me && !f.found.contains(&p) {
-                                f.found.push(p);
-                            }
-                        }
+                        let new: Vec<PeerId> = providers
+                            .into_iter()
+                            .filter(|p| *p != me && !f.found.contains(p))
+                            .collect();
+                        f.found.extend(new.iter().copied());
+                        let _ = f.reply.send(addresses(&self.ips, self.cfg.http_port, &new));
                     }
-                    let enough = addresses(&self.ips, self.cfg.http_port, &f.found).len() >= f.max;
-                    if enough || step.last {
-                        let mut f = self.finds.remove(&id).expect("looked up above");
-                        let mut addrs = self.addresses(&f.found);
-                        addrs.truncate(f.max);
-                        if let Some(r) = f.reply.take() {
-                            let _ = r.send(addrs);
-                        }
+                    let known = addresses(&self.ips, self.cfg.http_port, &f.found).len();
+                    // Done when enough are known, the lookup ended, or no one waits.
+                    if known >= f.max || step.last || f.reply.is_closed() {
+                        let f = self.finds.remove(&id).expect("looked up above");
                         if let Some(mut q) = swarm.behaviour_mut().kad.query_mut(&id) {
                             q.finish();
                         }

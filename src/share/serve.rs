@@ -39,7 +39,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::auth::ClusterKey;
-use super::obtain::Kind;
+use super::obtain::{Kind, Via};
 use super::{Counters, Stats};
 use crate::bundle::format::MAX_DOCUMENT;
 use crate::cache::Cache;
@@ -192,6 +192,12 @@ async fn handle(
             "not a repository this mirror serves",
         );
     };
+    // Another node asking this one to pull a digest through from its registry.
+    if let (Side::Peer(_), Some(q)) = (side, req.uri().query()) {
+        if let Some(r) = pull_through(ep, name, reference, is_manifest, q).await {
+            return r;
+        }
+    }
     let res = if is_manifest {
         manifest(ep, side, name, &repo, reference, head).await
     } else {
@@ -213,11 +219,83 @@ async fn handle(
             counters.misses.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("{method} {path} from {remote}: not served");
             if is_manifest {
-                error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN", "not here whole")
+                error(
+                    StatusCode::NOT_FOUND,
+                    "MANIFEST_UNKNOWN",
+                    match side {
+                        Side::Local => "longshore: neither this node's cache nor another node has this image whole",
+                        Side::Peer(_) => "longshore: not in this node's cache",
+                    },
+                )
             } else {
-                error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN", "not here")
+                error(
+                    StatusCode::NOT_FOUND,
+                    "BLOB_UNKNOWN",
+                    match side {
+                        Side::Local => {
+                            "longshore: neither this node's cache nor another node has this blob"
+                        }
+                        Side::Peer(_) => "longshore: not in this node's cache",
+                    },
+                )
             }
         }
+    }
+}
+
+/// `?through=1[&size=N]` on the peer listener: fetches the digest from the registry
+/// (never from another node: one hop only) when pull-through is on here, then lets the
+/// request be answered from the cache. An answer of its own when it is refused.
+async fn pull_through(
+    ep: &Arc<Endpoint>,
+    name: &str,
+    reference: &str,
+    is_manifest: bool,
+    query: &str,
+) -> Option<Response<Body>> {
+    let mut through = false;
+    let mut size = None;
+    for kv in query.split('&') {
+        match kv.split_once('=') {
+            Some(("through", "1")) => through = true,
+            Some(("size", n)) => size = n.parse::<u64>().ok(),
+            _ => {}
+        }
+    }
+    if !through {
+        return None;
+    }
+    if ep.upstream.is_none() {
+        return Some(error(
+            StatusCode::NOT_FOUND,
+            "UNSUPPORTED",
+            "pull-through is off on this node",
+        ));
+    }
+    let d = parse_digest(reference)?;
+    let kind = if is_manifest {
+        Kind::Document
+    } else {
+        match size {
+            Some(n) => ep.note_sizes(&[(d, n)]),
+            None => {
+                return Some(error(
+                    StatusCode::BAD_REQUEST,
+                    "SIZE_INVALID",
+                    "a blob is pulled through with its size",
+                ))
+            }
+        }
+        Kind::Blob
+    };
+    if ep.obtain_as(name, d, kind, Via::Upstream).await {
+        None
+    } else {
+        Some(error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "the registry did not give it",
+        ))
     }
 }
 
