@@ -26,6 +26,9 @@ pub const BUS_NAME: &str = "io.longshore.Longshore1";
 /// The manager object.
 pub const PATH: &str = "/io/longshore/Longshore1";
 
+/// The sharing object.
+pub const SHARING_PATH: &str = "/io/longshore/Longshore1/Sharing";
+
 /// The named errors of the API.
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "io.longshore.Longshore1.Error")]
@@ -556,6 +559,88 @@ impl BundleObject {
     }
 }
 
+/// `io.longshore.Longshore1.Sharing` at `/io/longshore/Longshore1/Sharing`: the endpoint
+/// and the other nodes, read from what the daemon's endpoint reports each time a
+/// property is read (the properties change without signals).
+struct SharingObject {
+    paths: crate::paths::HostPaths,
+    enabled: bool,
+}
+
+impl SharingObject {
+    fn board(&self) -> crate::share::ShareBoard {
+        crate::share::ShareBoard::read(&self.paths).unwrap_or_default()
+    }
+}
+
+#[interface(name = "io.longshore.Longshore1.Sharing")]
+impl SharingObject {
+    /// `[share] enabled`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn enabled(&self) -> bool {
+        self.enabled
+    }
+    /// The loopback listener's address (empty when it does not listen).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn local_endpoint(&self) -> String {
+        self.board().local.unwrap_or_default()
+    }
+    /// The peer listener's address (empty when it does not listen).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn peer_endpoint(&self) -> String {
+        self.board().peer.unwrap_or_default()
+    }
+    /// This node's identity in the DHT.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn peer_id(&self) -> String {
+        self.board().peer_id.unwrap_or_default()
+    }
+    /// The other nodes known: (identity, peer listener, connected now).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn peers(&self) -> Vec<(String, String, bool)> {
+        self.board()
+            .peers
+            .into_iter()
+            .map(|p| (p.id, p.address, p.connected))
+            .collect()
+    }
+    /// Bytes served to this node's CRI-O and tools, all from the cache.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn bytes_served_local(&self) -> u64 {
+        self.board().served_local.bytes
+    }
+    /// Bytes served to other nodes.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn bytes_served_peers(&self) -> u64 {
+        self.board().served_peer.bytes
+    }
+    /// Bytes fetched from other nodes.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn bytes_fetched_peers(&self) -> u64 {
+        self.board().fetched_peer
+    }
+    /// Bytes fetched from registries by pull-through.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn bytes_fetched_upstream(&self) -> u64 {
+        self.board().fetched_upstream
+    }
+    /// Requests refused on the peer listener for want of a valid signature.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn refused(&self) -> u64 {
+        self.board().served_peer.refused
+    }
+    /// Blobs and manifests from other nodes or registries discarded for a wrong digest.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn rejected(&self) -> u64 {
+        self.board().rejected
+    }
+    /// Why a configured listener or the DHT is not running.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn problems(&self) -> Vec<String> {
+        self.board().problems
+    }
+}
+
 /// `io.longshore.Longshore1.ImageSet`, one object per set in force.
 #[derive(Clone, PartialEq)]
 struct SetObject {
@@ -663,6 +748,10 @@ impl Api {
             status_text: "Starting".into(),
             ..Default::default()
         }));
+        let sharing = SharingObject {
+            paths: paths.clone(),
+            enabled: settings.share.enabled,
+        };
         let manager = Manager {
             requests,
             paths,
@@ -677,6 +766,7 @@ impl Api {
         let conn = builder
             .serve_at(PATH, manager)?
             .serve_at(PATH, zbus::fdo::ObjectManager)?
+            .serve_at(SHARING_PATH, sharing)?
             .name(BUS_NAME)?
             .build()
             .await

@@ -19,7 +19,7 @@ use common::registry::{start_registry_with, Options};
 use common::usermgr::BareBus;
 use longshore::share::auth::ClusterKey;
 
-const TOOLS: &[&str] = &["skopeo", "dbus-daemon", "unshare"];
+const TOOLS: &[&str] = &["skopeo", "dbus-daemon", "unshare", "busctl"];
 
 /// A port nothing listens on now.
 fn free_port() -> u16 {

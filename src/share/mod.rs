@@ -139,10 +139,13 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
         stats: stats.clone(),
         remote,
         upstream,
+        min_free: settings.store.min_free_space,
         sizes: Default::default(),
         inflight: Default::default(),
     });
-    let conns = Arc::new(tokio::sync::Semaphore::new(share.max_connections));
+    // Each listener has its own cap: connections strangers open on the cluster network
+    // never take the places of this node's CRI-O.
+    let conns = || Arc::new(tokio::sync::Semaphore::new(share.max_connections));
     let mut tasks = Vec::new();
     match tokio::net::TcpListener::bind(share.local).await {
         Ok(l) => {
@@ -152,7 +155,7 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
                 l,
                 serve::Side::Local,
                 ep.clone(),
-                conns.clone(),
+                conns(),
             )));
         }
         Err(e) => problem(format!(
@@ -167,7 +170,7 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
             l,
             serve::Side::Peer(key),
             ep.clone(),
-            conns,
+            conns(),
         )));
     }
     if let Some(p) = peers.clone() {

@@ -41,9 +41,6 @@ pub const FIND_WAIT: Duration = Duration::from_secs(5);
 const STALL: Duration = Duration::from_secs(30);
 /// How long a node waits for another to pull a digest through.
 const THROUGH_WAIT: Duration = Duration::from_secs(3600);
-/// The largest blob fetched when no manifest gave its size (then the first provider's
-/// `Content-Length` is taken, and checked with the digest at the end).
-const UNSIZED_MAX: u64 = 64 << 30;
 
 /// Where a digest may come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,10 +178,13 @@ impl Endpoint {
         }
         let size = match kind {
             Kind::Document => None,
-            Kind::Blob => Some(
-                self.size_of(&d)
-                    .context("no manifest answered here gave its size")?,
-            ),
+            Kind::Blob => {
+                let size = self
+                    .size_of(&d)
+                    .context("no manifest answered here gave its size")?;
+                self.check_room(size)?;
+                Some(size)
+            }
         };
         let mut errors = Vec::new();
         for src in &sources {
@@ -205,6 +205,23 @@ impl Endpoint {
             }
         }
         bail!("{}", errors.join("; "))
+    }
+
+    /// Fails when writing `size` bytes would leave less than `[store] min_free_space`
+    /// free on the cache's filesystem.
+    fn check_room(&self, size: u64) -> Result<()> {
+        let free = fs2::available_space(self.cache.root()).with_context(|| {
+            format!("reading the free space of {}", self.cache.root().display())
+        })?;
+        if free < size.saturating_add(self.min_free) {
+            bail!(
+                "{} bytes would leave less than {} free in {}",
+                size,
+                crate::config::human_size(self.min_free),
+                self.cache.root().display()
+            );
+        }
+        Ok(())
     }
 
     /// The size a manifest this endpoint answered gave `d`.
@@ -276,14 +293,12 @@ impl Endpoint {
                 bail!("no provider gave it whole and as its digest says")
             }
             Kind::Blob => {
-                let size = match self.size_of(&d) {
-                    Some(s) => s,
-                    None => ranked
-                        .iter()
-                        .find_map(|(_, len)| *len)
-                        .filter(|n| *n <= UNSIZED_MAX)
-                        .context("no manifest gave its size, and no provider a length")?,
-                };
+                // Only a size a manifest gave (and its digest vouches for) is trusted:
+                // a provider's length could be anything.
+                let size = self
+                    .size_of(&d)
+                    .context("no manifest answered here named it, so its size is unknown")?;
+                self.check_room(size)?;
                 self.blob_from(remote, &ranked, &path, d, size).await
             }
         }

@@ -210,22 +210,17 @@ impl Peers {
         let mut found: Vec<SocketAddr> = Vec::new();
         let end = tokio::time::Instant::now() + wait;
         let mut until = end;
-        loop {
-            match tokio::time::timeout_at(until, rx.recv()).await {
-                Ok(Some(more)) => {
-                    for a in more {
-                        if !found.contains(&a) {
-                            found.push(a);
-                        }
-                    }
-                    if found.len() >= max {
-                        break;
-                    }
-                    if !found.is_empty() {
-                        until = end.min(tokio::time::Instant::now() + FIND_GRACE);
-                    }
+        while let Ok(Some(more)) = tokio::time::timeout_at(until, rx.recv()).await {
+            for a in more {
+                if !found.contains(&a) {
+                    found.push(a);
                 }
-                Ok(None) | Err(_) => break,
+            }
+            if found.len() >= max {
+                break;
+            }
+            if !found.is_empty() {
+                until = end.min(tokio::time::Instant::now() + FIND_GRACE);
             }
         }
         found.truncate(max);

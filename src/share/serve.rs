@@ -76,6 +76,8 @@ pub struct Endpoint {
     pub remote: Option<super::Remote>,
     /// Pull-through, when on.
     pub upstream: Option<super::Upstream>,
+    /// Free space fetches leave on the cache's filesystem (`[store] min_free_space`).
+    pub min_free: u64,
     /// Blob sizes the manifests answered gave (see [`Endpoint::note_sizes`]).
     pub sizes: std::sync::Mutex<std::collections::HashMap<Digest, u64>>,
     /// Digests being fetched now, and what waits for them.
@@ -168,6 +170,14 @@ async fn handle(
         }
     }
     let head = method == Method::HEAD;
+    if path == "/metrics" && matches!(side, Side::Local) {
+        let text = metrics(ep);
+        let len = text.len();
+        let mut r = Response::new(full(Bytes::from(text), head));
+        set(&mut r, header::CONTENT_TYPE, "text/plain; version=0.0.4");
+        set(&mut r, header::CONTENT_LENGTH, &len.to_string());
+        return r;
+    }
     if path == "/v2/" || path == "/v2" {
         let mut r = Response::new(full(Bytes::from_static(b"{}"), head));
         set(&mut r, header::CONTENT_TYPE, "application/json");
@@ -297,6 +307,76 @@ async fn pull_through(
             "the registry did not give it",
         ))
     }
+}
+
+/// The endpoint's counters in Prometheus' text format (loopback only).
+fn metrics(ep: &Endpoint) -> String {
+    let st = &ep.stats;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    let mut family = |name: &str, help: &str, samples: &[(&str, u64)]| {
+        out += &format!("# HELP longshore_share_{name} {help}\n# TYPE longshore_share_{name} ");
+        out += if name.ends_with("_total") {
+            "counter\n"
+        } else {
+            "gauge\n"
+        };
+        for (labels, v) in samples {
+            out += &format!("longshore_share_{name}{labels} {v}\n");
+        }
+    };
+    let both = |f: fn(&Counters) -> &std::sync::atomic::AtomicU64| {
+        [
+            ("{listener=\"local\"}", load(f(&st.local))),
+            ("{listener=\"peer\"}", load(f(&st.peer))),
+        ]
+    };
+    family(
+        "requests_total",
+        "Requests answered, by listener.",
+        &both(|c| &c.requests),
+    );
+    family(
+        "served_bytes_total",
+        "Body bytes sent, by listener.",
+        &both(|c| &c.bytes),
+    );
+    family(
+        "misses_total",
+        "Manifests and blobs not answered, by listener.",
+        &both(|c| &c.misses),
+    );
+    family(
+        "refused_total",
+        "Requests refused on the peer listener for want of a valid signature.",
+        &[("", load(&st.peer.refused))],
+    );
+    family(
+        "fetched_bytes_total",
+        "Bytes brought into the cache for requests, by source.",
+        &[
+            ("{source=\"peer\"}", load(&st.fetched_peer)),
+            ("{source=\"upstream\"}", load(&st.fetched_upstream)),
+        ],
+    );
+    family(
+        "rejected_total",
+        "Blobs and manifests discarded for a wrong digest.",
+        &[("", load(&st.rejected))],
+    );
+    if let Some(r) = &ep.remote {
+        let known = r.peers.known();
+        let connected = known.iter().filter(|p| p.connected).count() as u64;
+        family(
+            "peers",
+            "Other nodes known, by whether a connection is open.",
+            &[
+                ("{state=\"connected\"}", connected),
+                ("{state=\"known\"}", known.len() as u64 - connected),
+            ],
+        );
+    }
+    out
 }
 
 /// A digest as a request names it: `sha256:` and 64 lower-case hex digits.
