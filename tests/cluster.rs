@@ -6,17 +6,14 @@
 mod common;
 
 use std::fs;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
-use common::fixture::{self, FixtureImage, ImageSpec, LayerSpec, Layout};
+use common::cluster::{cluster, digests, push, wait_joined, ClusterNode};
+use common::fixture::{self, ImageSpec, LayerSpec, Layout};
 use common::netns::Lan;
 use common::node::{require, Node};
-use common::registry::{start_registry_with, Options, Registry};
-use common::usermgr::BareBus;
+use common::registry::Registry;
 
 const TOOLS: &[&str] = &[
     "skopeo",
@@ -33,211 +30,6 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// One node: its sysroot, its namespace and its daemon.
-struct ClusterNode {
-    node: Node,
-    ns: String,
-    ip: IpAddr,
-    daemon: Option<Daemon>,
-    _bus: BareBus,
-}
-
-impl ClusterNode {
-    fn start(&mut self) {
-        self.daemon = Some(Daemon::start_in(&self.node, Some(&self.ns)));
-    }
-
-    fn log(&self) -> String {
-        self.daemon.as_ref().map(|d| d.log()).unwrap_or_default()
-    }
-
-    /// skopeo in the node's namespace, with the node's /etc/containers in place of the
-    /// machine's (in a mount namespace of its own).
-    fn skopeo(&self, args: &[&str]) -> Output {
-        let etc = self.node.sysroot.join("etc/containers");
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.ns,
-                "unshare",
-                "-m",
-                "--propagation",
-                "private",
-            ])
-            .args([
-                "sh",
-                "-c",
-                "mount --bind \"$0\" /etc/containers && exec skopeo \"$@\"",
-            ])
-            .arg(&etc)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// Pulls `img` by digest into a `dir:` as CRI-O would; the copy's manifest digest.
-    fn pull(&self, upstream: &str, img: &FixtureImage) -> Result<String, String> {
-        let dest = self
-            .node
-            .scratch(&format!("pull-{}", &img.manifest_digest[7..19]));
-        let _ = fs::remove_dir_all(&dest);
-        let out = self.skopeo(&[
-            "copy",
-            "-q",
-            &format!(
-                "docker://{}@{}",
-                repo_at(upstream, img),
-                img.manifest_digest
-            ),
-            &format!("dir:{}", dest.display()),
-        ]);
-        if !out.status.success() {
-            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-        }
-        let m = fs::read(dest.join("manifest.json")).unwrap();
-        Ok(format!(
-            "sha256:{}",
-            longshore::oci::digest::Digest::of(&m).hex()
-        ))
-    }
-
-    fn board(&self) -> serde_json::Value {
-        let p = self.node.sysroot.join("run/longshore/share.json");
-        fs::read(p)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
-    }
-}
-
-/// `UPSTREAM/share/imgN`, the repository of a fixture image on the upstream registry.
-fn repo_at(upstream: &str, img: &FixtureImage) -> String {
-    let path = img.reference.split_once('/').unwrap().1;
-    format!("{upstream}/{}", path.rsplit_once(':').unwrap().0)
-}
-
-/// The LAN's last host runs the upstream registry; the others are nodes, each started.
-fn cluster(lan: &Lan, extra: &str) -> (Vec<ClusterNode>, Registry) {
-    let (up_ns, up_ip) = lan.hosts.last().unwrap();
-    let up_dir = tempfile::tempdir().unwrap().keep();
-    let reg = start_registry_with(
-        &up_dir,
-        &Options {
-            log: true,
-            netns: Some((up_ns.name.clone(), *up_ip)),
-            ..Options::default()
-        },
-    );
-    let key = longshore::share::auth::ClusterKey::generate().unwrap();
-    let members: Vec<&(common::netns::Netns, IpAddr)> =
-        lan.hosts[..lan.hosts.len() - 1].iter().collect();
-    let bootstrap: Vec<String> = members
-        .iter()
-        .map(|(_, ip)| format!("\"{ip}:5051\""))
-        .collect();
-    let mut nodes = Vec::new();
-    for (ns, ip) in members {
-        let bus = BareBus::start();
-        let mut node = Node::new();
-        node.env
-            .push(("DBUS_SESSION_BUS_ADDRESS".into(), bus.address.clone()));
-        node.write_config(
-            "50-cluster.toml",
-            &format!(
-                "bus = \"session\"\n[crio]\nreload = false\n[fetch]\nenabled = false\n\
-                 [share]\nenabled = true\nlocal = \"127.0.0.1:5050\"\npeer = \"{ip}:5051\"\n\
-                 bootstrap = [{}]\nkey_file = \"/etc/longshore/cluster.key\"\n\
-                 registries = [\"{}\"]\n{extra}",
-                bootstrap.join(", "),
-                reg.addr
-            ),
-        );
-        let etc = node.sysroot.join("etc");
-        fs::create_dir_all(etc.join("containers")).unwrap();
-        fs::create_dir_all(etc.join("longshore")).unwrap();
-        fs::copy(
-            "/etc/containers/policy.json",
-            etc.join("containers/policy.json"),
-        )
-        .unwrap();
-        fs::write(
-            etc.join("containers/registries.conf"),
-            format!(
-                "[[registry]]\nlocation = \"{}\"\ninsecure = true\n",
-                reg.addr
-            ),
-        )
-        .unwrap();
-        let kp = etc.join("longshore/cluster.key");
-        fs::write(&kp, &key).unwrap();
-        fs::set_permissions(&kp, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let mut n = ClusterNode {
-            node,
-            ns: ns.name.clone(),
-            ip: *ip,
-            daemon: None,
-            _bus: bus,
-        };
-        n.start();
-        nodes.push(n);
-    }
-    (nodes, reg)
-}
-
-/// Waits until every running node knows every other one (the board counts connections).
-fn wait_joined(nodes: &[ClusterNode]) {
-    let running = nodes.iter().filter(|n| n.daemon.is_some()).count();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for n in nodes.iter().filter(|n| n.daemon.is_some()) {
-        loop {
-            let b = n.board();
-            let connected = b["peers"]
-                .as_array()
-                .map_or(0, |p| p.iter().filter(|p| p["connected"] == true).count());
-            if connected >= running - 1 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {} knows {connected} of {} peers: {b}\n{}",
-                n.ip,
-                running - 1,
-                n.log()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-}
-
-/// Pushes every image of `layout` to the upstream registry, from its namespace.
-fn push(lan: &Lan, reg: &Registry, layout: &Layout) {
-    let (up_ns, _) = lan.hosts.last().unwrap();
-    for img in &layout.images {
-        let out = up_ns
-            .command("skopeo")
-            .args(["copy", "-q", "--dest-tls-verify=false"])
-            .arg(layout.transport_ref(&img.reference))
-            .arg(format!("docker://{}:1", repo_at(&reg.addr, img)))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-/// Every digest an image's pull asks for: manifest, config, layers (hex).
-fn digests(img: &FixtureImage) -> Vec<String> {
-    std::iter::once(&img.manifest_digest)
-        .chain(std::iter::once(&img.config_digest))
-        .chain(img.layers.iter().map(|l| &l.digest))
-        .map(|d| d.trim_start_matches("sha256:").to_string())
-        .collect()
 }
 
 fn images(prefix: &str, n: usize, big: Option<usize>) -> Vec<ImageSpec> {
@@ -449,29 +241,38 @@ fn pull_through_sends_each_blob_from_upstream_once_and_a_hostile_copy_is_refused
         .trim_start_matches("sha256:")
         .to_string();
     // Whichever nodes hold it (the one that pulled, and the one that pulled it through
-    // for it) hold it wrong.
+    // for it) hold it wrong; a node that lacks it pulls the image.
+    let holds = |n: &ClusterNode| {
+        n.node
+            .state_dir()
+            .join("cache/blobs/sha256")
+            .join(&layer)
+            .exists()
+    };
+    let taker = nodes
+        .iter()
+        .position(|n| !holds(n))
+        .expect("a node without it");
     let mut spoiled = 0;
-    for (i, n) in nodes.iter().enumerate() {
+    for n in nodes.iter().filter(|n| holds(n)) {
         let cached = n.node.state_dir().join("cache/blobs/sha256").join(&layer);
-        if i == 1 || !cached.exists() {
-            continue;
-        }
         let mut bytes = fs::read(&cached).unwrap();
         bytes[1000] ^= 0xff;
         fs::write(&cached, &bytes).unwrap();
         spoiled += 1;
     }
     assert!(spoiled >= 1);
-    let got = nodes[1]
+    let taker = &nodes[taker];
+    let got = taker
         .pull(&up, other)
-        .unwrap_or_else(|e| panic!("{e}\n{}", nodes[1].log()));
+        .unwrap_or_else(|e| panic!("{e}\n{}", taker.log()));
     assert_eq!(got, other.manifest_digest);
-    let log = nodes[1].log();
+    let log = taker.log();
     assert!(log.contains("not asked for it again"), "{log}");
     std::thread::sleep(Duration::from_millis(2500));
-    assert!(nodes[1].board()["rejected"].as_u64().unwrap() >= 1);
+    assert!(taker.board()["rejected"].as_u64().unwrap() >= 1);
     // What it keeps is the layer itself, and no partial is left.
-    let kept = nodes[1].node.state_dir().join("cache/blobs/sha256");
+    let kept = taker.node.state_dir().join("cache/blobs/sha256");
     assert_eq!(
         fs::read(kept.join(&layer)).unwrap(),
         fs::read(more.blob_path(&other.layers[0].digest)).unwrap()

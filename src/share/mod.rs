@@ -9,6 +9,7 @@
 //! in a repository path (`registry.local:5000` → `registry.local_5000`).
 
 pub mod auth;
+pub mod http;
 pub mod obtain;
 pub mod peers;
 pub mod serve;

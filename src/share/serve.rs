@@ -21,38 +21,22 @@
 //! are served on their own tasks, at most `max_connections` connections at a time, with
 //! a limit on how long a client may take to send its request.
 
-use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::net::TcpListener;
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::auth::ClusterKey;
+use super::http::{self, Payload, Reply, Request};
 use super::obtain::{Kind, Via};
 use super::{Counters, Stats};
 use crate::bundle::format::MAX_DOCUMENT;
 use crate::cache::Cache;
 use crate::oci::digest::Digest;
-
-/// How long a client has to send a request's headers (also how long an idle
-/// connection is kept).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bytes read from a blob file per body frame.
-const CHUNK: usize = 1 << 20;
-
-/// A response body.
-type Body = BoxBody<Bytes, io::Error>;
 
 /// Which listener a request came to.
 #[derive(Debug, Clone)]
@@ -112,18 +96,10 @@ pub async fn run(listener: TcpListener, side: Side, ep: Arc<Endpoint>, conns: Ar
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
+        let _ = stream.set_nodelay(false);
         let (ep, side) = (ep.clone(), side.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let (ep, side) = (ep.clone(), side.clone());
-                async move { Ok::<_, Infallible>(handle(&ep, &side, remote, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), svc);
-            if let Err(e) = conn.await {
+            if let Err(e) = connection(stream, remote, &ep, &side).await {
                 tracing::debug!("connection from {remote}: {e}");
             }
             drop(permit);
@@ -131,33 +107,62 @@ pub async fn run(listener: TcpListener, side: Side, ep: Arc<Endpoint>, conns: Ar
     }
 }
 
-async fn handle(
+/// Adds the bytes of bodies sent to the listener's counters.
+fn sent_to(ep: &Arc<Endpoint>, side: &Side) -> http::Sent {
+    let stats = ep.stats.clone();
+    let peer = matches!(side, Side::Peer(_));
+    Arc::new(move |n| {
+        let c = if peer { &stats.peer } else { &stats.local };
+        c.bytes.fetch_add(n, Ordering::Relaxed);
+    })
+}
+
+/// Answers the requests of one connection, in order, until the client closes it, asks
+/// for it to be closed, or sends something this endpoint does not take.
+async fn connection(
+    mut stream: TcpStream,
+    remote: SocketAddr,
     ep: &Arc<Endpoint>,
     side: &Side,
-    remote: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Body> {
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    loop {
+        let req = match tokio::time::timeout(
+            http::HEADER_TIMEOUT,
+            http::read_request(&mut stream, &mut buf),
+        )
+        .await
+        {
+            Err(_) | Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                let r = error(400, "UNSUPPORTED", &e.to_string());
+                let _ = http::write_reply(stream, r, false, false, sent_to(ep, side)).await;
+                return Err(e);
+            }
+            Ok(Ok(Some(r))) => r,
+        };
+        // A body is never read: the connection ends after the answer.
+        let keep = req.keep_alive && !http::has_body(&req);
+        let head = req.method == "HEAD";
+        let reply = handle(ep, side, remote, &req).await;
+        stream = http::write_reply(stream, reply, head, keep, sent_to(ep, side)).await?;
+        if !keep {
+            return Ok(());
+        }
+    }
+}
+
+async fn handle(ep: &Arc<Endpoint>, side: &Side, remote: SocketAddr, req: &Request) -> Reply {
     let counters = ep.counters(side);
     counters.requests.fetch_add(1, Ordering::Relaxed);
-    let method = req.method().clone();
-    if method != Method::GET && method != Method::HEAD {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "UNSUPPORTED",
-            "this registry is read-only",
-        );
+    let method = req.method.as_str();
+    if method != "GET" && method != "HEAD" {
+        return error(405, "UNSUPPORTED", "this registry is read-only");
     }
-    let path = req.uri().path().to_string();
+    let path = req.path().to_string();
     if let Side::Peer(key) = side {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or(path.as_str(), |p| p.as_str());
-        let auth = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
-        if let Err(e) = key.verify(method.as_str(), pq, auth) {
+        let auth = req.header("authorization");
+        if let Err(e) = key.verify(method, &req.target, auth) {
             let n = counters.refused.fetch_add(1, Ordering::Relaxed) + 1;
             // Said for the first few and then now and then, so a flood does not fill the
             // journal.
@@ -166,71 +171,52 @@ async fn handle(
                     "refused {method} {path} from {remote} on the peer listener: {e} ({n} refused so far)"
                 );
             }
-            return error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", &e.to_string());
+            return error(401, "UNAUTHORIZED", &e.to_string());
         }
     }
-    let head = method == Method::HEAD;
     if path == "/metrics" && matches!(side, Side::Local) {
-        let text = metrics(ep);
-        let len = text.len();
-        let mut r = Response::new(full(Bytes::from(text), head));
-        set(&mut r, header::CONTENT_TYPE, "text/plain; version=0.0.4");
-        set(&mut r, header::CONTENT_LENGTH, &len.to_string());
+        let mut r = Reply::new(200, Payload::Bytes(Bytes::from(metrics(ep))));
+        r.set("content-type", "text/plain; version=0.0.4");
         return r;
     }
     if path == "/v2/" || path == "/v2" {
-        let mut r = Response::new(full(Bytes::from_static(b"{}"), head));
-        set(&mut r, header::CONTENT_TYPE, "application/json");
-        set(&mut r, header::CONTENT_LENGTH, "2");
+        let mut r = Reply::new(200, Payload::Bytes(Bytes::from_static(b"{}")));
+        r.set("content-type", "application/json");
         return with_api_version(r);
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
-        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
+        return error(404, "NOT_FOUND", "not a registry path");
     };
     let route = rest
         .rsplit_once("/manifests/")
         .map(|(n, r)| (n, r, true))
         .or_else(|| rest.rsplit_once("/blobs/").map(|(n, r)| (n, r, false)));
     let Some((name, reference, is_manifest)) = route else {
-        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "not a registry path");
+        return error(404, "NOT_FOUND", "not a registry path");
     };
     let Some(repo) = super::source_repository(name) else {
         counters.misses.fetch_add(1, Ordering::Relaxed);
-        return error(
-            StatusCode::NOT_FOUND,
-            "NAME_UNKNOWN",
-            "not a repository this mirror serves",
-        );
+        return error(404, "NAME_UNKNOWN", "not a repository this mirror serves");
     };
     // Another node asking this one to pull a digest through from its registry.
-    if let (Side::Peer(_), Some(q)) = (side, req.uri().query()) {
+    if let (Side::Peer(_), Some(q)) = (side, req.query()) {
         if let Some(r) = pull_through(ep, name, reference, is_manifest, q).await {
             return r;
         }
     }
     let res = if is_manifest {
-        manifest(ep, side, name, &repo, reference, head).await
+        manifest(ep, side, name, &repo, reference).await
     } else {
-        blob(ep, side, name, reference, req.headers(), head).await
+        blob(ep, side, name, reference, req.header("range")).await
     };
     match res {
-        Some(r) => {
-            if let Some(n) = r
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                .filter(|_| is_manifest && !head)
-            {
-                counters.bytes.fetch_add(n, Ordering::Relaxed);
-            }
-            r
-        }
+        Some(r) => r,
         None => {
             counters.misses.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("{method} {path} from {remote}: not served");
             if is_manifest {
                 error(
-                    StatusCode::NOT_FOUND,
+                    404,
                     "MANIFEST_UNKNOWN",
                     match side {
                         Side::Local => "longshore: neither this node's cache nor another node has this image whole",
@@ -239,7 +225,7 @@ async fn handle(
                 )
             } else {
                 error(
-                    StatusCode::NOT_FOUND,
+                    404,
                     "BLOB_UNKNOWN",
                     match side {
                         Side::Local => {
@@ -262,7 +248,7 @@ async fn pull_through(
     reference: &str,
     is_manifest: bool,
     query: &str,
-) -> Option<Response<Body>> {
+) -> Option<Reply> {
     let mut through = false;
     let mut size = None;
     for kv in query.split('&') {
@@ -277,7 +263,7 @@ async fn pull_through(
     }
     if ep.upstream.is_none() {
         return Some(error(
-            StatusCode::NOT_FOUND,
+            404,
             "UNSUPPORTED",
             "pull-through is off on this node",
         ));
@@ -290,7 +276,7 @@ async fn pull_through(
             Some(n) => ep.note_sizes(&[(d, n)]),
             None => {
                 return Some(error(
-                    StatusCode::BAD_REQUEST,
+                    400,
                     "SIZE_INVALID",
                     "a blob is pulled through with its size",
                 ))
@@ -301,11 +287,7 @@ async fn pull_through(
     if ep.obtain_as(name, d, kind, Via::Upstream).await {
         None
     } else {
-        Some(error(
-            StatusCode::NOT_FOUND,
-            "BLOB_UNKNOWN",
-            "the registry did not give it",
-        ))
+        Some(error(404, "BLOB_UNKNOWN", "the registry did not give it"))
     }
 }
 
@@ -393,8 +375,7 @@ async fn manifest(
     name: &str,
     repo: &str,
     reference: &str,
-    head: bool,
-) -> Option<Response<Body>> {
+) -> Option<Reply> {
     let local = matches!(side, Side::Local);
     let top = match parse_digest(reference) {
         Some(d) => d,
@@ -412,12 +393,10 @@ async fn manifest(
     if local && !servable(ep, name, &bytes).await {
         return None;
     }
-    let len = bytes.len();
-    let mut r = Response::new(full(Bytes::from(bytes), head));
-    set(&mut r, header::CONTENT_TYPE, &media_type);
-    set(&mut r, header::CONTENT_LENGTH, &len.to_string());
-    set(&mut r, "docker-content-digest", &top.to_string());
-    set(&mut r, header::ETAG, &format!("\"{top}\""));
+    let mut r = Reply::new(200, Payload::Bytes(Bytes::from(bytes)));
+    r.set("content-type", media_type);
+    r.set("docker-content-digest", top.to_string());
+    r.set("etag", format!("\"{top}\""));
     Some(with_api_version(r))
 }
 
@@ -497,9 +476,8 @@ async fn blob(
     side: &Side,
     name: &str,
     reference: &str,
-    headers: &hyper::HeaderMap,
-    head: bool,
-) -> Option<Response<Body>> {
+    range: Option<&str>,
+) -> Option<Reply> {
     let d = parse_digest(reference)?;
     let open = |ep: &Arc<Endpoint>| {
         let cache = ep.cache.clone();
@@ -512,42 +490,29 @@ async fn blob(
         }
         None => return None,
     };
-    let range = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| parse_range(v, len));
-    let (status, start, end) = match range {
-        None | Some(Range::Ignored) => (StatusCode::OK, 0, len),
+    let (status, start, end) = match range.map(|v| parse_range(v, len)) {
+        None | Some(Range::Ignored) => (200, 0, len),
         Some(Range::Unsatisfiable) => {
-            let mut r = error(
-                StatusCode::RANGE_NOT_SATISFIABLE,
-                "RANGE_INVALID",
-                "range not satisfiable",
-            );
-            set(&mut r, header::CONTENT_RANGE, &format!("bytes */{len}"));
+            let mut r = error(416, "RANGE_INVALID", "range not satisfiable");
+            r.set("content-range", format!("bytes */{len}"));
             return Some(r);
         }
-        Some(Range::Bytes(s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+        Some(Range::Bytes(s, e)) => (206, s, e),
     };
-    let body = if head {
-        empty()
-    } else {
-        let peer = matches!(side, Side::Peer(_));
-        file_body(file, start, end - start, ep.stats.clone(), peer)
-    };
-    let mut r = Response::new(body);
-    *r.status_mut() = status;
-    set(&mut r, header::CONTENT_TYPE, "application/octet-stream");
-    set(&mut r, header::CONTENT_LENGTH, &(end - start).to_string());
-    set(&mut r, header::ACCEPT_RANGES, "bytes");
-    set(&mut r, "docker-content-digest", &d.to_string());
-    set(&mut r, header::ETAG, &format!("\"{d}\""));
-    if status == StatusCode::PARTIAL_CONTENT {
-        set(
-            &mut r,
-            header::CONTENT_RANGE,
-            &format!("bytes {start}-{}/{len}", end - 1),
-        );
+    let mut r = Reply::new(
+        status,
+        Payload::File {
+            file,
+            start,
+            len: end - start,
+        },
+    );
+    r.set("content-type", "application/octet-stream");
+    r.set("accept-ranges", "bytes");
+    r.set("docker-content-digest", d.to_string());
+    r.set("etag", format!("\"{d}\""));
+    if status == 206 {
+        r.set("content-range", format!("bytes {start}-{}/{len}", end - 1));
     }
     Some(with_api_version(r))
 }
@@ -600,87 +565,15 @@ fn parse_range(v: &str, len: u64) -> Range {
     }
 }
 
-/// `count` bytes of `file` from `start`, read a chunk at a time as the client takes
-/// them; the bytes sent are added to the listener's counters.
-fn file_body(file: std::fs::File, start: u64, count: u64, stats: Arc<Stats>, peer: bool) -> Body {
-    struct St {
-        file: tokio::fs::File,
-        left: u64,
-        started: bool,
-        start: u64,
-    }
-    let st = St {
-        file: tokio::fs::File::from_std(file),
-        left: count,
-        started: false,
-        start,
-    };
-    let stream = futures_util::stream::unfold(Some((st, stats)), move |s| async move {
-        let (mut st, stats) = s?;
-        if st.left == 0 {
-            return None;
-        }
-        if !st.started {
-            st.started = true;
-            if let Err(e) = st.file.seek(io::SeekFrom::Start(st.start)).await {
-                return Some((Err(e), None));
-            }
-        }
-        let want = st.left.min(CHUNK as u64) as usize;
-        let mut buf = BytesMut::with_capacity(want);
-        match st.file.read_buf(&mut buf).await {
-            Ok(0) => Some((
-                Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the blob file is shorter than it was",
-                )),
-                None,
-            )),
-            Ok(n) => {
-                let n = n.min(want);
-                buf.truncate(n);
-                st.left -= n as u64;
-                let c = if peer { &stats.peer } else { &stats.local };
-                c.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                Some((Ok(Frame::data(buf.freeze())), Some((st, stats))))
-            }
-            Err(e) => Some((Err(e), None)),
-        }
-    });
-    BodyExt::boxed(StreamBody::new(stream))
-}
-
-fn full(bytes: Bytes, head: bool) -> Body {
-    if head {
-        return empty();
-    }
-    Full::new(bytes).map_err(|e: Infallible| match e {}).boxed()
-}
-
-fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|e: Infallible| match e {})
-        .boxed()
-}
-
-fn set(r: &mut Response<Body>, name: impl header::IntoHeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        r.headers_mut().insert(name, v);
-    }
-}
-
-fn with_api_version(mut r: Response<Body>) -> Response<Body> {
-    set(&mut r, "docker-distribution-api-version", "registry/2.0");
+fn with_api_version(mut r: Reply) -> Reply {
+    r.set("docker-distribution-api-version", "registry/2.0");
     r
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+fn error(status: u16, code: &str, message: &str) -> Reply {
     let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
-    let len = body.len();
-    let mut r = Response::new(full(Bytes::from(body), false));
-    *r.status_mut() = status;
-    set(&mut r, header::CONTENT_TYPE, "application/json");
-    set(&mut r, header::CONTENT_LENGTH, &len.to_string());
+    let mut r = Reply::new(status, Payload::Bytes(Bytes::from(body)));
+    r.set("content-type", "application/json");
     with_api_version(r)
 }
 

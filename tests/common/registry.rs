@@ -33,6 +33,11 @@ pub struct Options {
 }
 
 impl Registry {
+    /// Its process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The request URIs its log shows (needs [`Options::log`]).
     pub fn requests(&self) -> Vec<String> {
         let text =
