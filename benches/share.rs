@@ -330,6 +330,11 @@ fn distribution() {
         });
         four.push(started.elapsed().as_secs_f64());
         four_sent.push((tx_bytes(&up_ns.name) - before) as f64);
+        if let Some(d) = std::env::var_os("BENCH_LOG_DIR") {
+            for (i, n) in nodes.iter().enumerate() {
+                let _ = fs::write(Path::new(&d).join(format!("node{i}.log")), n.log());
+            }
+        }
     }
     let (a, f, d) = (median(&mut alone), median(&mut four), median(&mut direct));
     let (a_sent, f_sent, d_sent) = (

@@ -82,6 +82,16 @@ pub struct SharingStatus {
     pub served_local: crate::share::CountersView,
     /// What other nodes were served.
     pub served_peer: crate::share::CountersView,
+    /// This node's identity in the DHT, when it takes part.
+    pub peer_id: Option<String>,
+    /// The other nodes known.
+    pub peers: Vec<crate::share::peers::PeerView>,
+    /// Bytes fetched from other nodes.
+    pub fetched_peer: u64,
+    /// Bytes pulled through from registries.
+    pub fetched_upstream: u64,
+    /// Copies discarded for a wrong digest.
+    pub rejected: u64,
 }
 
 /// The endpoint's state, from the board the daemon writes.
@@ -97,6 +107,11 @@ pub fn sharing(paths: &HostPaths, settings: &Settings) -> Option<SharingStatus> 
             problems: b.problems,
             served_local: b.served_local,
             served_peer: b.served_peer,
+            peer_id: b.peer_id,
+            peers: b.peers,
+            fetched_peer: b.fetched_peer,
+            fetched_upstream: b.fetched_upstream,
+            rejected: b.rejected,
         },
         None => SharingStatus {
             running: false,
@@ -105,6 +120,11 @@ pub fn sharing(paths: &HostPaths, settings: &Settings) -> Option<SharingStatus> 
             problems: vec!["the daemon is not running, so nothing is served".into()],
             served_local: Default::default(),
             served_peer: Default::default(),
+            peer_id: None,
+            peers: vec![],
+            fetched_peer: 0,
+            fetched_upstream: 0,
+            rejected: 0,
         },
     })
 }
@@ -130,6 +150,17 @@ pub fn render_sharing(s: &SharingStatus) -> String {
         s.served_peer.misses,
         s.served_peer.refused
     );
+    if s.peer_id.is_some() {
+        let connected = s.peers.iter().filter(|p| p.connected).count();
+        let _ = writeln!(
+            out,
+            "  peers {} known, {connected} connected; fetched {} from peers, {} pulled through, {} copies discarded",
+            s.peers.len(),
+            human_size(s.fetched_peer),
+            human_size(s.fetched_upstream),
+            s.rejected
+        );
+    }
     for p in &s.problems {
         let _ = writeln!(out, "  problem: {p}");
     }

@@ -327,3 +327,70 @@ async fn send_file(
     }
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair on loopback: (what the client writes into, the server's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn requests_come_in_pieces_and_ahead_of_their_answers() {
+        let (mut c, mut s) = pair().await;
+        let mut buf = Vec::new();
+        c.write_all(b"GET /v2/ HT").await.unwrap();
+        let reading = tokio::spawn(async move {
+            let r = read_request(&mut s, &mut buf).await.unwrap().unwrap();
+            let next = read_request(&mut s, &mut buf).await.unwrap().unwrap();
+            let end = read_request(&mut s, &mut buf).await.unwrap();
+            (r, next, end.is_none())
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.write_all(b"TP/1.1\r\nHost: x\r\nRange: bytes=5-\r\n\r\nHEAD /v2/a/blobs/sha256:00?through=1 HTTP/1.0\r\n\r\n")
+            .await
+            .unwrap();
+        drop(c);
+        let (r, next, closed) = reading.await.unwrap();
+        assert_eq!(
+            (r.method.as_str(), r.path(), r.query()),
+            ("GET", "/v2/", None)
+        );
+        assert_eq!(r.header("range"), Some("bytes=5-"));
+        assert!(r.keep_alive);
+        assert_eq!(next.method, "HEAD");
+        assert_eq!(next.query(), Some("through=1"));
+        assert!(!next.keep_alive, "HTTP/1.0 without keep-alive closes");
+        assert!(closed);
+    }
+
+    #[tokio::test]
+    async fn what_is_not_http_is_refused_at_once() {
+        let (mut c, mut s) = pair().await;
+        // The start of a TLS client hello: the client then waits for the server.
+        c.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(2), read_request(&mut s, &mut buf))
+            .await
+            .expect("answered at once");
+        assert!(r.is_err());
+        // A head that never ends is refused at its limit.
+        let (mut c, mut s) = pair().await;
+        let long = format!("GET /{} HTTP/1.1\r\n", "a".repeat(MAX_HEAD));
+        let w = tokio::spawn(async move {
+            let _ = c.write_all(long.as_bytes()).await;
+            c
+        });
+        let mut buf = Vec::new();
+        let e = read_request(&mut s, &mut buf).await.unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
+        drop(w.await);
+    }
+}

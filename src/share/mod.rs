@@ -114,6 +114,11 @@ pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
             "[share] upstream is ignored: never_contact_source says the registries are never contacted"
         );
         None
+    } else if share.upstream && !settings.fetch.enabled {
+        tracing::warn!(
+            "[share] upstream is ignored: [fetch] enabled = false says this node contacts no registry"
+        );
+        None
     } else if share.upstream {
         // A pull waits on it: a few quick tries, not the patient ones of a pre-load.
         let retry = crate::registry::client::Retry {

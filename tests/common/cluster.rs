@@ -156,7 +156,7 @@ pub fn some_nodes(lan: &Lan, reg: &Registry, extra: &str, n: usize) -> Vec<Clust
         node.write_config(
             "50-cluster.toml",
             &format!(
-                "bus = \"session\"\n[crio]\nreload = false\n[fetch]\nenabled = false\n\
+                "bus = \"session\"\n[crio]\nreload = false\n\
                  [share]\nenabled = true\nlocal = \"127.0.0.1:5050\"\npeer = \"{ip}:5051\"\n\
                  bootstrap = [{}]\nkey_file = \"/etc/longshore/cluster.key\"\n\
                  registries = [\"{}\"]\n{extra}",
