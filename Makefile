@@ -38,15 +38,17 @@ BUILD_PACKAGES := pkg-config libudev-dev
 # man-db (systemd-analyze verify checks the unit's man pages), debootstrap and
 # systemd-container (a node booted with systemd-nspawn) for the packaging tests;
 # exfatprogs for exfat sticks and qemu (tests/vm/install-qemu.sh) for the VM tests;
-# apache2-utils (htpasswd) and openssl for a registry with password auth and TLS.
+# apache2-utils (htpasswd) and openssl for a registry with password auth and TLS;
+# iproute2 (ip, tc) for the nodes of the sharing tests, each a network namespace.
 TEST_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates docker-registry \
 	dbus systemd udev dosfstools mtools e2fsprogs xorriso xfsprogs \
 	ignition rpm rpmlint gnupg man-db make debootstrap systemd-container exfatprogs \
-	apache2-utils openssl
+	apache2-utils openssl iproute2
 # The demo shows the store with podman.
 DEMO_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates podman
-# The benchmark compares verification with openssl's sha256, and pre-loads from
-# docker-registry behind a link shaped with tc (iproute2) in network namespaces.
+# The benchmark compares verification with openssl's sha256, pre-loads from
+# docker-registry behind a link shaped with tc (iproute2) in network namespaces, and
+# serves and shares between nodes in network namespaces.
 BENCH_PACKAGES := $(BUILD_PACKAGES) skopeo tar zstd util-linux ca-certificates openssl \
 	dbus systemd udev e2fsprogs docker-registry iproute2
 
@@ -89,6 +91,7 @@ bench:
 	$(CARGO) bench --locked --bench import
 	$(CARGO) bench --locked --bench daemon
 	$(CARGO) bench --locked --bench preload
+	$(CARGO) bench --locked --bench share
 
 # Fuzzing the parsers of untrusted input with cargo-fuzz (libFuzzer) on the stable
 # toolchain, without a sanitizer: each target runs FUZZ_SECONDS (an hour by default),

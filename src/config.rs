@@ -656,7 +656,8 @@ fn peer_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<SocketAddr
     Ok(Some(Some(a)))
 }
 
-/// `HOST:PORT` entries: a host name, an IPv4 address or a bracketed IPv6 address.
+/// `HOST` or `HOST:PORT` entries: a host name, an IPv4 address or a bracketed IPv6
+/// address.
 fn host_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
     let v = Vec::<String>::deserialize(d)?;
     for s in &v {
@@ -667,23 +668,30 @@ fn host_ports<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D:
     Ok(Some(v))
 }
 
-/// Checks a `HOST:PORT`.
-pub fn check_host_port(s: &str) -> Result<(String, u16)> {
-    let Some((host, port)) = s.rsplit_once(':') else {
-        bail!("expected HOST:PORT");
-    };
-    let port: u16 = match port.parse() {
-        Ok(p) if p > 0 => p,
-        _ => bail!("{port:?} is not a port"),
-    };
-    let host = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+/// Checks a `HOST` or `HOST:PORT` (a host name, an IPv4 address, or an IPv6 address in
+/// brackets), and splits it.
+pub fn check_host_port(s: &str) -> Result<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (v6, after) = rest
+            .split_once(']')
+            .ok_or_else(|| anyhow::anyhow!("{s:?} opens a bracket it does not close"))?;
         v6.parse::<std::net::Ipv6Addr>()
-            .map_err(|_| anyhow::anyhow!("{host:?} is not an IPv6 address"))?;
-        v6.to_string()
+            .map_err(|_| anyhow::anyhow!("{v6:?} is not an IPv6 address"))?;
+        match after {
+            "" => (v6.to_string(), None),
+            p => match p.strip_prefix(':') {
+                Some(p) => (v6.to_string(), Some(p)),
+                None => bail!("expected [IPv6]:PORT"),
+            },
+        }
     } else {
-        let ok = !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|l| {
+        let (h, p) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        };
+        let ok = !h.is_empty()
+            && h.len() <= 253
+            && h.split('.').all(|l| {
                 !l.is_empty()
                     && l.len() <= 63
                     && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -691,9 +699,16 @@ pub fn check_host_port(s: &str) -> Result<(String, u16)> {
                     && !l.ends_with('-')
             });
         if !ok {
-            bail!("{host:?} is not a host name or address");
+            bail!("{h:?} is not a host name or address");
         }
-        host.to_string()
+        (h.to_string(), p)
+    };
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => bail!("{p:?} is not a port"),
+        },
     };
     Ok((host, port))
 }
@@ -882,6 +897,29 @@ mod tests {
             ("[store]\nroot = \"relative/dir\"\n", "not an absolute path"),
             ("[store]\ndriver = \"btrfs\"\n", "btrfs"),
             ("[nope]\n", "nope"),
+            (
+                "[share]\nlocal = \"10.0.0.1:5050\"\n",
+                "not a loopback address",
+            ),
+            (
+                "[share]\nlocal = \"localhost\"\n",
+                "not an address and port",
+            ),
+            ("[share]\npeer = \"eth0:5051\"\n", "not an address and port"),
+            (
+                "[share]\nbootstrap = [\"node a:5051\"]\n",
+                "not a host name",
+            ),
+            ("[share]\nbootstrap = [\"node:0\"]\n", "not a port"),
+            (
+                "[share]\nregistries = [\"quay.io/openshift\"]\n",
+                "not a registry host",
+            ),
+            (
+                "[share]\nkey_file = \"cluster.key\"\n",
+                "not an absolute path",
+            ),
+            ("[share]\nmax_connections = 0\n", "out of range"),
         ] {
             let (_t, p) = node();
             write(&p.config_dirs[2].join("config.d/50-bad.toml"), text);
@@ -891,6 +929,29 @@ mod tests {
                 "{text}: {msg}"
             );
         }
+    }
+
+    #[test]
+    fn share_keys_are_read() {
+        let (_t, p) = node();
+        write(
+            &p.config_dirs[2].join("config.d/60-share.toml"),
+            "[share]\nenabled = true\nlocal = \"[::1]:6000\"\npeer = \"0.0.0.0:5051\"\n\
+             bootstrap = [\"master-0.example.internal\", \"10.0.0.5:5051\", \"[fd00::5]:5051\"]\n\
+             registries = [\"quay.io\", \"registry.local:5000\"]\nmirror_tags = true\n",
+        );
+        let s = Settings::load(&p).unwrap().share;
+        assert!(s.enabled && s.mirror_tags && !s.upstream);
+        assert_eq!(s.local, "[::1]:6000".parse().unwrap());
+        assert_eq!(s.peer, Some("0.0.0.0:5051".parse().unwrap()));
+        assert_eq!(s.bootstrap.len(), 3);
+        assert_eq!(s.registries, ["quay.io", "registry.local:5000"]);
+        // An empty peer in a later file turns the peer listener off again.
+        write(
+            &p.config_dirs[2].join("config.d/70-no-peer.toml"),
+            "[share]\npeer = \"\"\n",
+        );
+        assert_eq!(Settings::load(&p).unwrap().share.peer, None);
     }
 
     #[test]

@@ -87,9 +87,9 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     let (progress_tx, progress_rx) = mpsc::unbounded_channel();
     api::forward_progress(api.connection(), progress_rx);
     tracing::info!("longshore daemon started; {unit} is {last_state}");
-    // The endpoint serves from the cache on tasks of its own, from the start: pulls of
-    // this node's CRI-O need not wait for the boot's work.
-    let sharing = crate::share::start(&paths, &settings).await;
+    // The endpoint serves from the cache on a thread and runtime of its own, from the
+    // start: pulls of this node's CRI-O never wait for the boot's work or an import.
+    let sharing = crate::share::Sharing::spawn(&paths, &settings);
 
     let current = Arc::new(Mutex::new(Current::default()));
     // SIGTERM and SIGINT are watched on their own task, so they are heard at once, also
@@ -234,7 +234,7 @@ pub async fn run(paths: HostPaths, settings: Settings) -> Result<()> {
     drop(orders_tx);
     fetcher.abort();
     if let Some(s) = sharing {
-        s.stop(&worker_paths);
+        s.stop();
     }
     crate::fetch::Board::clear(&worker_paths);
     drop(jobs_tx);

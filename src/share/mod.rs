@@ -29,13 +29,13 @@ use crate::paths::HostPaths;
 const BOARD_EVERY: Duration = Duration::from_secs(2);
 
 /// The endpoint, running.
-pub struct Running {
+struct Running {
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Running {
     /// Stops serving.
-    pub fn stop(self, paths: &HostPaths) {
+    fn stop(self, paths: &HostPaths) {
         for t in self.tasks {
             t.abort();
         }
@@ -43,10 +43,67 @@ impl Running {
     }
 }
 
+/// The endpoint and the DHT, running on a thread and a runtime of their own: serving
+/// never waits on the daemon's other work (an import's copies, a fetch), nor that work on
+/// serving.
+pub struct Sharing {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Sharing {
+    /// Starts it, when `[share] enabled`; otherwise clears what a past daemon reported.
+    pub fn spawn(paths: &HostPaths, settings: &Settings) -> Option<Sharing> {
+        if !settings.share.enabled {
+            ShareBoard::clear(paths);
+            return None;
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (paths, settings) = (paths.clone(), settings.clone());
+        let thread = std::thread::Builder::new()
+            .name("longshore-share".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("longshore-share")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        tracing::error!("sharing did not start: {e}");
+                        return;
+                    }
+                };
+                rt.block_on(async {
+                    let running = start(&paths, &settings).await;
+                    let _ = stopped.await;
+                    if let Some(r) = running {
+                        r.stop(&paths);
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            });
+        match thread {
+            Ok(thread) => Some(Sharing { stop, thread }),
+            Err(e) => {
+                tracing::error!("sharing did not start: {e}");
+                None
+            }
+        }
+    }
+
+    /// Stops serving and waits until the listeners are closed.
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
 /// Starts the endpoint's listeners, when `[share] enabled`. A listener that cannot start
 /// (its address taken, no cluster key) is reported and left out; the daemon's other
 /// work goes on without it.
-pub async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
+async fn start(paths: &HostPaths, settings: &Settings) -> Option<Running> {
     let share = &settings.share;
     if !share.enabled {
         ShareBoard::clear(paths);

@@ -495,10 +495,11 @@ impl Task {
             .copied()
             .collect();
         for entry in &self.cfg.bootstrap {
-            let (host, port) = match crate::config::check_host_port(entry) {
-                Ok((h, p)) => (h, p),
-                Err(_) => (entry.clone(), self.cfg.http_port),
+            // Checked when the configuration was read.
+            let Ok((host, port)) = crate::config::check_host_port(entry) else {
+                continue;
             };
+            let port = port.unwrap_or(self.cfg.http_port);
             let dht_port = port.wrapping_add(1);
             let found = match tokio::time::timeout(
                 Duration::from_secs(5),
