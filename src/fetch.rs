@@ -21,7 +21,7 @@
 //! with a reason per image.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -136,33 +136,22 @@ pub struct Board {
     pub failures: BTreeMap<String, Failure>,
 }
 
-fn board_path(paths: &HostPaths) -> PathBuf {
-    paths.run_dir.join("fetch.json")
-}
+const BOARD: &str = "fetch.json";
 
 impl Board {
     /// The board of a fetcher still running, if there is one.
     pub fn read(paths: &HostPaths) -> Option<Board> {
-        let bytes = crate::untrusted::read_admin_file(&board_path(paths), 16 << 20).ok()?;
-        let b: Board = serde_json::from_slice(&bytes).ok()?;
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid as i32), None).is_ok();
-        alive.then_some(b)
+        crate::state::board::read(paths, BOARD, |b: &Board| b.pid)
     }
 
     /// Writes it for others to read.
     pub fn write(&self, paths: &HostPaths) {
-        let p = board_path(paths);
-        let res = std::fs::create_dir_all(&paths.run_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| crate::state::write_atomic(&p, &serde_json::to_vec(self)?));
-        if let Err(e) = res {
-            tracing::debug!("writing {}: {e:#}", p.display());
-        }
+        crate::state::board::write(paths, BOARD, self)
     }
 
     /// Removes it (the fetcher stops).
     pub fn clear(paths: &HostPaths) {
-        let _ = std::fs::remove_file(board_path(paths));
+        crate::state::board::clear(paths, BOARD)
     }
 }
 

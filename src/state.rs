@@ -354,6 +354,45 @@ impl State {
     }
 }
 
+/// A board: a JSON file in the runtime directory that a running process writes for
+/// others to read (`longshore status`): the fetcher's `fetch.json`, the endpoint's
+/// `share.json`. It names the process, and is stale once that process is gone.
+pub mod board {
+    use serde::{de::DeserializeOwned, Serialize};
+
+    use crate::paths::HostPaths;
+
+    /// The board `name` of a process still running (`pid` says which process wrote it).
+    pub fn read<T: DeserializeOwned>(
+        paths: &HostPaths,
+        name: &str,
+        pid: impl Fn(&T) -> u32,
+    ) -> Option<T> {
+        let p = paths.run_dir.join(name);
+        let bytes = crate::untrusted::read_admin_file(&p, 16 << 20).ok()?;
+        let b: T = serde_json::from_slice(&bytes).ok()?;
+        let alive =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid(&b) as i32), None).is_ok();
+        alive.then_some(b)
+    }
+
+    /// Writes board `name`; a failure is only logged (the board is for people).
+    pub fn write<T: Serialize>(paths: &HostPaths, name: &str, value: &T) {
+        let p = paths.run_dir.join(name);
+        let res = std::fs::create_dir_all(&paths.run_dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|_| super::write_atomic(&p, &serde_json::to_vec(value)?));
+        if let Err(e) = res {
+            tracing::debug!("writing {}: {e:#}", p.display());
+        }
+    }
+
+    /// Removes board `name` (its process stops).
+    pub fn clear(paths: &HostPaths, name: &str) {
+        let _ = std::fs::remove_file(paths.run_dir.join(name));
+    }
+}
+
 /// Replaces `path` with `bytes` so that a crash at any point leaves either the old file or
 /// the new one: write a temporary file beside it, fsync it, rename it over, fsync the
 /// directory.

@@ -463,17 +463,12 @@ pub struct ShareBoard {
     pub rejected: u64,
 }
 
-fn board_path(paths: &HostPaths) -> std::path::PathBuf {
-    paths.run_dir.join("share.json")
-}
+const BOARD: &str = "share.json";
 
 impl ShareBoard {
     /// The board of a daemon still running, if there is one.
     pub fn read(paths: &HostPaths) -> Option<ShareBoard> {
-        let bytes = crate::untrusted::read_admin_file(&board_path(paths), 1 << 20).ok()?;
-        let b: ShareBoard = serde_json::from_slice(&bytes).ok()?;
-        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(b.pid as i32), None).is_ok();
-        alive.then_some(b)
+        crate::state::board::read(paths, BOARD, |b: &ShareBoard| b.pid)
     }
 
     /// Fills in the figures of `stats`.
@@ -490,18 +485,12 @@ impl ShareBoard {
 
     /// Writes it for others to read.
     pub fn write(&self, paths: &HostPaths) {
-        let p = board_path(paths);
-        let res = std::fs::create_dir_all(&paths.run_dir)
-            .map_err(anyhow::Error::from)
-            .and_then(|_| crate::state::write_atomic(&p, &serde_json::to_vec(self)?));
-        if let Err(e) = res {
-            tracing::debug!("writing {}: {e:#}", p.display());
-        }
+        crate::state::board::write(paths, BOARD, self)
     }
 
     /// Removes it (the daemon stops).
     pub fn clear(paths: &HostPaths) {
-        let _ = std::fs::remove_file(board_path(paths));
+        crate::state::board::clear(paths, BOARD)
     }
 }
 
