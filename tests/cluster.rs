@@ -332,3 +332,43 @@ fn never_contact_source_keeps_every_node_off_the_registry() {
     assert!(after.is_empty(), "the registry was asked: {after:?}");
     assert!(nodes[1].log().contains("[share] upstream is ignored"));
 }
+
+#[test]
+fn nodes_with_no_bootstrap_find_each_other_by_mdns() {
+    if !require(TOOLS) {
+        return;
+    }
+    let _one = one_at_a_time();
+    let lan = Lan::new(3);
+    let reg = common::cluster::upstream(&lan);
+    let nodes = common::cluster::nodes_with(
+        &lan,
+        &reg,
+        "",
+        2,
+        Some("[share]\nbootstrap = []\nmdns = true\n"),
+    );
+    wait_joined(&nodes);
+    // And they share: what one imports, the other pulls from it.
+    let dir = tempfile::tempdir().unwrap();
+    let layout = scratch_layout(
+        &dir.path().join("layout"),
+        &images(&format!("{}/share", reg.addr), 1, None),
+    );
+    let b = bundle_of(&nodes[0].node, &layout);
+    nodes[0].node.ok(&["import", b.to_str().unwrap()]);
+    let img = &layout.images[0];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        match nodes[1].pull(&reg.addr, img) {
+            Ok(d) => break d,
+            // The first node's records may still be on their way.
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("{e}\n{}", nodes[1].log()),
+        }
+    };
+    assert_eq!(got, img.manifest_digest);
+}

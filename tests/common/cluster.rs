@@ -140,6 +140,17 @@ pub fn nodes(lan: &Lan, reg: &Registry, extra: &str) -> Vec<ClusterNode> {
 
 /// A node, started, on each of the LAN's first `n` hosts (all named in `bootstrap`).
 pub fn some_nodes(lan: &Lan, reg: &Registry, extra: &str, n: usize) -> Vec<ClusterNode> {
+    nodes_with(lan, reg, extra, n, None)
+}
+
+/// [`some_nodes`], with a configuration fragment read after the cluster's (`late`).
+pub fn nodes_with(
+    lan: &Lan,
+    reg: &Registry,
+    extra: &str,
+    n: usize,
+    late: Option<&str>,
+) -> Vec<ClusterNode> {
     let key = longshore::share::auth::ClusterKey::generate().unwrap();
     let members: Vec<&(super::netns::Netns, IpAddr)> =
         lan.hosts[..lan.hosts.len() - 1].iter().collect();
@@ -164,6 +175,9 @@ pub fn some_nodes(lan: &Lan, reg: &Registry, extra: &str, n: usize) -> Vec<Clust
                 reg.addr
             ),
         );
+        if let Some(text) = late {
+            node.write_config("60-late.toml", text);
+        }
         let etc = node.sysroot.join("etc");
         fs::create_dir_all(etc.join("containers")).unwrap();
         fs::create_dir_all(etc.join("longshore")).unwrap();
