@@ -427,6 +427,8 @@ fn a_cluster_key_others_can_read_keeps_the_peer_listener_shut() {
     let _daemon = Daemon::start(&node);
     wait_listening(local);
     assert!(TcpStream::connect(("127.0.0.1", peer)).is_err());
+    // Nothing cached and no registries named: nothing to mirror, no drop-in.
+    assert!(!dropin(&node).exists());
     let st = node.status();
     let problems = st["sharing"]["problems"].to_string();
     assert!(

@@ -114,6 +114,10 @@ impl Engine {
         } else {
             share.registries.iter().cloned().collect()
         };
+        if hosts.is_empty() {
+            // Nothing to serve yet (an empty cache, no `registries`): no file at all.
+            return crate::crio::remove_if_present(&path);
+        }
         let (before, later) = crate::registry::conf::RegistriesConf::load_until(
             &self.paths,
             Some(mirrors::MIRROR_FILE),
