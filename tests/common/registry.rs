@@ -32,6 +32,13 @@ pub struct Options {
     pub netns: Option<(String, std::net::IpAddr)>,
 }
 
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Registry {
     /// Its process.
     pub fn pid(&self) -> u32 {
